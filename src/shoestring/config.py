@@ -1,0 +1,197 @@
+"""Typed run configuration: TOML file + `--set section.key=value` overrides.
+
+Every field is validated up front so that a mistake costs one line at start-up, not a crash an
+hour into a rented GPU. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shoestring.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """Which network to train. `preset` names an entry of `shoestring.models.presets`."""
+
+    preset: str = "tiny"
+    # None: taken from the tokenizer the data was prepared with.
+    vocab_size: int | None = Field(default=None, gt=0)
+    max_seq_len: int | None = Field(default=None, gt=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from shoestring.models.presets import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
+        return v
+
+
+class DataSection(Section):
+    """Where tokens come from. `corpus` is a bundled corpus name or a path to .txt/.jsonl files."""
+
+    corpus: str = "shakespeare"
+    # Prepared shards live here; derived from the corpus name when not given.
+    prepared_dir: str | None = None
+    vocab_size: int = Field(default=4096, ge=256)
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    seq_len: int = Field(default=256, gt=1)
+
+
+class TrainSection(Section):
+    steps: int = Field(default=400, gt=0)
+    # Global batch in sequences per optimizer step, over all ranks and accumulation steps.
+    batch_size: int = Field(default=16, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=40, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    eval_every: int = Field(default=100, gt=0)
+    eval_batches: int = Field(default=8, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    seed: int = 1337
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_nan_skips: int = Field(default=5, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainSection":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by "
+                f"train.grad_accum ({self.grad_accum})"
+            )
+        return self
+
+
+PrecisionMode = Literal["fp32", "bf16", "fp16", "bf16-pure"]
+
+
+class PrecisionSection(Section):
+    mode: PrecisionMode = "bf16"
+    # fp16 dynamic loss scaling (torch.amp.GradScaler).
+    init_scale: float = Field(default=2.0**16, gt=0)
+    growth_interval: int = Field(default=2000, gt=0)
+
+
+CHECKPOINTING_PATTERN = re.compile(r"^(none|full|selective|offload|every:[1-9]\d*)$")
+
+
+class CheckpointingSection(Section):
+    """Activation checkpointing: none | full | every:K | selective | offload."""
+
+    mode: str = "none"
+
+    @field_validator("mode")
+    @classmethod
+    def _valid_mode(cls, v: str) -> str:
+        if not CHECKPOINTING_PATTERN.match(v):
+            raise ValueError(f"{v!r} is not one of none, full, every:K (K>=1), selective, offload")
+        return v
+
+
+class RunSection(Section):
+    dir: str = "runs/default"
+    save_every: int = Field(default=200, ge=0)  # 0: only at the end and on a signal
+    keep_last: int = Field(default=2, ge=1)
+    # Dollars per device-hour for the report; None: the catalogue price of the detected device.
+    price_per_hour: float | None = Field(default=None, ge=0)
+
+
+class Config(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    precision: PrecisionSection = PrecisionSection()
+    checkpointing: CheckpointingSection = CheckpointingSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _seq_fits_model(self) -> "Config":
+        from shoestring.models.presets import PRESETS
+
+        ctx = self.model.max_seq_len or PRESETS[self.model.preset].max_seq_len
+        if self.data.seq_len > ctx:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) is longer than the model's context ({ctx}); "
+                f"lower data.seq_len or raise model.max_seq_len"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value), value parsed as a TOML literal when it is one."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} has no '='", "write it as section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise UserError(f"override key {key!r} must name a section and a key", "e.g. train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as precision.mode=bf16
+    return path, value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {'.'.join(path)!r}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{where}: {msg}"
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"{source}: {_first_error(err)}", "fix the value (see configs/ for documented examples)") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults when `path` is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} not found", "give the path of a TOML file, e.g. configs/tiny.toml")
+        try:
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{p}: not valid TOML ({err})") from None
+        source = str(p)
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    return build_config(tree, source)
