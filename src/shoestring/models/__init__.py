@@ -19,6 +19,14 @@ def preset_args(name: str, vocab_size: int | None = None, max_seq_len: int | Non
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "cpu") -> Llama:
-    """Build on `device` ("meta" builds shapes only, no memory)."""
-    with torch.device(device):
-        return Llama(args)
+    """Build on `device` ("meta" builds shapes only, no memory).
+
+    Modules are created on the meta device and initialised once by `init_weights`, so the
+    weights depend only on the RNG seed (not on torch's per-module default inits) and a model
+    materialised later from meta (as sharded strategies do) gets the same weights."""
+    with torch.device("meta"):
+        model = Llama(args)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model

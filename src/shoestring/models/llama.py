@@ -133,6 +133,8 @@ class Llama(nn.Module):
     def init_weights(self) -> None:
         """GPT-2/Llama-style init; residual output projections scaled by depth. Callable after
         building on the meta device and materialising with `to_empty`."""
+        if self.args.tie_embeddings:  # `to_empty` materialises shared parameters separately
+            self.lm_head.weight = self.embed_tokens.weight
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":

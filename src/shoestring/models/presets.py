@@ -6,6 +6,8 @@ from __future__ import annotations
 from shoestring.models.llama import ModelArgs
 
 PRESETS: dict[str, ModelArgs] = {
+    # For tests and smoke benchmarks: trains in milliseconds per step.
+    "micro": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512, max_seq_len=128, tie_embeddings=True),
     # Trainable on a laptop CPU. vocab_size is replaced by the tokenizer's when training.
     "tiny": ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688, vocab_size=4096, max_seq_len=512, tie_embeddings=True),
     "small": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1376, vocab_size=8192, max_seq_len=1024, tie_embeddings=True),

@@ -1,0 +1,59 @@
+"""Sample text from a trained run: the run's tokenizer and its newest checkpoint's weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shoestring.build import build_plain_model
+from shoestring.config import build_config
+from shoestring.data.tokenizer import load_tokenizer
+from shoestring.errors import UserError
+from shoestring.models.llama import Llama
+from shoestring.train import checkpoint as ckpt
+from shoestring.train.trainer import CONFIG_FILE, prepared_dir
+
+
+def load_run_model(run_dir: Path) -> tuple[Llama, object]:
+    """(model in fp32 eval mode on CPU, tokenizer) from a run directory."""
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})", "give the run.dir of a training run")
+    cfg = build_config(json.loads(cfg_path.read_text()), str(cfg_path))
+    ref = ckpt.resolve_resume(run_dir / "checkpoints", fallback=True, warn=lambda m: None)
+    if ref is None:
+        raise UserError(f"{run_dir} has no complete checkpoint", "train it first (shoestring train ...)")
+    tokenizer = load_tokenizer(prepared_dir(cfg) / "tokenizer.json")
+    weights = ckpt.load_file(ref, "strategy.pt")["model"]
+    model = build_plain_model(cfg, tokenizer.get_vocab_size(), torch.device("cpu"))
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
+           top_k: int | None = 50, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    for _ in range(max_new_tokens):
+        context = ids[:, -model.args.max_seq_len :]
+        logits = model.logits(model(context)[:, -1]).float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids[0].tolist()
+
+
+def generate_text(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+    model, tokenizer = load_run_model(run_dir)
+    prompt_ids = tokenizer.encode(prompt).ids or [0]
+    out = sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed)
+    return tokenizer.decode(out)

@@ -1,0 +1,103 @@
+"""One device, whole model: the reference every other strategy must reproduce.
+
+Subclasses that keep a full replica per rank (DDP) reuse this and change only how the model is
+wrapped and when gradients are synchronised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from shoestring.levers.precision import MasterWeights, PrecisionPolicy, cast_model
+from shoestring.models.llama import Llama
+from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, make_adamw
+from shoestring.train.loss import cross_entropy_from_hidden
+from shoestring.train.memory import model_state_bytes
+
+
+class SingleDevice(Strategy):
+    def __init__(self, model: Llama, policy: PrecisionPolicy, settings: OptimizerSettings, device: torch.device):
+        self.device, self.policy, self.settings = device, policy, settings
+        cast_model(model, policy)
+        self.model = model
+        self.module = self.wrap(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.master = MasterWeights(params) if policy.uses_master_weights else None
+        self.opt_params = self.master.params() if self.master else params
+        self.optimizer = make_adamw(self.opt_params, settings, device)
+        self.scaler = policy.make_scaler(device.type)
+
+    def wrap(self, model: Llama) -> nn.Module:
+        """Hook for replicated strategies (DDP wraps here)."""
+        return model
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Hook: suppress gradient synchronisation on non-final micro-steps."""
+        return contextlib.nullcontext()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.policy.autocast(self.device.type):
+            hidden = self.module(x)
+            return cross_entropy_from_hidden(hidden, self.model.lm_head.weight, y)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
+        with contextlib.nullcontext() if last_micro_step else self.no_sync():
+            loss = self._loss(x, y)
+            self.scaler.scale(loss * loss_scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._loss(x, y)
+
+    def step(self, lr: float) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.master:
+            self.master.grads_to_masters()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.opt_params, max_norm, foreach=True)
+        if self.policy.uses_loss_scaling:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            skipped = not bool(torch.isfinite(grad_norm))
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.master and not skipped:
+            self.master.masters_to_model()
+        return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.master:
+            state["master"] = self.master.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.master:
+            self.master.load_state_dict(state["master"])
+
+    def memory(self) -> dict[str, int]:
+        counted = model_state_bytes(self.model, self.optimizer)
+        counted["master"] = sum(m.numel() * m.element_size() for m in self.master.masters) if self.master else 0
+        return counted
+
+    def unwrapped(self) -> Llama:
+        return self.model

@@ -1,0 +1,1 @@
+"""Planning: the hardware catalogue, the local probe, and (later) memory/throughput/cost models."""

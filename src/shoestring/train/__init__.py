@@ -1,0 +1,1 @@
+"""The training loop, its loss, checkpoints, metrics and memory accounting."""

@@ -1,0 +1,75 @@
+"""Next-token cross-entropy straight from hidden states, without the full logits tensor.
+
+For a small model with a large vocabulary the `tokens x vocab` float32 logits (and their
+gradient) are the largest activation of the step: tiny preset, 16x256 tokens, vocab 4096 is
+64 MiB, more than all its transformer blocks keep. We walk the tokens in chunks; for each chunk
+we form its logits, take the loss, and compute the gradients w.r.t. the hidden states and the
+head weight right away (the loss is a scalar, so its upstream gradient is a single number
+applied in backward). What stays alive until backward is `grad_hidden` (tokens x dim) and
+`grad_weight` (vocab x dim) instead of the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = t.clamp(min=0)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            loss += ((lse - target_logit) * v).sum()
+            if needs_grad:
+                # d loss / d logits = softmax - onehot, zero on ignored rows.
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(t), device=g.device), safe_t] -= 1.0
+                g.mul_(v[:, None])
+                g = g.to(h.dtype)
+                grad_hidden[start : start + chunk] = g @ weight
+                grad_weight += (g.T @ h).float()
+        loss = loss / n_valid
+        if needs_grad:
+            grad_hidden.div_(n_valid)
+            grad_weight = grad_weight.div_(n_valid).to(weight.dtype)
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight * grad_out.to(grad_weight.dtype), None, None
+
+
+def cross_entropy_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows skipped).
+
+    hidden (..., dim), weight (vocab, dim), targets (...). Under autocast the matmuls run in the
+    autocast dtype, like an `nn.Linear` would; the softmax is always fp32.
+    """
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    w = weight.to(dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(h, w, targets.reshape(-1), chunk)
+
+
+def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain version (full logits), for tests and comparison."""
+    logits = hidden @ weight.T
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,332 @@
+"""The training loop: data -> strategy.forward_backward / step -> metrics, eval, checkpoints.
+
+The loop is strategy-agnostic: it never asks what it holds. Everything a resumed run needs
+(weights, optimizer, loss scaler, step, sampler position, RNG states, config) goes into each
+checkpoint, and everything the loop does is a pure function of those, so a run killed at any
+moment and resumed follows the uninterrupted run's loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from shoestring import __version__
+from shoestring.build import build_strategy, pick_device
+from shoestring.config import Config
+from shoestring.data.loader import BatchSampler, val_batches
+from shoestring.data.shards import check_enough, ensure_prepared, open_split
+from shoestring.errors import RunError, UserError
+from shoestring.parallel import Strategy
+from shoestring.plan.catalogue import default_price
+from shoestring.plan.probe import matmul_peak_flops
+from shoestring.train import checkpoint as ckpt
+from shoestring.train.memory import PeakRSS, SavedActivationCounter, device_memory
+from shoestring.train.metrics import MetricsLog
+from shoestring.train.schedule import lr_at
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+# Fields whose change would make a resumed run a different run.
+RUN_DEFINING = ("model", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
+                "train.batch_size", "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
+                "train.weight_decay", "train.beta1", "train.beta2")
+
+
+def prepared_dir(cfg: Config) -> Path:
+    if cfg.data.prepared_dir:
+        return Path(cfg.data.prepared_dir)
+    name = Path(cfg.data.corpus).name.replace(".", "_") or "corpus"
+    return Path("data/prepared") / f"{name}-v{cfg.data.vocab_size}"
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else None
+    return tree
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    return [f"{f}: {_get(old, f)!r} -> {_get(new, f)!r}" for f in fields if _get(old, f) != _get(new, f)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: finish the step, save, exit 0. A second signal aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: aborting without saving")
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    console: Console = field(default_factory=Console)
+    # Test hook: called as hook(trainer, step) after each optimizer step.
+    after_step: Callable[["Trainer", int], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = pick_device(self.cfg.train.device)
+        self.stop = StopRequest()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _claim_run_dir(self, resuming: bool, overwrite: bool) -> None:
+        cfg_path = self.run_dir / CONFIG_FILE
+        if overwrite and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        elif cfg_path.exists() and not resuming:
+            old = json.loads(cfg_path.read_text())
+            same = not config_differences(old, self.cfg.to_dict(), RUN_DEFINING)
+            what = "this run" if same else "a different run"
+            raise UserError(
+                f"run directory {self.run_dir} already holds {what}",
+                "pass --resume auto to continue it, --overwrite to replace it, or set run.dir",
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_resume_compatible(self, saved: dict[str, Any]) -> None:
+        diffs = config_differences(saved, self.cfg.to_dict(), RUN_DEFINING)
+        if diffs:
+            raise UserError(
+                "cannot resume: the config changes what the run is (" + "; ".join(diffs) + ")",
+                "restore those values, or start a new run with --overwrite or another run.dir",
+            )
+        safe = config_differences(saved, self.cfg.to_dict(), ("train.steps", "train.eval_every", "train.log_every",
+                                                               "run.save_every", "run.keep_last", "checkpointing.mode",
+                                                               "train.grad_accum", "train.compile", "precision.mode"))
+        for d in safe:
+            self.console.print(f"[yellow]resuming with a changed setting[/]: {d}")
+
+    def _find_resume(self, resume: str | None) -> ckpt.CheckpointRef | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            return ckpt.resolve_resume(self.ckpt_dir, fallback=True, warn=lambda m: self.console.print(f"[yellow]{m}[/]"))
+        path = Path(resume)
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if (root / ckpt.MANIFEST).is_file():  # a single checkpoint directory
+            ref = ckpt.CheckpointRef(root, int(json.loads((root / ckpt.MANIFEST).read_text())["step"]))
+            ckpt.verify(ref)
+            return ref
+        ref = ckpt.resolve_resume(root, fallback=False, warn=self.console.print)
+        if ref is None:
+            raise UserError(f"--resume {resume}: no checkpoint found there", "give a run directory with checkpoints, or --resume auto")
+        return ref
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        if resume is not None and resume != "auto":
+            self.run_dir = Path(resume) if (Path(resume) / CONFIG_FILE).exists() else self.run_dir
+            self.ckpt_dir = self.run_dir / "checkpoints"
+        ref = self._find_resume(resume)
+        self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
+
+        data_dir = prepared_dir(cfg)
+        manifest = ensure_prepared(cfg.data.corpus, data_dir, cfg.data.vocab_size, cfg.data.val_fraction)
+        check_enough(manifest, "train", cfg.data.seq_len, cfg.train.batch_size)
+        train_tokens, val_tokens = open_split(data_dir, "train"), open_split(data_dir, "val")
+        vocab = manifest["vocab_size"]
+
+        strategy = build_strategy(cfg, vocab, self.device)
+        self.strategy = strategy
+        sampler = BatchSampler(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.grad_accum,
+                               rank=strategy.rank, world_size=strategy.world_size, seed=cfg.train.seed)
+        micro = cfg.train.batch_size // (cfg.train.grad_accum * strategy.world_size)
+        evals = val_batches(val_tokens, cfg.data.seq_len, micro, cfg.train.eval_batches)
+
+        start = 0
+        if ref is not None:
+            saved = ckpt.load_file(ref, "trainer.pt")
+            self._check_resume_compatible(saved["config"])
+            strategy.load_state_dict(ckpt.load_file(ref, "strategy.pt"))
+            sampler.load_state_dict(saved["sampler"])
+            set_rng_state(saved["rng"])
+            start = saved["step"]
+            self.console.print(f"resumed from {ref.path} at step {start}")
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start if ref is not None else None)
+
+        model = strategy.unwrapped()
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        peak_flops = matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size
+        peak_rss = PeakRSS()
+        peak_rss.reset()
+        unigram = unigram_baseline(train_tokens, val_tokens, vocab)
+
+        saved_act_bytes = 0
+        pending: list[tuple[int, torch.Tensor, float, torch.Tensor, bool]] = []
+        nan_skips = 0
+        last_val: float | None = None
+        t_log = time.perf_counter()
+        t_run = t_log
+        tokens_run = 0
+        last_ref = ref
+        step = start
+
+        with self.stop.installed(), self._progress(start) as progress:
+            task = progress.add_task("train", total=cfg.train.steps, completed=start, loss=float("nan"), tps=0.0)
+            while step < cfg.train.steps and not self.stop.requested:
+                lr = lr_at(step, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
+                           total_steps=cfg.train.steps, min_lr_ratio=cfg.train.min_lr_ratio)
+                loss_sum = torch.zeros((), device=self.device)
+                for m in range(cfg.train.grad_accum):
+                    x, y = (t.to(self.device, non_blocking=True) for t in sampler.next_batch())
+                    if step == start and m == 0:
+                        with SavedActivationCounter() as counter:
+                            loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
+                        saved_act_bytes = counter.bytes
+                    else:
+                        loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
+                    loss_sum += loss.float()
+                result = strategy.step(lr)
+                if result.skipped and not strategy.policy.uses_loss_scaling:
+                    nan_skips += 1
+                    if cfg.train.nan_policy == "stop" or nan_skips > cfg.train.max_nan_skips:
+                        kept = f"last good checkpoint: {last_ref.path}" if last_ref else "no checkpoint was saved yet"
+                        raise RunError(f"non-finite loss/gradients at step {step} (update skipped, weights unchanged); {kept}",
+                                       "lower train.lr, use precision bf16/fp32, or set train.nan_policy = 'skip'")
+                pending.append((step, loss_sum / cfg.train.grad_accum, lr, result.grad_norm, result.skipped))
+                step += 1
+                tokens_run += tokens_per_step
+                if self.after_step is not None:
+                    self.after_step(self, step - 1)
+
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or self.stop.requested:
+                    now = time.perf_counter()
+                    tps = len(pending) * tokens_per_step / (now - t_log)
+                    mem = {**strategy.memory(), "activations_saved": saved_act_bytes, **device_memory(self.device)}
+                    values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, _, g, _ in pending]).tolist()
+                    for (s, _, lr_s, _, skipped), (loss_v, gnorm) in zip(pending, values):
+                        metrics.write({"step": s, "loss": loss_v, "lr": lr_s, "grad_norm": gnorm, "skipped": skipped,
+                                       "tokens_per_s": tps, "mfu": tps * flops_per_token / peak_flops, "memory": mem})
+                    progress.update(task, completed=step, loss=values[-1][0], tps=tps)
+                    pending.clear()
+                    t_log = now
+
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    last_val = self._evaluate(strategy, evals)
+                    metrics.write({"step": step - 1, "val_loss": last_val})
+                    progress.console.print(f"step {step}: val loss {last_val:.4f} (unigram baseline {unigram:.4f})")
+
+                save_due = cfg.run.save_every and step % cfg.run.save_every == 0
+                if save_due or step == cfg.train.steps or self.stop.requested:
+                    last_ref = self._save(strategy, sampler, step)
+            wall = time.perf_counter() - t_run
+        metrics.close()
+
+        if self.stop.requested and step < cfg.train.steps:
+            self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
+                               f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto "
+                               f"(or --resume {self.run_dir})")
+        summary = self._summary(strategy, step - start, wall, tokens_run, flops_per_token, peak_flops,
+                                saved_act_bytes, peak_rss, last_val, unigram)
+        if strategy.is_main:
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        return summary
+
+    @contextmanager
+    def _progress(self, start: int) -> Iterator[Progress]:
+        progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=not self.strategy.is_main,
+        )
+        with progress:
+            yield progress
+
+    @torch.no_grad()
+    def _evaluate(self, strategy: Strategy, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        losses = [strategy.eval_loss(x.to(self.device), y.to(self.device)).float() for x, y in batches]
+        return torch.stack(losses).mean().item()
+
+    def _save(self, strategy: Strategy, sampler: BatchSampler, step: int) -> ckpt.CheckpointRef:
+        trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
+                         "config": self.cfg.to_dict(), "version": __version__}
+        files = {"trainer.pt": ckpt.torch_bytes(trainer_state), "strategy.pt": ckpt.torch_bytes(strategy.state_dict())}
+        return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last)
+
+    def _summary(self, strategy: Strategy, steps: int, wall: float, tokens: int, flops_per_token: float,
+                 peak_flops: float, saved_act_bytes: int, peak_rss: PeakRSS, val_loss: float | None,
+                 unigram: float) -> dict[str, Any]:
+        price, price_source = (self.cfg.run.price_per_hour, "config run.price_per_hour")
+        if price is None:
+            price, price_source = default_price(self.device)
+        tps = tokens / wall if wall > 0 else 0.0
+        last_loss = None
+        metrics_path = self.run_dir / "metrics.jsonl"
+        for line in reversed(metrics_path.read_text().splitlines()):
+            record = json.loads(line)
+            if "loss" in record:
+                last_loss = record["loss"]
+                break
+        devices = strategy.world_size
+        return {
+            "steps_run": steps,
+            "tokens": tokens,
+            "wall_s": wall,
+            "tokens_per_s": tps,
+            "mfu": tps * flops_per_token / peak_flops if peak_flops else None,
+            "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
+                             **device_memory(self.device)},
+            "final_train_loss": last_loss,
+            "final_val_loss": val_loss,
+            "unigram_val_loss": unigram,
+            "device": str(self.device),
+            "devices": devices,
+            "cost_usd": wall / 3600 * devices * price,
+            "price_per_device_hour": price,
+            "price_source": price_source,
+        }
+
+
+def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
+    """Cross-entropy (nats) of the val split under the train split's token frequencies (add-one
+    smoothed): the loss a model that ignores context would reach."""
+    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val)].mean())

@@ -1,0 +1,43 @@
+import torch
+
+from shoestring.train.loss import IGNORE_INDEX, cross_entropy_from_hidden, reference_cross_entropy
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(100, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 100, (3, 40), generator=g)
+    targets[0, :7] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def _grads(fn, hidden, weight, targets):
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, targets)
+    (loss * 3.0).backward()  # a non-unit upstream gradient must be applied
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+def test_chunked_loss_and_grads_equal_plain_version_fp32():
+    hidden, weight, targets = _inputs()
+    chunked = _grads(lambda h, w, t: cross_entropy_from_hidden(h, w, t, chunk=17), hidden, weight, targets)
+    plain = _grads(reference_cross_entropy, hidden, weight, targets)
+    for a, b in zip(chunked, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_is_close():
+    hidden, weight, targets = _inputs(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = _grads(cross_entropy_from_hidden, hidden, weight, targets)
+        plain = _grads(reference_cross_entropy, hidden, weight, targets)
+    assert chunked[1].dtype == torch.float32 and chunked[2].dtype == torch.float32
+    torch.testing.assert_close(chunked[0], plain[0], rtol=2e-2, atol=2e-2)
+
+
+def test_no_grad_path_computes_loss_only():
+    hidden, weight, targets = _inputs(2)
+    with torch.no_grad():
+        loss = cross_entropy_from_hidden(hidden, weight, targets)
+    torch.testing.assert_close(loss, reference_cross_entropy(hidden, weight, targets).detach())
