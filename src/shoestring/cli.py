@@ -14,8 +14,8 @@ from rich.console import Console
 
 from shoestring.errors import ShoestringError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # messages stay one line each, whatever the width
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:

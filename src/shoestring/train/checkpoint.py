@@ -88,11 +88,12 @@ def save_checkpoint(
     temporary directory before it is sealed. Raises RunError (the previous checkpoint intact)
     when the disk refuses the write.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    _remove_stale_temps(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         for name, data in files.items():
             _write_bytes_durably(tmp / name, data)
         if write_extra is not None:
@@ -113,7 +114,8 @@ def save_checkpoint(
         _fsync_path(root)
         _write_latest(root, final.name)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_complete(root)
         kept = f"the previous checkpoint ({prev.path.name}) is intact" if prev else "no earlier checkpoint exists"
         raise RunError(
