@@ -30,6 +30,7 @@ class SingleDevice(Strategy):
         self.opt_params = self.master.params() if self.master else params
         self.optimizer = make_adamw(self.opt_params, settings, device)
         self.scaler = policy.make_scaler(device.type)
+        self.step_grad_bytes = 0
 
     def wrap(self, model: Llama) -> nn.Module:
         """Hook for replicated strategies (DDP wraps here)."""
@@ -71,6 +72,7 @@ class SingleDevice(Strategy):
             skipped = not bool(torch.isfinite(grad_norm))
             if not skipped:
                 self.optimizer.step()
+        self.step_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.opt_params if p.grad is not None)
         self.optimizer.zero_grad(set_to_none=True)
         if self.master and not skipped:
             self.master.masters_to_model()
@@ -96,6 +98,8 @@ class SingleDevice(Strategy):
 
     def memory(self) -> dict[str, int]:
         counted = model_state_bytes(self.model, self.optimizer)
+        # Gradients are freed after each step; report what the step held.
+        counted["grads"] = max(counted["grads"], self.step_grad_bytes)
         counted["master"] = sum(m.numel() * m.element_size() for m in self.master.masters) if self.master else 0
         return counted
 

@@ -33,7 +33,7 @@ from shoestring.parallel import Strategy
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
 from shoestring.train import checkpoint as ckpt
-from shoestring.train.memory import PeakRSS, SavedActivationCounter, device_memory
+from shoestring.train.memory import SavedActivationCounter, device_memory
 from shoestring.train.metrics import MetricsLog
 from shoestring.train.schedule import lr_at
 
@@ -193,8 +193,7 @@ class Trainer:
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         flops_per_token = model.flops_per_token(cfg.data.seq_len)
         peak_flops = matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size
-        peak_rss = PeakRSS()
-        peak_rss.reset()
+        device_memory(self.device, reset=True)  # the run's peak starts here, not at import
         unigram = unigram_baseline(train_tokens, val_tokens, vocab)
 
         saved_act_bytes = 0
@@ -238,7 +237,8 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps or self.stop.requested:
                     now = time.perf_counter()
                     tps = len(pending) * tokens_per_step / (now - t_log)
-                    mem = {**strategy.memory(), "activations_saved": saved_act_bytes, **device_memory(self.device)}
+                    mem = {**strategy.memory(), "activations_saved": saved_act_bytes,
+                           "device_peak": device_memory(self.device)["peak"]}
                     values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, _, g, _ in pending]).tolist()
                     for (s, _, lr_s, _, skipped), (loss_v, gnorm) in zip(pending, values):
                         metrics.write({"step": s, "loss": loss_v, "lr": lr_s, "grad_norm": gnorm, "skipped": skipped,
@@ -263,7 +263,7 @@ class Trainer:
                                f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto "
                                f"(or --resume {self.run_dir})")
         summary = self._summary(strategy, step - start, wall, tokens_run, flops_per_token, peak_flops,
-                                saved_act_bytes, peak_rss, last_val, unigram)
+                                saved_act_bytes, last_val, unigram)
         if strategy.is_main:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
@@ -291,7 +291,7 @@ class Trainer:
         return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last)
 
     def _summary(self, strategy: Strategy, steps: int, wall: float, tokens: int, flops_per_token: float,
-                 peak_flops: float, saved_act_bytes: int, peak_rss: PeakRSS, val_loss: float | None,
+                 peak_flops: float, saved_act_bytes: int, val_loss: float | None,
                  unigram: float) -> dict[str, Any]:
         price, price_source = (self.cfg.run.price_per_hour, "config run.price_per_hour")
         if price is None:
@@ -312,7 +312,7 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": tps * flops_per_token / peak_flops if peak_flops else None,
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
-                             **device_memory(self.device)},
+                             "device_peak": device_memory(self.device)["peak"]},
             "final_train_loss": last_loss,
             "final_val_loss": val_loss,
             "unigram_val_loss": unigram,
