@@ -15,6 +15,7 @@ DeepSpeed's own zero_to_fp32 to rebuild the full weights for export.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -41,6 +42,11 @@ def import_deepspeed(device_type: str) -> Any:
     except ImportError as err:
         raise UserError(f"parallel.strategy = 'deepspeed' needs the deepspeed package ({err})",
                         "pip install 'shoestring[deepspeed]' (on CPU: DS_BUILD_OPS=0)") from None
+    if device_type == "cpu":
+        # Its CPU backend JIT-compiles a shared-memory all-reduce on first use (~90 s of C++ on
+        # 2 cores); only its inference all-reduce uses it, training goes through gloo.
+        # (Imported by name: `deepspeed.comm.torch` as an attribute is the torch package.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 
