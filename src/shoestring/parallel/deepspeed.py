@@ -29,7 +29,7 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel import dist
 from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
-from shoestring.train.memory import _unique_bytes, model_state_bytes
+from shoestring.train.memory import tensor_bytes
 
 DS_DIR, TAG, META = "deepspeed", "state", "deepspeed.json"
 
@@ -129,22 +129,26 @@ class DeepSpeed(Strategy):
 
     @staticmethod
     def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
-        """ZeRO-1 partitions optimizer state and the fp32 master copy (which DeepSpeed keeps
-        even in fp32: a second copy of the weights), ZeRO-2 also gradients, ZeRO-3 also
-        parameters. Alignment padding is ignored."""
-        w, shard, stage = policy.param_dtype.itemsize, n_params // world_size, options.zero_stage
-        return {"params": w * (shard if stage == 3 else n_params), "grads": w * (n_params if stage == 1 else shard),
+        """ZeRO partitions optimizer state and the fp32 master copy (which DeepSpeed keeps even
+        in fp32: a second copy of the weights); ZeRO-3 also the parameters. Gradients: DeepSpeed
+        0.19 reduces each bucket into this rank's partition as backward goes, at stage 1 as at
+        stage 2 (measured), so both hold a gradient partition plus a bucket; stage 2 differs from
+        1 in what it may free, not in this steady state. Alignment padding is ignored."""
+        w, shard = policy.param_dtype.itemsize, n_params // world_size
+        return {"params": w * (shard if options.zero_stage == 3 else n_params), "grads": w * shard,
                 "master": 4 * shard, "optimizer": 8 * shard}
 
     def memory(self) -> dict[str, int]:
-        zero = self.engine.optimizer
-        seen: set = set()
+        """Counted from the engine's own buffers: ZeRO-3's partitions (`ds_tensor`), the fp32
+        master partitions, the gradient partitions (stage 2: `averaged_gradients`, stage 3: one
+        flat buffer) and the client optimizer's state."""
+        zero, seen = self.engine.optimizer, set()
         params = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
         masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
-        counted = {"params": _unique_bytes(params, seen), "master": _unique_bytes(masters, seen)}
-        counted["optimizer"] = model_state_bytes(torch.nn.Module(), zero.optimizer)["optimizer"]
-        counted["grads"] = _unique_bytes([p.grad for p in self.model.parameters()] + list(getattr(zero, "averaged_gradients", {}).values()), seen)
-        return counted
+        grads = [p.grad for p in self.model.parameters()], getattr(zero, "averaged_gradients", None), \
+            getattr(zero, "grad_partitions_flat_buffer", None)
+        return {"params": tensor_bytes(params, seen), "master": tensor_bytes(masters, seen),
+                "grads": tensor_bytes(grads, seen), "optimizer": tensor_bytes(list(zero.optimizer.state.values()), seen)}
 
     def unwrapped(self) -> Llama:
         return self.model
