@@ -139,7 +139,8 @@ class Trainer:
             )
         safe = config_differences(saved, self.cfg.to_dict(), ("train.steps", "train.eval_every", "train.log_every",
                                                                "run.save_every", "run.keep_last", "checkpointing.mode",
-                                                               "train.grad_accum", "train.compile", "precision.mode"))
+                                                               "train.grad_accum", "train.compile", "precision.mode",
+                                                               "parallel.strategy"))
         for d in safe:
             self.console.print(f"[yellow]resuming with a changed setting[/]: {d}")
 
