@@ -87,6 +87,7 @@ class Strategy(abc.ABC):
     world_size: int = 1
     device: torch.device
     policy: PrecisionPolicy
+    module: nn.Module  # the wrapped model: forward(x, y) -> loss
 
     @property
     def is_main(self) -> bool:
@@ -101,9 +102,14 @@ class Strategy(abc.ABC):
     def step(self, lr: float) -> StepResult:
         """Clip, apply the optimizer update at `lr`, zero the gradients."""
 
-    @abc.abstractmethod
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.policy.autocast(self.device.type):
+            return self.module(x, y)
+
+    @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss without gradients (same precision as training)."""
+        return self._loss(x, y)
 
     @abc.abstractmethod
     def save(self, directory: Path) -> None:

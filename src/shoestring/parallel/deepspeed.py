@@ -79,24 +79,16 @@ class DeepSpeed(Strategy):
         self.device, self.policy, self.settings, self.model, self.stage = device, policy, settings, model, options.zero_stage
         self.rank, self.world_size = dist.rank(), dist.world_size()
         optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], settings, device)
-        self.engine, *_ = deepspeed.initialize(model=WithLoss(model), optimizer=optimizer,
-                                               config=ds_config(policy, settings, options), dist_init_required=False)
+        self.module = self.engine = deepspeed.initialize(model=WithLoss(model), optimizer=optimizer,
+                                               config=ds_config(policy, settings, options), dist_init_required=False)[0]
         if self.stage == 3:  # the tied head weight is used by the loss, outside lm_head's own forward
             deepspeed.zero.register_external_parameter(self.engine.module, model.lm_head.weight)
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.policy.autocast(self.device.type):
-            return self.engine(x, y)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         self.engine.set_gradient_accumulation_boundary(last_micro_step)
         loss = self._loss(x, y)
         self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
         return loss.detach()
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._loss(x, y)
 
     def step(self, lr: float) -> StepResult:
         for group in self.engine.optimizer.param_groups:

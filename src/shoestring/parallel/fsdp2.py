@@ -60,20 +60,12 @@ class FSDP2(Strategy):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, settings, device)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.policy.autocast(self.device.type):
-            return self.module(x, y)
-
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         # Gradients are reduce-scattered after every micro-step (not only the last): the
         # accumulated gradient then stays sharded, which is the point of FSDP.
         loss = self._loss(x, y)
         (loss * loss_scale).backward()
         return loss.detach()
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._loss(x, y)
 
     def step(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:

@@ -46,19 +46,11 @@ class SingleDevice(Strategy):
         """Hook: suppress gradient synchronisation on non-final micro-steps."""
         return contextlib.nullcontext()
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.policy.autocast(self.device.type):
-            return self.module(x, y)
-
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         with contextlib.nullcontext() if last_micro_step else self.no_sync():
             loss = self._loss(x, y)
             self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._loss(x, y)
 
     def step(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
