@@ -252,6 +252,12 @@ def _state_tensors(obj: Any) -> Iterable[torch.Tensor]:
             yield from _state_tensors(v)
 
 
+def tensor_bytes(objs: Any, seen: set | None = None) -> int:
+    """Bytes of the distinct storages behind every tensor in `objs` (nested lists/dicts), each
+    counted once (also across calls sharing `seen`)."""
+    return _unique_bytes(_state_tensors(objs), set() if seen is None else seen)
+
+
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Exact bytes held for `params`, `grads` (where present) and `optimizer` state (every tensor
     in `optimizer.state`, step counters included). A storage shared by several tensors (tied
