@@ -124,7 +124,7 @@ def main() -> None:
         tps_m = spec[4] * spec[5] / step
         lines.append(f"| {spec[0]} | {spec[1]} | {spec[2]} | {spec[3]} | {spec[4]}x{spec[5]} | {mem_p / 2**20:.0f} | "
                      f"{mem_m / 2**20:.0f} | {mem_p / mem_m - 1:+.1%} | {tps_p:.0f} | {tps_m:.0f} | {tps_p / tps_m - 1:+.1%} | "
-                     ", ".join(f"{r['step_s']:.2f}" for r in runs) + " |")
+                     + ", ".join(f"{r['step_s']:.2f}" for r in runs) + " |")
         raw.append({"spec": spec, "runs": runs, "predicted": {"memory": mem_p, "tokens_per_s": tps_p, "components": parts}})
     print("\n".join(lines))
     if a.json:
