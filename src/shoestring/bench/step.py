@@ -17,7 +17,8 @@ import torch
 from shoestring.levers.checkpointing import apply_checkpointing, estimate_saved_activation_bytes
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import build_model, preset_args
-from shoestring.parallel import OptimizerSettings, SingleDevice
+from shoestring.parallel import OptimizerSettings
+from shoestring.parallel.single import SingleDevice
 from shoestring.train.memory import PeakRSS, SavedActivationCounter
 
 
