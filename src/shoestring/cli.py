@@ -58,6 +58,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from shoestring.export_hf import export_hf
+
+    out = export_hf(Path(args.run_dir), Path(args.out_dir), adapter_only=args.adapter)
+    console.print(f"wrote {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from shoestring.train.report import plot_run
 
@@ -93,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    # To become `shoestring export RUN_DIR --hf OUT_DIR` when the export command lands.
+    p = sub.add_parser("export-hf", help="write a run as a Hugging Face directory (transformers loads it)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--adapter", action="store_true", help="LoRA runs: the adapter alone (PEFT layout), not merged weights")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("report", help="plot a run's loss, throughput and memory")
     p.add_argument("run_dir")

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from shoestring.build import build_plain_model
-from shoestring.config import build_config
-from shoestring.data.tokenizer import load_tokenizer
-from shoestring.errors import UserError
+from shoestring.finetune import load_run
 from shoestring.models.llama import Llama
-from shoestring.train import checkpoint as ckpt
-from shoestring.train.trainer import CONFIG_FILE, prepared_dir
 
 
 def load_run_model(run_dir: Path) -> tuple[Llama, object]:
     """(model in fp32 eval mode on CPU, tokenizer) from a run directory."""
-    cfg_path = run_dir / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})", "give the run.dir of a training run")
-    cfg = build_config(json.loads(cfg_path.read_text()), str(cfg_path))
-    ref = ckpt.resolve_resume(run_dir / "checkpoints", fallback=True, warn=lambda m: None)
-    if ref is None:
-        raise UserError(f"{run_dir} has no complete checkpoint", "train it first (shoestring train ...)")
-    tokenizer = load_tokenizer(prepared_dir(cfg) / "tokenizer.json")
-    weights = ckpt.load_file(ref, "strategy.pt")["model"]
-    model = build_plain_model(cfg, tokenizer.get_vocab_size(), torch.device("cpu"))
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.eval(), tokenizer
+    run = load_run(run_dir)
+    return run.model, run.tokenizer
 
 
 @torch.no_grad()

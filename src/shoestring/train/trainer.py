@@ -26,9 +26,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from shoestring import __version__
 from shoestring.build import build_strategy, pick_device
 from shoestring.config import Config
-from shoestring.data.loader import BatchSampler, val_batches
-from shoestring.data.shards import check_enough, ensure_prepared, open_split
+from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
+from shoestring.finetune import instruct_data, text_data
 from shoestring.parallel import Strategy
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
@@ -40,7 +40,7 @@ from shoestring.train.schedule import lr_at
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 # Fields whose change would make a resumed run a different run.
-RUN_DEFINING = ("model", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
+RUN_DEFINING = ("model", "lora", "data.format", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
                 "train.batch_size", "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
                 "train.weight_decay", "train.beta1", "train.beta2")
 
@@ -164,18 +164,15 @@ class Trainer:
         ref = self._find_resume(resume)
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
 
-        data_dir = prepared_dir(cfg)
-        manifest = ensure_prepared(cfg.data.corpus, data_dir, cfg.data.vocab_size, cfg.data.val_fraction)
-        check_enough(manifest, "train", cfg.data.seq_len, cfg.train.batch_size)
-        train_tokens, val_tokens = open_split(data_dir, "train"), open_split(data_dir, "val")
-        vocab = manifest["vocab_size"]
+        data = instruct_data(cfg, self.run_dir) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
+        vocab = data.vocab
 
-        strategy = build_strategy(cfg, vocab, self.device)
+        strategy = build_strategy(cfg, vocab, self.device, data.source)
+        data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
-        sampler = BatchSampler(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.grad_accum,
-                               rank=strategy.rank, world_size=strategy.world_size, seed=cfg.train.seed)
+        sampler = data.sampler(strategy.rank, strategy.world_size)
         micro = cfg.train.batch_size // (cfg.train.grad_accum * strategy.world_size)
-        evals = val_batches(val_tokens, cfg.data.seq_len, micro, cfg.train.eval_batches)
+        evals = data.val_batches(micro, cfg.train.eval_batches)
 
         start = 0
         if ref is not None:
@@ -195,7 +192,7 @@ class Trainer:
         peak_flops = matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size
         peak_rss = PeakRSS()
         peak_rss.reset()
-        unigram = unigram_baseline(train_tokens, val_tokens, vocab)
+        unigram = data.unigram
 
         saved_act_bytes = 0
         pending: list[tuple[int, torch.Tensor, float, torch.Tensor, bool]] = []
