@@ -53,7 +53,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from shoestring.generate import generate_text
 
-    text = generate_text(Path(args.run), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    text = generate_text(Path(args.run), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, chat=args.chat)
     console.print(text, markup=False, highlight=False)
     return 0
 
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template); prints the reply")
     p.set_defaults(func=cmd_generate)
 
     # To become `shoestring export RUN_DIR --hf OUT_DIR` when the export command lands.

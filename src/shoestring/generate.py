@@ -36,7 +36,17 @@ def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature
     return ids[0].tolist()
 
 
-def generate_text(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+def generate_text(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+                  chat: bool = False) -> str:
+    """`chat`: the prompt is a user message, rendered with the run's chat template (fine-tuned runs)."""
+    if chat:
+        from shoestring.finetune import formatter
+
+        run = load_run(run_dir)
+        model, tokenizer = run.model, run.tokenizer
+        fmt = formatter(tokenizer, run.tokenizer_config)
+        prompt_ids = fmt.encode(fmt.render([{"role": "user", "content": prompt}], add_generation_prompt=True))
+        return tokenizer.decode(sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed)[len(prompt_ids):])
     model, tokenizer = load_run_model(run_dir)
     prompt_ids = tokenizer.encode(prompt).ids or [0]
     out = sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed)
