@@ -78,13 +78,44 @@ def held_out_accuracy(run_dir: Path, data: Path, limit: int) -> tuple[float, lis
     return hits / max(1, len(val[:limit])), answers
 
 
-def train_one(tree: dict) -> dict:
+def train_one(tree: dict) -> tuple[dict, dict]:
+    """(run summary, predicted model-state bytes): LoRA's `estimate`, or the precision lever's
+    bytes per parameter for full fine-tuning (the two halves the planner will compose)."""
     from rich.console import Console
 
+    from shoestring.build import precision_policy
     from shoestring.config import build_config
+    from shoestring.finetune import lora_settings
+    from shoestring.levers.lora import estimate
     from shoestring.train.trainer import Trainer
 
-    return Trainer(build_config(tree), console=Console(quiet=True)).run(overwrite=True)
+    cfg = build_config(tree)
+    trainer = Trainer(cfg, console=Console(quiet=True))
+    summary = trainer.run(overwrite=True)
+    model = trainer.strategy.unwrapped()
+    if cfg.lora.enabled:
+        e = estimate(model.args, lora_settings(cfg), cfg.precision.mode)
+        predicted = {"trainable_params": e.trainable_params, "params": e.params, "grads": e.grads,
+                     "optimizer": e.optimizer, "master": e.master}
+    else:
+        n = model.num_params()
+        per = precision_policy(cfg).state_bytes_per_param()
+        predicted = {"trainable_params": n, **{k: v * n for k, v in per.items()}}
+    return summary, predicted
+
+
+def table(results: dict, steps: int) -> str:
+    mib = 2**20
+    lines = [f"| mode | trainable params | model state MiB predicted / measured (optimizer) | peak RSS MiB | tokens/s "
+             f"| train loss at step 0 -> val loss after {steps} steps | held-out exact match |", "|---|---|---|---|---|---|---|"]
+    for mode, r in results.items():
+        s, m, p = r["summary"], r["summary"]["memory_bytes"], r["predicted"]
+        measured = m["params"] + m["grads"] + m["optimizer"] + m["master"]
+        predicted = p["params"] + p["grads"] + p["optimizer"] + p["master"]  # grads: held during the step
+        lines.append(f"| {mode} | {p['trainable_params']:,} | {predicted / mib:.0f} / {measured / mib:.0f} "
+                     f"({m['optimizer'] / mib:.1f}) | {m['peak'] / mib:.0f} | {s['tokens_per_s']:.1f} | "
+                     f"{r['loss_step0']:.3f} -> {s['final_val_loss']:.3f} | {r['held_out_exact']:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -103,10 +134,13 @@ def main() -> None:
     if a.one:
         tree = config_tree(source, data, out / a.one, a.one, a.steps)
         t0 = time.perf_counter()
-        summary = train_one(tree)
+        summary, predicted = train_one(tree)
         acc, answers = held_out_accuracy(out / a.one, data, a.eval_prompts)
-        print(json.dumps({"summary": summary, "held_out_exact": acc, "answers": answers[:3],
-                          "wall_with_load_s": time.perf_counter() - t0}))
+        from shoestring.train.metrics import read_metrics
+
+        first = next(r["loss"] for r in read_metrics(out / a.one / "metrics.jsonl") if "loss" in r)
+        print(json.dumps({"summary": summary, "predicted": predicted, "loss_step0": first,
+                          "held_out_exact": acc, "answers": answers[:3], "wall_with_load_s": time.perf_counter() - t0}))
         return
     out.mkdir(parents=True, exist_ok=True)
     make_reverse_words(data, a.examples)
@@ -119,13 +153,7 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"| mode | trainable params | params+grads+optimizer MiB | peak RSS MiB | tokens/s | val loss after {a.steps} steps | held-out exact |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        s, m = r["summary"], r["summary"]["memory_bytes"]
-        state = (m["params"] + m["grads"] + m["optimizer"] + m["master"]) / 2**20
-        print(f"| {mode} | {r.get('trainable', '')} | {state:.0f} (optimizer {m['optimizer'] / 2**20:.1f}) | "
-              f"{m['peak'] / 2**20:.0f} | {s['tokens_per_s']:.0f} | {s['final_val_loss']:.3f} | {r['held_out_exact']:.2f} |")
+    print(table(results, a.steps))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,21 @@ def test_lora_bf16_base_under_bf16(make_config, tmp_path):
         make_config(lora__enabled=True, lora__base_dtype="bf16", precision__mode="fp32")
 
 
+@pytest.mark.parametrize("levers", [{"checkpointing__mode": "full"}, {"precision__mode": "bf16-pure"}])
+def test_lora_composes_with_levers_and_resumes(make_config, tmp_path, levers):
+    """LoRA under checkpointing / bf16-pure masters; a run resumed half-way follows the uninterrupted one."""
+    common = dict(lora__enabled=True, lora__rank=4, train__steps=6, run__save_every=3, **levers)
+    whole = make_config(run__dir=str(tmp_path / "whole"), **common)
+    Trainer(whole, console=QUIET).run()
+    half = make_config(run__dir=str(tmp_path / "half"), **{**common, "train__steps": 3})
+    Trainer(half, console=QUIET).run()
+    Trainer(make_config(run__dir=str(tmp_path / "half"), **common), console=QUIET).run(resume="auto")
+    from shoestring.train.metrics import read_metrics
+
+    curve = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r] for d in ("whole", "half")]
+    assert curve[0] == curve[1]
+
+
 # ---- instruction data ---------------------------------------------------------------------------
 def test_malformed_lines_name_line_and_problem(tmp_path):
     path = tmp_path / "d.jsonl"

@@ -81,7 +81,7 @@ def _unigram(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     return float(-np.log(counts / counts.sum())[val].mean()) if len(val) else float("nan")
 
 
-def instruct_data(cfg: Config, run_dir: Path) -> TrainingData:
+def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = print) -> TrainingData:
     src = read_source(cfg.model.source)
     if cfg.data.seq_len > src.args.max_seq_len:
         raise UserError(f"data.seq_len ({cfg.data.seq_len}) is longer than the model's context ({src.args.max_seq_len})")
@@ -89,7 +89,7 @@ def instruct_data(cfg: Config, run_dir: Path) -> TrainingData:
     data = load_instruct(Path(cfg.data.corpus), formatter(src.tokenizer, src.tokenizer_config), cfg.data.seq_len,
                          pad_id(src.tokenizer, src.tokenizer_config), cfg.data.val_fraction, cfg.data.skip_malformed)
     if data.skipped or data.train.too_long or data.val.too_long:
-        print(f"instruction data: {data.skipped} malformed lines skipped, "
+        warn(f"instruction data: {data.skipped} malformed lines skipped, "
               f"{data.train.too_long + data.val.too_long} examples longer than seq_len+1 dropped")
     t = cfg.train
     return TrainingData(

@@ -164,7 +164,7 @@ class Trainer:
         ref = self._find_resume(resume)
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
 
-        data = instruct_data(cfg, self.run_dir) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
+        data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
         vocab = data.vocab
 
         strategy = build_strategy(cfg, vocab, self.device, data.source)
