@@ -116,7 +116,7 @@ def table(results: dict, steps: int) -> str:
         measured = m["params"] + m["optimizer"] + m["master"]
         predicted = p["params"] + p["optimizer"] + p["master"]
         lines.append(f"| {mode} | {p['trainable_params']:,} | {predicted / mib:.1f} / {measured / mib:.1f} | {p['grads'] / mib:.1f} "
-                     f"| {m['peak'] / mib:.0f} | {s['tokens_per_s']:.1f} | {r['loss_step0']:.3f} -> {s['final_val_loss']:.3f} "
+                     f"| {m.get('device_peak', m.get('peak')) / mib:.0f} | {s['tokens_per_s']:.1f} | {r['loss_step0']:.3f} -> {s['final_val_loss']:.3f} "
                      f"| {r['held_out_exact']:.2f} |")
     return "\n".join(lines)
 

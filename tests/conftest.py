@@ -34,22 +34,27 @@ def prepared(corpus_dir, tmp_path_factory) -> Path:
     return out
 
 
+def config_tree(corpus_dir: Path, prepared: Path, run_dir: Path, **overrides) -> dict:
+    """The micro-model config tree on the prepared plays; overrides as `section__key=value`."""
+    tree = {
+        "model": {"preset": "micro"},
+        "data": {"corpus": str(corpus_dir), "prepared_dir": str(prepared), "vocab_size": 512, "seq_len": 64},
+        "train": {"steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_every": 6,
+                  "eval_batches": 2, "log_every": 1, "seed": 7},
+        "precision": {"mode": "fp32"},
+        "run": {"dir": str(run_dir), "save_every": 4, "keep_last": 3},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
 @pytest.fixture
 def make_config(corpus_dir, prepared, tmp_path):
     """A micro-model config on the prepared plays; overrides as keywords `section__key=value`."""
 
     def make(**overrides) -> Config:
-        tree = {
-            "model": {"preset": "micro"},
-            "data": {"corpus": str(corpus_dir), "prepared_dir": str(prepared), "vocab_size": 512, "seq_len": 64},
-            "train": {"steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_every": 6,
-                      "eval_batches": 2, "log_every": 1, "seed": 7},
-            "precision": {"mode": "fp32"},
-            "run": {"dir": str(tmp_path / "run"), "save_every": 4, "keep_last": 3},
-        }
-        for dotted, value in overrides.items():
-            section, key = dotted.split("__")
-            tree.setdefault(section, {})[key] = value
-        return build_config(tree)
+        return build_config(config_tree(corpus_dir, prepared, tmp_path / "run", **overrides))
 
     return make

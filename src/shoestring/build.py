@@ -9,20 +9,19 @@ from __future__ import annotations
 import torch
 
 from shoestring.config import Config
+from shoestring.errors import UserError
 from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers.compile import compile_blocks
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import Llama, build_model, preset_args
 from shoestring.models.hf import HFSource, load_llama
-from shoestring.parallel import OptimizerSettings, SingleDevice, Strategy
+from shoestring.parallel import OptimizerSettings, Strategy, dist, strategy_class
 
 
 def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        from shoestring.errors import UserError
-
         raise UserError("train.device = 'cuda' but no CUDA device is available", "set train.device = 'auto' or 'cpu'")
     return torch.device(choice)
 
@@ -56,10 +55,29 @@ def shape_model(cfg: Config, model: Llama) -> None:
         apply_lora(model, lora_settings(cfg))
 
 
+def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
+    """Refuse, before any work, the combinations that cannot run here (config-only ones are
+    refused when the config is validated)."""
+    p = cfg.parallel
+    if world_size > 1 and p.strategy == "single":
+        raise UserError(f"{world_size} ranks were started but parallel.strategy = 'single'",
+                        "set parallel.strategy to ddp, fsdp2 or deepspeed, or start one process")
+    offload = (p.strategy == "fsdp2" and p.cpu_offload) or (p.strategy == "deepspeed" and (p.offload_optimizer or p.offload_params))
+    if offload and device.type != "cuda":
+        raise UserError(f"parallel.strategy = '{p.strategy}' with offload needs a CUDA device: "
+                        "on CPU the state already lives in host memory", "turn the offload options off")
+    raf = p.reshard_after_forward
+    if p.strategy == "fsdp2" and not isinstance(raf, bool) and world_size % raf:
+        raise UserError(f"parallel.reshard_after_forward = {raf} does not divide the {world_size} ranks",
+                        "use true, false or a divisor of the number of ranks")
+
+
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
+    check_parallel(cfg, device, dist.world_size())
+    cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
     model = build_plain_model(cfg, vocab_size, device, source)
     shape_model(cfg, model)
     apply_checkpointing(model, cfg.checkpointing.mode)
     if cfg.train.compile:
         compile_blocks(model)
-    return SingleDevice(model, precision_policy(cfg), optimizer_settings(cfg), device)
+    return cls(model, precision_policy(cfg), optimizer_settings(cfg), device, cfg.parallel)

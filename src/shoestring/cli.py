@@ -7,10 +7,12 @@ time failure (NaN loss, full disk) exits 1. `--debug` shows the traceback instea
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from shoestring.errors import ShoestringError
 
@@ -24,14 +26,49 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override one config value (repeatable)")
 
 
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The `train` command line each rank runs: this one without the launch flags."""
+    argv = ["--debug"] if args.debug else []
+    argv += ["train", args.config, *(f"--set={o}" for o in args.overrides)]
+    if args.resume:
+        argv.append(f"--resume={args.resume}")
+    return argv + (["--overwrite"] if args.overwrite else [])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
+    from shoestring.parallel import dist
+    from shoestring.parallel.launch import LaunchOptions, launch, restart_count
     from shoestring.train.report import print_summary
     from shoestring.train.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg, console=console).run(resume=args.resume, overwrite=args.overwrite)
-    print_summary(console, summary, Path(cfg.run.dir))
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any rank starts
+    if (args.nproc or args.nnodes != "1") and not dist.launched():
+        opts = LaunchOptions(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
+        return launch(opts, _worker_argv(args))
+    resume, overwrite = args.resume, args.overwrite
+    if restart_count() > 0:  # torchrun restarted the group after a failure: continue, never wipe
+        resume, overwrite = "auto", False
+    trainer = Trainer(cfg, console=console)
+    summary = trainer.run(resume=resume, overwrite=overwrite)
+    print_summary(trainer.console, summary, Path(cfg.run.dir))  # quiet on ranks other than 0
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.hf:
+        from shoestring.export_hf import export_hf
+
+        console.print(f"wrote {export_hf(Path(args.run_dir), Path(args.hf), adapter_only=args.adapter)}")
+        return 0
+    if args.adapter:
+        from shoestring.errors import UserError
+
+        raise UserError("--adapter applies to --hf exports", "add --hf OUT_DIR")
+    from shoestring.export import export_safetensors
+
+    out, ref = export_safetensors(Path(args.run_dir), Path(args.out) if args.out else None)
+    console.print(f"wrote {out} (step {ref.step})")
     return 0
 
 
@@ -58,14 +95,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_hf(args: argparse.Namespace) -> int:
-    from shoestring.export_hf import export_hf
-
-    out = export_hf(Path(args.run_dir), Path(args.out_dir), adapter_only=args.adapter)
-    console.print(f"wrote {out}")
-    return 0
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from shoestring.train.report import plot_run
 
@@ -83,7 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="DIR|auto", help="continue a run: its run directory, a checkpoint, or 'auto'")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is in run.dir")
+    launch = p.add_argument_group("launch (torchrun's meaning; see README)")
+    launch.add_argument("--nproc", type=int, metavar="N", help="ranks per node, started through torchrun")
+    launch.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="number of nodes")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address, the same on every node")
+    launch.add_argument("--max-restarts", type=int, default=0, help="restart the ranks this often after a failure, resuming")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a run's newest weights as one safetensors file")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output file (default: RUN_DIR/model-step_N.safetensors)")
+    p.add_argument("--hf", metavar="OUT_DIR", help="write a Hugging Face directory instead (config, safetensors, tokenizer)")
+    p.add_argument("--adapter", action="store_true", help="with --hf, LoRA runs: the adapter alone (peft layout), not merged weights")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="data preparation")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -103,17 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template); prints the reply")
     p.set_defaults(func=cmd_generate)
 
-    # To become `shoestring export RUN_DIR --hf OUT_DIR` when the export command lands.
-    p = sub.add_parser("export-hf", help="write a run as a Hugging Face directory (transformers loads it)")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--adapter", action="store_true", help="LoRA runs: the adapter alone (PEFT layout), not merged weights")
-    p.set_defaults(func=cmd_export_hf)
-
     p = sub.add_parser("report", help="plot a run's loss, throughput and memory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _rank_prefix() -> str:
+    """Under torchrun every rank's errors reach the console; say whose."""
+    return escape(f"[rank {os.environ['RANK']}] ") if "RANK" in os.environ else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     except ShoestringError as err:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {err.line()}", highlight=False)
+        err_console.print(f"{_rank_prefix()}[bold red]error:[/] {err.line()}", highlight=False)
         return err.exit_code
     except KeyboardInterrupt as err:
         if args.debug:
             raise
-        err_console.print(f"[bold red]aborted:[/] {err or 'interrupted'}")
+        err_console.print(f"{_rank_prefix()}[bold red]aborted:[/] {err or 'interrupted'}")
         return 130
 
 

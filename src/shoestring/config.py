@@ -141,6 +141,38 @@ class LoRASection(Section):
         if bad or not v:
             raise ValueError(f"targets {bad or v} invalid; choose from {', '.join(ALL_TARGETS)}")
         return v
+class ParallelSection(Section):
+    """How the ranks torchrun starts share the work (`shoestring train --nproc N`).
+
+    `train.batch_size` stays the global batch: each rank takes batch_size / (grad_accum x ranks)
+    sequences per micro-step, so changing the number of ranks keeps the optimisation the same.
+    """
+
+    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    # Seconds a collective may wait for a peer before the rank gives up (a dead peer must not
+    # hang the others; torchrun also tears the group down when one rank fails).
+    timeout_s: float = Field(default=300, gt=0)
+    # ddp: gradient bucket size, and gradients as views into the buckets (saves one copy).
+    bucket_cap_mb: float = Field(default=25, gt=0)
+    gradient_as_bucket_view: bool = True
+    # fsdp2: free gathered weights after forward (true), keep them (false), or reshard to groups
+    # of this many ranks (int); offload sharded state to host memory (CUDA); blocks prefetched
+    # ahead explicitly (0: FSDP2's implicit prefetch only).
+    reshard_after_forward: bool | int = True
+    cpu_offload: bool = False
+    prefetch: int = Field(default=1, ge=0)
+    # deepspeed: ZeRO stage, and offload of optimizer state / parameters to host memory (CUDA).
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> "ParallelSection":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("parallel.offload_params needs parallel.zero_stage = 3 (only ZeRO-3 partitions parameters)")
+        if not isinstance(self.reshard_after_forward, bool) and self.reshard_after_forward < 2:
+            raise ValueError("parallel.reshard_after_forward must be true, false or a group size >= 2")
+        return self
 
 
 class RunSection(Section):
@@ -158,6 +190,7 @@ class Config(Section):
     precision: PrecisionSection = PrecisionSection()
     checkpointing: CheckpointingSection = CheckpointingSection()
     lora: LoRASection = LoRASection()
+    parallel: ParallelSection = ParallelSection()
     run: RunSection = RunSection()
 
     @model_validator(mode="after")
@@ -178,6 +211,15 @@ class Config(Section):
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context ({ctx}); "
                 f"lower data.seq_len or raise model.max_seq_len"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_strategy(self) -> "Config":
+        if self.precision.mode == "fp16" and self.parallel.strategy in ("fsdp2", "deepspeed"):
+            raise ValueError(
+                f"precision.mode = 'fp16' is not supported with parallel.strategy = '{self.parallel.strategy}' "
+                "(dynamic loss scaling is not wired through sharded gradients here); use bf16 or bf16-pure"
             )
         return self
 

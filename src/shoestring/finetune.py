@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from shoestring.config import Config, build_config
+from shoestring.config import Config
 from shoestring.data.instruct import ChatFormatter, InstructSampler, instruct_val_batches, load_instruct
 from shoestring.data.loader import Batch, BatchSampler, val_batches
 from shoestring.errors import UserError
@@ -33,7 +33,7 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token")
 class TrainingData:
     vocab: int
     sampler: Callable[[int, int], BatchSampler]  # (rank, world_size) -> sampler
-    val_batches: Callable[[int, int], list[Batch]]  # (micro_batch, n_batches) -> fixed eval batches
+    val_batches: Callable[[int, int], list[Batch]]  # (batch, n_batches) -> fixed eval batches
     unigram: float
     source: HFSource | None = None
 
@@ -85,7 +85,10 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
     src = read_source(cfg.model.source)
     if cfg.data.seq_len > src.args.max_seq_len:
         raise UserError(f"data.seq_len ({cfg.data.seq_len}) is longer than the model's context ({src.args.max_seq_len})")
-    save_base(src, run_dir)
+    from shoestring.parallel import dist
+
+    if dist.is_main():
+        save_base(src, run_dir)
     data = load_instruct(Path(cfg.data.corpus), formatter(src.tokenizer, src.tokenizer_config), cfg.data.seq_len,
                          pad_id(src.tokenizer, src.tokenizer_config), cfg.data.val_fraction, cfg.data.skip_malformed)
     if data.skipped or data.train.too_long or data.val.too_long:
@@ -95,7 +98,7 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
     return TrainingData(
         vocab=src.args.vocab_size,
         sampler=lambda rank, world: InstructSampler(data.train, t.batch_size, t.grad_accum, rank, world, t.seed),
-        val_batches=lambda micro, n: instruct_val_batches(data.val if len(data.val) else data.train, micro, n),
+        val_batches=lambda batch, n: instruct_val_batches(data.val if len(data.val) else data.train, batch, n),
         unigram=_unigram(data.train.target_tokens(), data.val.target_tokens(), src.args.vocab_size),
         source=src,
     )
@@ -104,8 +107,12 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
 def text_data(cfg: Config, data_dir: Path) -> TrainingData:
     """The token-shard path (unchanged behaviour, behind the same interface)."""
     from shoestring.data.shards import check_enough, ensure_prepared, open_split
+    from shoestring.parallel import dist
     from shoestring.train.trainer import unigram_baseline
 
+    if dist.is_main():  # one rank tokenizes; the others then find the shards ready
+        ensure_prepared(cfg.data.corpus, data_dir, cfg.data.vocab_size, cfg.data.val_fraction)
+    dist.barrier()
     manifest = ensure_prepared(cfg.data.corpus, data_dir, cfg.data.vocab_size, cfg.data.val_fraction)
     check_enough(manifest, "train", cfg.data.seq_len, cfg.train.batch_size)
     train_tokens, val_tokens = open_split(data_dir, "train"), open_split(data_dir, "val")
@@ -114,7 +121,7 @@ def text_data(cfg: Config, data_dir: Path) -> TrainingData:
         vocab=vocab,
         sampler=lambda rank, world: BatchSampler(train_tokens, cfg.data.seq_len, t.batch_size, t.grad_accum,
                                                  rank=rank, world_size=world, seed=t.seed),
-        val_batches=lambda micro, n: val_batches(val_tokens, cfg.data.seq_len, micro, n),
+        val_batches=lambda batch, n: val_batches(val_tokens, cfg.data.seq_len, batch, n),
         unigram=unigram_baseline(train_tokens, val_tokens, vocab),
     )
 
@@ -129,28 +136,16 @@ class RunModel:
     hf_config: dict | None  # the source's config, None for a preset model
 
 
-def run_config(run_dir: Path) -> Config:
-    from shoestring.train.trainer import CONFIG_FILE
-
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})", "give the run.dir of a training run")
-    return build_config(json.loads(path.read_text()), str(path))
-
-
 def load_run(run_dir: Path) -> RunModel:
     """The newest checkpoint's model (fp32, eval mode, CPU) with the structure it was trained in."""
     from shoestring.build import build_plain_model, shape_model
     from shoestring.data.tokenizer import load_tokenizer
+    from shoestring.export import checkpoint_weights, run_config
     from shoestring.models import build_model
-    from shoestring.train import checkpoint as ckpt
     from shoestring.train.trainer import prepared_dir
 
     cfg = run_config(run_dir)
-    ref = ckpt.resolve_resume(run_dir / "checkpoints", fallback=True, warn=lambda m: None)
-    if ref is None:
-        raise UserError(f"{run_dir} has no complete checkpoint", "train it first (shoestring train ...)")
-    weights = ckpt.load_file(ref, "strategy.pt")["model"]
+    weights, _ = checkpoint_weights(run_dir)  # consolidated from the shards of any strategy
     if cfg.model.source:
         tokenizer, tok_cfg = read_tokenizer_dir(run_dir / BASE_DIR)
         hf_config = json.loads((run_dir / BASE_DIR / "config.json").read_text())

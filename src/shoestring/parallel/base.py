@@ -2,21 +2,30 @@
 
 A strategy takes a plain model (levers like checkpointing and compile already applied), the
 precision policy and the optimizer settings, and owns everything from there: wrapping/sharding
-the model, the optimizer, loss scaling, master weights, gradient synchronisation. The trainer
-calls only `forward_backward`, `step`, `state_dict`/`load_state_dict` and `memory`. Sharded
-engines (FSDP2, YaFSDP-style, DeepSpeed as an adapter) fit by overriding the same methods.
+the model, the optimizer, loss scaling, master weights, gradient synchronisation, and the layout
+of its state on disk. The trainer calls only `forward_backward`, `step`, `eval_loss`, `save` /
+`load` and `memory`, on every rank. Sharded engines (FSDP2, YaFSDP-style, DeepSpeed as an
+adapter) fit by implementing the same methods.
+
+Checkpoints: `save(dir)` writes this strategy's files into a checkpoint's temporary directory
+(every rank writes its own part; the trainer seals the directory atomically), `load(dir)` reads
+them back, on whatever world size the strategy supports. `consolidated_weights(dir)` turns them
+into one plain state dict offline (export, generation) without a process group.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from shoestring.config import ParallelSection
+from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
+from shoestring.train.loss import cross_entropy_from_hidden
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,35 @@ def make_adamw(params: list[nn.Parameter], settings: OptimizerSettings, device: 
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, fused=device.type in ("cpu", "cuda"))
 
 
+def require_file(directory: Path, name: str) -> Path:
+    """`directory/name`, or a clear error when another strategy wrote the checkpoint."""
+    path = directory / name
+    if not path.exists():
+        present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise UserError(f"checkpoint {directory} has no {name} (it holds {present}): "
+                        "it was written by another parallel.strategy",
+                        "resume with the parallel.strategy that wrote it, or export it (shoestring export)")
+    return path
+
+
+class WithLoss(nn.Module):
+    """The model and its loss in one forward. Wrappers act at forward boundaries (DDP's reducer,
+    FSDP2's unshard/reshard, ZeRO-3's parameter gathers), so the tied head weight must be used
+    inside a forward, not after it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_from_hidden(self.model(x), self.model.lm_head.weight, y)
+
+
+def replicated_state_bytes(n_params: int, policy: PrecisionPolicy) -> dict[str, int]:
+    """Model-state bytes of one full replica (params, grads, master, optimizer)."""
+    return {k: n_params * v for k, v in policy.state_bytes_per_param().items()}
+
+
 class Strategy(abc.ABC):
     """What the trainer holds. `rank`/`world_size` describe data parallelism."""
 
@@ -49,6 +87,7 @@ class Strategy(abc.ABC):
     world_size: int = 1
     device: torch.device
     policy: PrecisionPolicy
+    module: nn.Module  # the wrapped model: forward(x, y) -> loss
 
     @property
     def is_main(self) -> bool:
@@ -63,15 +102,33 @@ class Strategy(abc.ABC):
     def step(self, lr: float) -> StepResult:
         """Clip, apply the optimizer update at `lr`, zero the gradients."""
 
-    @abc.abstractmethod
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.policy.autocast(self.device.type):
+            return self.module(x, y)
+
+    @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss without gradients (same precision as training)."""
+        return self._loss(x, y)
 
     @abc.abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
+    def save(self, directory: Path) -> None:
+        """Write this strategy's state into `directory` (called on every rank)."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load(self, directory: Path) -> None:
+        """Restore the state `save` wrote (called on every rank)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
+        """The full model state dict from a checkpoint this strategy wrote (one process, CPU)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
+        """Estimated model-state bytes per rank (params, grads, master, optimizer), for the
+        planner; `memory()` counts the same quantities."""
 
     @abc.abstractmethod
     def memory(self) -> dict[str, int]:

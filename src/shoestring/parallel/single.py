@@ -1,58 +1,57 @@
 """One device, whole model: the reference every other strategy must reproduce.
 
 Subclasses that keep a full replica per rank (DDP) reuse this and change only how the model is
-wrapped and when gradients are synchronised.
+wrapped and when gradients are synchronised. Their state is the same on every rank, so rank 0
+alone writes it (`strategy.pt`) and any world size can read it back.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from shoestring.config import ParallelSection
 from shoestring.levers.precision import MasterWeights, PrecisionPolicy, cast_model
 from shoestring.models.llama import Llama
-from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, make_adamw
-from shoestring.train.loss import cross_entropy_from_hidden
+from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state_bytes, require_file
+from shoestring.train import checkpoint as ckpt
 from shoestring.train.memory import model_state_bytes
+
+STATE_FILE = "strategy.pt"
 
 
 class SingleDevice(Strategy):
-    def __init__(self, model: Llama, policy: PrecisionPolicy, settings: OptimizerSettings, device: torch.device):
+    def __init__(self, model: Llama, policy: PrecisionPolicy, settings: OptimizerSettings, device: torch.device,
+                 options: ParallelSection | None = None):
         self.device, self.policy, self.settings = device, policy, settings
+        self.options = options or ParallelSection()
         cast_model(model, policy)
         self.model = model
-        self.module = self.wrap(model)
+        self.module = self.wrap(WithLoss(model))
         params = [p for p in model.parameters() if p.requires_grad]
         self.master = MasterWeights(params) if policy.uses_master_weights else None
         self.opt_params = self.master.params() if self.master else params
         self.optimizer = make_adamw(self.opt_params, settings, device)
         self.scaler = policy.make_scaler(device.type)
+        self.step_grad_bytes = 0
 
-    def wrap(self, model: Llama) -> nn.Module:
+    def wrap(self, module: nn.Module) -> nn.Module:
         """Hook for replicated strategies (DDP wraps here)."""
-        return model
+        return module
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Hook: suppress gradient synchronisation on non-final micro-steps."""
         return contextlib.nullcontext()
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.policy.autocast(self.device.type):
-            hidden = self.module(x)
-            return cross_entropy_from_hidden(hidden, self.model.lm_head.weight, y)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         with contextlib.nullcontext() if last_micro_step else self.no_sync():
             loss = self._loss(x, y)
             self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._loss(x, y)
 
     def step(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
@@ -71,6 +70,7 @@ class SingleDevice(Strategy):
             skipped = not bool(torch.isfinite(grad_norm))
             if not skipped:
                 self.optimizer.step()
+        self.step_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.opt_params if p.grad is not None)
         self.optimizer.zero_grad(set_to_none=True)
         if self.master and not skipped:
             self.master.masters_to_model()
@@ -94,8 +94,25 @@ class SingleDevice(Strategy):
         if self.master:
             self.master.load_state_dict(state["master"])
 
+    def save(self, directory: Path) -> None:
+        if self.is_main:
+            ckpt.write_file(directory / STATE_FILE, ckpt.torch_bytes(self.state_dict()))
+
+    def load(self, directory: Path) -> None:
+        self.load_state_dict(ckpt.load_path(require_file(directory, STATE_FILE)))
+
+    @staticmethod
+    def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
+        return ckpt.load_path(require_file(directory, STATE_FILE))["model"]
+
+    @staticmethod
+    def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
+        return replicated_state_bytes(n_params, policy)
+
     def memory(self) -> dict[str, int]:
         counted = model_state_bytes(self.model, self.optimizer)
+        # Gradients are freed after each step; report what the step held.
+        counted["grads"] = max(counted["grads"], self.step_grad_bytes)
         counted["master"] = sum(m.numel() * m.element_size() for m in self.master.masters) if self.master else 0
         return counted
 

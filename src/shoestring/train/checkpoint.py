@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from shoestring.errors import RunError
+from shoestring.parallel import dist
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -65,6 +66,11 @@ def _write_bytes_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def write_file(path: Path, data: bytes) -> None:
+    """Write one file of a checkpoint being saved (fsynced; the directory is sealed later)."""
+    _write_bytes_durably(path, data)
+
+
 def torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -84,35 +90,28 @@ def save_checkpoint(
 ) -> CheckpointRef:
     """Write `files` (name -> bytes) as checkpoint `step` under `root`, atomically.
 
-    `write_extra(tmp_dir)` lets sharded strategies write their own files into the same
-    temporary directory before it is sealed. Raises RunError (the previous checkpoint intact)
-    when the disk refuses the write.
+    `write_extra(tmp_dir)` lets strategies write their own files into the same temporary
+    directory before it is sealed. In a multi-rank run every rank calls this: rank 0 creates the
+    temporary directory (on the shared filesystem) and writes `files`, every rank runs
+    `write_extra` into it, and after a barrier rank 0 alone seals, renames and points `latest`
+    at it, so a kill of any rank at any moment leaves only complete checkpoints. Raises RunError
+    (the previous checkpoint intact) when the disk refuses the write.
     """
     final = root / step_dir_name(step)
     tmp = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        for name, data in files.items():
-            _write_bytes_durably(tmp / name, data)
+        if dist.is_main():
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(root)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+            for name, data in files.items():
+                _write_bytes_durably(tmp / name, data)
+        tmp = Path(dist.broadcast(str(tmp)))
         if write_extra is not None:
             write_extra(tmp)
-        manifest = {
-            "step": step,
-            "files": {
-                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file()
-            },
-        }
-        _write_bytes_durably(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_path(tmp)
-        if final.exists():  # a re-save of the same step (e.g. resumed then signalled at once)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_path(root)
-        _write_latest(root, final.name)
+        dist.barrier()
+        if dist.is_main():
+            _seal(tmp, final, step)
     except OSError as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,8 +121,29 @@ def save_checkpoint(
             f"could not write checkpoint {final}: {err.strerror or err}",
             f"free space or fix permissions on {root}; {kept}",
         ) from None
-    _prune(root, keep_last)
+    dist.barrier()  # nobody reads or prunes before the checkpoint is sealed
+    if dist.is_main():
+        _prune(root, keep_last)
     return CheckpointRef(final, step)
+
+
+def _seal(tmp: Path, final: Path, step: int) -> None:
+    manifest = {
+        "step": step,
+        "files": {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        },
+    }
+    _write_bytes_durably(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    for d in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):  # nested strategy dirs first
+        _fsync_path(d)
+    if final.exists():  # a re-save of the same step (e.g. resumed then signalled at once)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+    _write_latest(final.parent, final.name)
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -177,8 +197,12 @@ def verify(ref: CheckpointRef) -> None:
             raise RunError(f"checkpoint {ref.path}: file {name} is corrupted (checksum mismatch)")
 
 
+def load_path(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load_file(ref: CheckpointRef, name: str) -> Any:
-    return torch.load(ref.path / name, map_location="cpu", weights_only=False)
+    return load_path(ref.path / name)
 
 
 def resolve_resume(root: Path, fallback: bool, warn: Callable[[str], None]) -> CheckpointRef | None:

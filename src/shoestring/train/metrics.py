@@ -41,5 +41,15 @@ class MetricsLog:
         self._file.close()
 
 
+class NullMetrics:
+    """What ranks other than 0 log to: rank 0 alone writes the run's files."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

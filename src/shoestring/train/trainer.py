@@ -29,12 +29,12 @@ from shoestring.config import Config
 from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
 from shoestring.finetune import instruct_data, text_data
-from shoestring.parallel import Strategy
+from shoestring.parallel import Strategy, dist
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
 from shoestring.train import checkpoint as ckpt
-from shoestring.train.memory import PeakRSS, SavedActivationCounter, device_memory
-from shoestring.train.metrics import MetricsLog
+from shoestring.train.memory import SavedActivationCounter, device_memory
+from shoestring.train.metrics import MetricsLog, NullMetrics
 from shoestring.train.schedule import lr_at
 
 CONFIG_FILE = "config.json"
@@ -108,14 +108,16 @@ class Trainer:
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = pick_device(self.cfg.train.device)
+        self.device = dist.local_device(pick_device(self.cfg.train.device).type)
         self.stop = StopRequest()
 
     # ---- set-up ---------------------------------------------------------------------------
     def _claim_run_dir(self, resuming: bool, overwrite: bool) -> None:
+        """Every rank checks; rank 0 alone changes the directory, and the others wait for it."""
         cfg_path = self.run_dir / CONFIG_FILE
         if overwrite and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+            if dist.is_main():
+                shutil.rmtree(self.run_dir)
         elif cfg_path.exists() and not resuming:
             old = json.loads(cfg_path.read_text())
             same = not config_differences(old, self.cfg.to_dict(), RUN_DEFINING)
@@ -124,7 +126,9 @@ class Trainer:
                 f"run directory {self.run_dir} already holds {what}",
                 "pass --resume auto to continue it, --overwrite to replace it, or set run.dir",
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
 
     def _check_resume_compatible(self, saved: dict[str, Any]) -> None:
         diffs = config_differences(saved, self.cfg.to_dict(), RUN_DEFINING)
@@ -135,7 +139,8 @@ class Trainer:
             )
         safe = config_differences(saved, self.cfg.to_dict(), ("train.steps", "train.eval_every", "train.log_every",
                                                                "run.save_every", "run.keep_last", "checkpointing.mode",
-                                                               "train.grad_accum", "train.compile", "precision.mode"))
+                                                               "train.grad_accum", "train.compile", "precision.mode",
+                                                               "parallel.strategy"))
         for d in safe:
             self.console.print(f"[yellow]resuming with a changed setting[/]: {d}")
 
@@ -157,6 +162,14 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Train; on every rank when torchrun started several (rank 0 alone prints and writes
+        the run's files, all ranks take part in steps, evals and checkpoint saves)."""
+        with dist.process_group(self.device, self.cfg.parallel.timeout_s, required=self.cfg.parallel.strategy != "single"):
+            if not dist.is_main():
+                self.console = Console(quiet=True)
+            return self._run(resume, overwrite)
+
+    def _run(self, resume: str | None, overwrite: bool) -> dict[str, Any]:
         cfg = self.cfg
         if resume is not None and resume != "auto":
             self.run_dir = Path(resume) if (Path(resume) / CONFIG_FILE).exists() else self.run_dir
@@ -171,27 +184,30 @@ class Trainer:
         data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
         sampler = data.sampler(strategy.rank, strategy.world_size)
-        micro = cfg.train.batch_size // (cfg.train.grad_accum * strategy.world_size)
-        evals = data.val_batches(micro, cfg.train.eval_batches)
+        # The same eval set on any world size: each rank scores its slice of every batch.
+        evals = [tuple(t.tensor_split(strategy.world_size)[strategy.rank] for t in batch) for batch in
+                 data.val_batches(cfg.train.batch_size // cfg.train.grad_accum, cfg.train.eval_batches)]
 
         start = 0
         if ref is not None:
             saved = ckpt.load_file(ref, "trainer.pt")
             self._check_resume_compatible(saved["config"])
-            strategy.load_state_dict(ckpt.load_file(ref, "strategy.pt"))
+            strategy.load(ref.path)
             sampler.load_state_dict(saved["sampler"])
             set_rng_state(saved["rng"])
             start = saved["step"]
             self.console.print(f"resumed from {ref.path} at step {start}")
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start if ref is not None else None)
+        if strategy.is_main:
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+            metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start if ref is not None else None)
+        else:
+            metrics = NullMetrics()
 
         model = strategy.unwrapped()
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         flops_per_token = model.flops_per_token(cfg.data.seq_len)
         peak_flops = matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size
-        peak_rss = PeakRSS()
-        peak_rss.reset()
+        device_memory(self.device, reset=True)  # the run's peak starts here, not at import
         unigram = data.unigram
 
         saved_act_bytes = 0
@@ -206,7 +222,8 @@ class Trainer:
 
         with self.stop.installed(), self._progress(start) as progress:
             task = progress.add_task("train", total=cfg.train.steps, completed=start, loss=float("nan"), tps=0.0)
-            while step < cfg.train.steps and not self.stop.requested:
+            stopping = self._stopping()
+            while step < cfg.train.steps and not stopping:
                 lr = lr_at(step, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
                            total_steps=cfg.train.steps, min_lr_ratio=cfg.train.min_lr_ratio)
                 loss_sum = torch.zeros((), device=self.device)
@@ -231,12 +248,15 @@ class Trainer:
                 tokens_run += tokens_per_step
                 if self.after_step is not None:
                     self.after_step(self, step - 1)
+                stopping = self._stopping()
 
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps or self.stop.requested:
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopping:
                     now = time.perf_counter()
                     tps = len(pending) * tokens_per_step / (now - t_log)
-                    mem = {**strategy.memory(), "activations_saved": saved_act_bytes, **device_memory(self.device)}
-                    values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, _, g, _ in pending]).tolist()
+                    mem = {**strategy.memory(), "activations_saved": saved_act_bytes,
+                           "device_peak": device_memory(self.device)["peak"]}
+                    # Loss averaged over ranks (each saw its share of the batch); the norm is global.
+                    values = dist.mean(torch.stack([torch.stack([l.float(), g.float()]) for _, l, _, g, _ in pending])).tolist()
                     for (s, _, lr_s, _, skipped), (loss_v, gnorm) in zip(pending, values):
                         metrics.write({"step": s, "loss": loss_v, "lr": lr_s, "grad_norm": gnorm, "skipped": skipped,
                                        "tokens_per_s": tps, "mfu": tps * flops_per_token / peak_flops, "memory": mem})
@@ -250,20 +270,24 @@ class Trainer:
                     progress.console.print(f"step {step}: val loss {last_val:.4f} (unigram baseline {unigram:.4f})")
 
                 save_due = cfg.run.save_every and step % cfg.run.save_every == 0
-                if save_due or step == cfg.train.steps or self.stop.requested:
+                if save_due or step == cfg.train.steps or stopping:
                     last_ref = self._save(strategy, sampler, step)
             wall = time.perf_counter() - t_run
         metrics.close()
 
-        if self.stop.requested and step < cfg.train.steps:
+        if stopping and step < cfg.train.steps:
             self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
                                f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto "
                                f"(or --resume {self.run_dir})")
         summary = self._summary(strategy, step - start, wall, tokens_run, flops_per_token, peak_flops,
-                                saved_act_bytes, peak_rss, last_val, unigram)
+                                saved_act_bytes, last_val, unigram)
         if strategy.is_main:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _stopping(self) -> bool:
+        """Whether any rank was signalled: all ranks stop (and save) at the same step."""
+        return dist.maximum(int(self.stop.requested)) > 0
 
     @contextmanager
     def _progress(self, start: int) -> Iterator[Progress]:
@@ -279,16 +303,21 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, strategy: Strategy, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         losses = [strategy.eval_loss(x.to(self.device), y.to(self.device)).float() for x, y in batches]
-        return torch.stack(losses).mean().item()
+        return dist.mean(torch.stack(losses).mean()).item()
 
     def _save(self, strategy: Strategy, sampler: BatchSampler, step: int) -> ckpt.CheckpointRef:
-        trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
-                         "config": self.cfg.to_dict(), "version": __version__}
-        files = {"trainer.pt": ckpt.torch_bytes(trainer_state), "strategy.pt": ckpt.torch_bytes(strategy.state_dict())}
-        return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last)
+        """All ranks: rank 0 writes the trainer's state (its RNG stands for every rank's: nothing
+        in a step draws random numbers per rank), the strategy writes its own files."""
+        files = {}
+        if strategy.is_main:
+            trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
+                             "config": self.cfg.to_dict(), "version": __version__}
+            files["trainer.pt"] = ckpt.torch_bytes(trainer_state)
+        return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last,
+                                    write_extra=strategy.save)
 
     def _summary(self, strategy: Strategy, steps: int, wall: float, tokens: int, flops_per_token: float,
-                 peak_flops: float, saved_act_bytes: int, peak_rss: PeakRSS, val_loss: float | None,
+                 peak_flops: float, saved_act_bytes: int, val_loss: float | None,
                  unigram: float) -> dict[str, Any]:
         price, price_source = (self.cfg.run.price_per_hour, "config run.price_per_hour")
         if price is None:
@@ -309,7 +338,7 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": tps * flops_per_token / peak_flops if peak_flops else None,
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
-                             **device_memory(self.device)},
+                             "device_peak": device_memory(self.device)["peak"]},
             "final_train_loss": last_loss,
             "final_val_loss": val_loss,
             "unigram_val_loss": unigram,

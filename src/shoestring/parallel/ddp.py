@@ -1,0 +1,28 @@
+"""DistributedDataParallel: a full replica per rank, gradients all-reduced in buckets that
+overlap with backward. Everything but the wrapping and the skipped sync on non-final
+micro-steps is `SingleDevice`, including the checkpoint (identical on every rank, so it resumes
+on any number of ranks). Memory per rank is that of one device: DDP buys time, not space."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from shoestring.parallel.single import SingleDevice
+
+
+class DDP(SingleDevice):
+    def wrap(self, module: nn.Module) -> nn.Module:
+        self.ddp = DistributedDataParallel(
+            module,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=self.options.bucket_cap_mb,
+            gradient_as_bucket_view=self.options.gradient_as_bucket_view,
+        )
+        self.rank, self.world_size = self.ddp.process_group.rank(), self.ddp.process_group.size()
+        return self.ddp
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.ddp.no_sync()

@@ -1,0 +1,101 @@
+"""Process-group plumbing for runs started by torchrun (or `shoestring train --nproc`).
+
+torchrun describes each process through environment variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT). A process without them is a single-process run, and every helper here is
+then a no-op, so the trainer and checkpoint code call them unconditionally.
+
+Backend: NCCL for CUDA, gloo for CPU. The process group gets a finite timeout so that a rank
+whose peer died raises instead of waiting for ever; torchrun additionally tears the whole group
+down as soon as one worker exits with an error.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as tdist
+
+
+def launched() -> bool:
+    """Whether torchrun (or an equivalent launcher) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device_type: str) -> torch.device:
+    """This rank's device: `cuda:LOCAL_RANK` on GPU machines, the CPU otherwise."""
+    if device_type == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(device_type)
+
+
+@contextmanager
+def process_group(device: torch.device, timeout_s: float, required: bool) -> Iterator[None]:
+    """Join the group torchrun set up for the duration of the block, and leave it after. Without
+    a launcher, a group of one is made when `required` (a distributed strategy run as one plain
+    process, e.g. resuming a 2-rank run on one). An already initialised group is left alone."""
+    if active() or not (launched() or required):
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    extra: dict[str, Any] = {} if launched() else {"store": tdist.HashStore(), "rank": 0, "world_size": 1}
+    tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                             device_id=device if device.type == "cuda" else None, **extra)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if not active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of `t` over ranks (a copy; `t` is left alone)."""
+    if not active():
+        return t
+    out = t.detach().clone()
+    tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    return out / world_size()
+
+
+def maximum(value: int) -> int:
+    """Largest `value` over ranks (per-rank memory figures)."""
+    if not active():
+        return value
+    on_gpu = tdist.get_backend() == "nccl"
+    t = torch.tensor([value], dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
