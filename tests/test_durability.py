@@ -76,7 +76,7 @@ def test_sigterm_saves_and_resumes_identically(make_config, tmp_path):
     assert code == 0, out
     assert "stopped at step 8" in out and "--resume auto" in out  # the step in flight finishes
     assert ckpt.latest_complete(run / "checkpoints").step == 8
-    code, out = finish(cli("train", str(cfg), "--resume", "auto"))
+    code, out = finish(cli("train", str(run / "config.json"), "--resume", "auto"))  # as the stop message says
     assert code == 0, out
     assert curve(run) == curve(tmp_path / "ref")
     ref_w, got_w = final_weights(tmp_path / "ref"), final_weights(run)

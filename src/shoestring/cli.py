@@ -55,6 +55,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_amount(text: str, what: str, units: dict[str, float], example: str) -> float:
+    """'2e9', '4M', '48h' -> a number; `units` maps a one-letter suffix to its multiplier."""
+    from shoestring.errors import UserError
+
+    t, mult = text.strip().lower(), 1.0
+    if t and t[-1] in units:
+        t, mult = t[:-1], units[t[-1]]
+    try:
+        return float(t) * mult
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a number", f"write e.g. {example}") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from shoestring.plan.report import print_result, result_dict
+    from shoestring.plan.search import Request, require_fit, search
+
+    counts = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    req = Request(
+        model=args.model, tokens=_parse_amount(args.tokens, "--tokens", counts, "2e9 or 500M"), hardware=tuple(args.hardware or ()),
+        mode=args.mode, seq_len=args.seq_len,
+        global_batch_tokens=int(_parse_amount(args.global_batch_tokens, "--global-batch-tokens", counts, "4M")),
+        deadline_h=_parse_amount(args.deadline, "--deadline", {"h": 1, "d": 24}, "48h or 3d") if args.deadline else None,
+        spot=args.spot, lora_rank=args.lora_rank,
+    )
+    result = search(req)
+    require_fit(result)
+    if args.json:
+        print(json.dumps(result_dict(result, args.top), indent=1))
+    else:
+        print_result(Console(soft_wrap=False, width=max(console.width, 170)), result, args.top)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.hf:
         from shoestring.export_hf import export_hf
@@ -119,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address, the same on every node")
     launch.add_argument("--max-restarts", type=int, default=0, help="restart the ranks this often after a failure, resuming")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="what fits, how fast, what it costs: ranked candidate plans")
+    p.add_argument("--model", required=True, help="model preset (see shoestring.models.presets)")
+    p.add_argument("--tokens", required=True, help="training tokens, e.g. 2e9 or 500M")
+    p.add_argument("--hardware", action="append", metavar="DEVICE[:COUNT]",
+                   help="catalogue device and count (repeatable; no count: try 1-64; 'local': this machine); "
+                        "default: every catalogue device")
+    p.add_argument("--mode", default="pretrain", choices=["pretrain", "full-finetune", "lora"])
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--seq-len", type=int, help="default: the model's context, at most 4096")
+    p.add_argument("--global-batch-tokens", default="1M", help="tokens per optimizer step (default 1M)")
+    p.add_argument("--deadline", help="wall-time limit, e.g. 48h or 3d")
+    p.add_argument("--spot", action="store_true", help="price at spot rates where the catalogue has them")
+    p.add_argument("--top", type=int, default=10, help="rows to show")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's newest weights as one safetensors file")
     p.add_argument("run_dir")

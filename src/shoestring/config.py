@@ -6,6 +6,7 @@ hour into a rented GPU. Unknown keys are errors (a typo must not silently fall b
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -268,7 +269,8 @@ def build_config(tree: dict[str, Any], source: str = "config") -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML file (or start from defaults when `path` is None), apply overrides, validate."""
+    """Read a TOML (or a run's config.json) file, or start from defaults when `path` is None;
+    apply overrides; validate."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -276,9 +278,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} not found", "give the path of a TOML file, e.g. configs/tiny.toml")
         try:
-            tree = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{p}: not valid TOML ({err})") from None
+            text = p.read_text(encoding="utf-8")
+            # A run directory's config.json (the resolved config) is accepted too, so the
+            # resume command printed at a stop works as is.
+            tree = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({err})") from None
         source = str(p)
     for text in overrides:
         apply_override(tree, *parse_override(text))

@@ -56,6 +56,8 @@ class SingleDevice(Strategy):
     def step(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # What backward left behind (in the weights' dtype), before it is freed below.
+        self.step_grad_bytes = model_state_bytes(self.model)["grads"]
         if self.master:
             self.master.grads_to_masters()
         self.scaler.unscale_(self.optimizer)
@@ -70,7 +72,6 @@ class SingleDevice(Strategy):
             skipped = not bool(torch.isfinite(grad_norm))
             if not skipped:
                 self.optimizer.step()
-        self.step_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.opt_params if p.grad is not None)
         self.optimizer.zero_grad(set_to_none=True)
         if self.master and not skipped:
             self.master.masters_to_model()

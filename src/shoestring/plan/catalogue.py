@@ -1,29 +1,148 @@
-"""The hardware catalogue (`hardware.toml`): memory, speed and price of training devices."""
+"""The hardware catalogue (`hardware.toml`): memory, speed and price of training devices.
+
+`Device` is one entry, typed; `parse_hardware("h100-80gb:8")` turns a command-line spec into a
+device and a count; `local_hardware()` describes this machine, probed on the spot (measured
+matmul peak per dtype, measured all-reduce bandwidth between local ranks) instead of read from
+the file. The `[calibration.*]` tables hold per device-class corrections measured by
+`benchmarks/planner_accuracy.py`.
+"""
 
 from __future__ import annotations
 
+import os
 import tomllib
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shoestring.errors import UserError
+
 CATALOGUE_PATH = Path(__file__).with_name("hardware.toml")
+GB = 1e9
 
 
 @cache
 def catalogue() -> dict[str, dict[str, Any]]:
-    return tomllib.loads(CATALOGUE_PATH.read_text())
+    """Device entries by key (the `[calibration]` tables are not devices)."""
+    raw = tomllib.loads(CATALOGUE_PATH.read_text())
+    return {k: v for k, v in raw.items() if k != "calibration"}
+
+
+@cache
+def calibration(device_class: str) -> dict[str, Any]:
+    """Measured/published corrections for 'cpu' or 'gpu' (see hardware.toml)."""
+    return tomllib.loads(CATALOGUE_PATH.read_text()).get("calibration", {}).get(device_class, {})
+
+
+@dataclass(frozen=True)
+class Device:
+    key: str
+    name: str
+    memory_bytes: int
+    tflops: dict[str, float]  # dense peak per dtype ("fp32", "bf16", "fp16", "fp8")
+    mem_bw_gbs: float
+    intra_gbs: float
+    inter_gbs: float
+    host_gbs: float
+    per_node: int
+    price: float
+    spot_price: float
+    mfu: float
+    overhead_bytes: int
+    fragmentation: float
+    kind: str = "cuda"  # "cuda" or "cpu": which device class's calibration applies
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def peak_flops(self, dtype: str) -> float:
+        return self.tflops.get(dtype, 0.0) * 1e12
+
+    def supports(self, dtype: str) -> bool:
+        return self.peak_flops(dtype) > 0
+
+    def link_gbs(self, count: int) -> float:
+        """Per-device collective bandwidth for a group of `count` devices: the slowest link."""
+        return self.intra_gbs if count <= self.per_node else self.inter_gbs
+
+    def hourly(self, spot: bool) -> float:
+        return self.spot_price if spot and self.spot_price > 0 else self.price
+
+
+def _device(key: str, e: dict[str, Any]) -> Device:
+    return Device(
+        key=key, name=e["name"], memory_bytes=int(e["memory_gb"] * GB),
+        tflops={k: float(v) for k, v in e["tflops"].items()}, mem_bw_gbs=e["mem_bw_gbs"],
+        intra_gbs=e["intra_gbs"], inter_gbs=e["inter_gbs"], host_gbs=e["host_gbs"], per_node=e["per_node"],
+        price=e["price_per_hour"], spot_price=e.get("spot_price_per_hour", 0.0), mfu=e["mfu"],
+        overhead_bytes=int(e["overhead_gb"] * GB), fragmentation=e.get("fragmentation", 0.0),
+        kind="cpu" if key == "cpu" else "cuda",
+        sources={k: v for k, v in e.items() if k.endswith("_source") or k == "date"},
+    )
+
+
+@cache
+def devices() -> dict[str, Device]:
+    return {k: _device(k, e) for k, e in catalogue().items()}
+
+
+def get_device(key: str) -> Device:
+    if key == "local":
+        return local_hardware()[0]
+    found = devices().get(key.lower())
+    if found is None:
+        raise UserError(f"unknown device {key!r}", f"use one of {', '.join(devices())}, or local (or add it to {CATALOGUE_PATH})")
+    return found
+
+
+def parse_hardware(spec: str) -> tuple[Device, int]:
+    """'h100-80gb:8' -> (device, 8); a bare key means one device; 'local' is this machine."""
+    key, _, count = spec.partition(":")
+    if key == "local" and not count:
+        return local_hardware()
+    try:
+        n = int(count) if count else 1
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"bad hardware {spec!r}: the count must be a whole number >= 1", "write DEVICE:COUNT, e.g. h100-80gb:8")
+    return get_device(key), n
+
+
+def local_hardware(ranks: int | None = None) -> tuple[Device, int]:
+    """This machine: CUDA devices (their catalogue entry, memory from the driver) or the CPU
+    split into `ranks` processes, with the measured matmul peak and all-reduce bandwidth."""
+    from shoestring.plan import probe
+
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", 0)
+        entry = devices().get(catalogue_key(dev)) or devices()["h100-80gb"]
+        total = torch.cuda.get_device_properties(dev).total_memory
+        measured = {d: probe.matmul_peak_flops(dev, probe.DTYPES[d]) / 1e12 for d in ("fp32", "bf16", "fp16")}
+        count = ranks or torch.cuda.device_count()
+        return replace(entry, key="local", memory_bytes=total, tflops={**entry.tflops, **measured}), count
+    count = ranks or 1
+    cpu = devices()["cpu"]
+    cal = calibration("cpu")
+    threads = max(1, (os.cpu_count() or 1) // count)
+    measured = {d: probe.matmul_peak_flops(torch.device("cpu"), probe.DTYPES[d], threads) / 1e12 for d in ("fp32", "bf16")}
+    link = probe.allreduce_bandwidth(count) / GB if count > 1 else cpu.intra_gbs
+    memory = probe.host_memory_bytes() // count
+    return replace(cpu, key="local", name=f"{probe.device_name(torch.device('cpu'))} ({threads} thread(s) per rank)",
+                   memory_bytes=memory, tflops={**measured, "fp16": 0.0, "fp8": 0.0}, intra_gbs=link,
+                   inter_gbs=link, per_node=max(count, 1), overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB)), count
 
 
 def catalogue_key(device: torch.device) -> str:
-    """Best catalogue entry for a local device."""
+    """Best catalogue entry for a local device: the entry whose key prefix is in the device
+    name and whose memory is closest to the device's."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key in catalogue():
-            if key.split("-")[0] in name:
-                return key
+        name = torch.cuda.get_device_name(device).lower().replace(" ", "")
+        total = torch.cuda.get_device_properties(device).total_memory
+        hits = [k for k in catalogue() if k != "cpu" and k.split("-")[0] in name]
+        if hits:
+            return min(hits, key=lambda k: abs(catalogue()[k]["memory_gb"] * GB - total))
     return "cpu"
 
 

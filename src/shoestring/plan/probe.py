@@ -1,8 +1,9 @@
-"""Measure what this device can do, once, and remember it.
+"""Measure what this machine can do, once, and remember it.
 
 MFU is only honest against a peak measured on the machine itself: a CPU's nominal AVX-512 peak
 is never reached by PyTorch matmuls, and a GPU's spec sheet peak is not reached either. We time
-large square matmuls per dtype and cache the result keyed by device, threads and torch version.
+large square matmuls per dtype, and an all-reduce between local ranks, and cache the results
+keyed by device, threads and torch version.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def device_name(device: torch.device) -> str:
@@ -30,9 +34,34 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
 def _cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "shoestring" / "probe.json"
+
+
+def _cached(key: str, measure: Callable[[], float]) -> float:
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home still gets a (re-measured) answer
+    return cache[key]
 
 
 def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, min_seconds: float) -> float:
@@ -52,22 +81,66 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, min_seconds: 
             return 2 * n**3 * reps / elapsed
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul FLOP/s for `dtype` on `device` (cached on disk)."""
-    key = f"{device_name(device)}|{device.type}|{_DTYPE_NAMES[dtype]}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-    path = _cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        n = 8192 if device.type == "cuda" else 1024
-        cache[key] = _time_matmul(device, dtype, n, min_seconds=0.5 if device.type == "cuda" else 0.3)
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = None) -> float:
+    """Measured dense matmul FLOP/s for `dtype` on `device` (cached on disk). `threads`: CPU
+    threads to measure with (default: torch's current setting)."""
+    threads = threads or torch.get_num_threads()
+    key = f"{device_name(device)}|{device.type}|{_DTYPE_NAMES[dtype]}|threads={threads}|torch={torch.__version__}"
+
+    def measure() -> float:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home still gets a (re-measured) answer
-    return cache[key]
+            n = 8192 if device.type == "cuda" else 1024
+            return _time_matmul(device, dtype, n, min_seconds=0.5 if device.type == "cuda" else 0.3)
+        finally:
+            torch.set_num_threads(before)
+
+    return _cached(key, measure)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _allreduce_worker(rank: int, world: int, port: int, nbytes: int, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    t = torch.ones(nbytes // 4)
+    for _ in range(2):
+        dist.all_reduce(t)
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < 0.5:
+        dist.all_reduce(t)
+        reps += 1
+    elapsed = time.perf_counter() - start
+    dist.destroy_process_group()
+    if rank == 0:
+        queue.put(nbytes * reps / elapsed)
+
+
+def allreduce_bandwidth(ranks: int, nbytes: int = 32 * 2**20) -> float:
+    """Measured all-reduce *algorithm* bandwidth between `ranks` local CPU processes on gloo,
+    bytes/s: tensor bytes reduced per second. (The planner converts its ring volume,
+    2 (N-1)/N x bytes, with the same convention: see throughput.py.) Cached like the matmul peak."""
+    import torch.multiprocessing as mp
+
+    key = f"{device_name(torch.device('cpu'))}|gloo-allreduce|ranks={ranks}|bytes={nbytes}|torch={torch.__version__}"
+
+    def measure() -> float:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_allreduce_worker, args=(r, ranks, port, nbytes, queue)) for r in range(ranks)]
+        for p in procs:
+            p.start()
+        result = queue.get(timeout=120)
+        for p in procs:
+            p.join(timeout=60)
+        return result
+
+    return _cached(key, measure)

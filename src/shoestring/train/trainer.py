@@ -277,8 +277,7 @@ class Trainer:
 
         if stopping and step < cfg.train.steps:
             self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
-                               f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto "
-                               f"(or --resume {self.run_dir})")
+                               f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto")
         summary = self._summary(strategy, step - start, wall, tokens_run, flops_per_token, peak_flops,
                                 saved_act_bytes, last_val, unigram)
         if strategy.is_main:

@@ -1,0 +1,168 @@
+"""Peak memory per device of one candidate plan, by component.
+
+Composes what each lever knows about itself:
+
+* model state (params, grads, fp32 masters, optimizer): the strategy's layout, computed here
+  exactly from parameter shapes (`state_bytes`), so that it equals what
+  `shoestring.train.memory.model_state_bytes` counts after a step (tests/test_plan_memory.py);
+* saved activations: the checkpointing lever (`estimate_saved_activation_bytes`), plus the
+  embedding output and final norm outside the blocks;
+* the working set of backward: one block's activations (recomputed, for checkpointed blocks)
+  and their gradients, alive while that block runs backward;
+* loss buffers: the chunked cross-entropy keeps grad_hidden (tokens x dim) and grad_weight
+  (vocab x dim) from forward to backward, and one chunk's fp32 logits while it runs;
+* autocast's weight casts (bf16/fp16 autocast keeps a low-precision copy of every weight while
+  the step runs; under FSDP2 / ZeRO-3 only a block's worth at a time);
+* communication buffers: DDP buckets, FSDP2 / ZeRO-3 gathered blocks and unsharded gradients,
+  ZeRO reduce buckets;
+* framework overhead: measured per device class (CUDA context and workspaces from the
+  catalogue; the CPU process's non-tensor RSS, calibrated by benchmarks/planner_accuracy.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+
+from shoestring.config import ParallelSection
+from shoestring.levers.checkpointing import block_saved_tensors, estimate_saved_activation_bytes, parse_mode
+from shoestring.levers.precision import PrecisionPolicy
+from shoestring.plan.catalogue import Device
+from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
+
+LOSS_CHUNK = 1024  # tokens per chunk in shoestring.train.loss
+STEP_COUNTER_BYTES = 4  # torch AdamW keeps `step` as an fp32 scalar tensor per parameter tensor
+DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket size (elements)
+
+
+@dataclass(frozen=True)
+class Levers:
+    """One candidate's choices. `strategy` is single | ddp | fsdp2 | deepspeed."""
+
+    precision: str
+    checkpointing: str
+    strategy: str
+    zero_stage: int = 0
+    reshard_after_forward: bool = True
+    offload: bool = False  # fsdp2 cpu_offload / deepspeed offload_optimizer (CUDA only)
+    micro_batch: int = 1
+    grad_accum: int = 1
+
+    @property
+    def sharded_params(self) -> bool:
+        return self.strategy == "fsdp2" or (self.strategy == "deepspeed" and self.zero_stage == 3)
+
+    def strategy_label(self) -> str:
+        if self.strategy == "deepspeed":
+            label = f"zero-{self.zero_stage}"
+        elif self.strategy == "fsdp2":
+            label = "fsdp2" + ("" if self.reshard_after_forward else "(no-reshard)")
+        else:
+            label = self.strategy
+        return label + ("+offload" if self.offload else "")
+
+    def parallel_options(self) -> ParallelSection:
+        if self.strategy == "fsdp2":
+            return ParallelSection(strategy="fsdp2", reshard_after_forward=self.reshard_after_forward, cpu_offload=self.offload)
+        if self.strategy == "deepspeed":
+            return ParallelSection(strategy="deepspeed", zero_stage=self.zero_stage, offload_optimizer=self.offload)
+        return ParallelSection(strategy=self.strategy)
+
+
+@dataclass
+class MemoryEstimate:
+    components: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0  # offloaded state, in host memory
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+
+def _local_numel(shape: Shape, world: int, fsdp: bool) -> int:
+    """FSDP2 shards each parameter on dim 0, padded to a multiple of the world size: every rank
+    holds ceil(dim0 / N) rows."""
+    if not fsdp:
+        return _numel(shape)
+    return -(-shape[0] // world) * _numel(shape[1:])
+
+
+@cache
+def _local_total(trainable: Trainable, world: int, fsdp: bool) -> int:
+    return sum(_local_numel(s, world, fsdp) for s in trainable.shapes)
+
+
+def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, int]:
+    """Exact model-state bytes per rank after an optimizer step (the steady state)."""
+    policy = PrecisionPolicy(levers.precision)
+    if levers.strategy == "deepspeed":  # ZeRO's flat partitions: the strategy's own estimate
+        from shoestring.parallel.deepspeed import DeepSpeed
+
+        est = DeepSpeed.state_bytes(trainable.n_params, world, policy, levers.parallel_options())
+        est["optimizer"] += 2 * STEP_COUNTER_BYTES  # one flat tensor per param group (decay, no-decay)
+        est["params"] += trainable.frozen_params * trainable.frozen_bytes
+        return est
+    fsdp = levers.strategy == "fsdp2"
+    local = _local_total(trainable, world, fsdp)
+    frozen = trainable.frozen_params * trainable.frozen_bytes
+    if fsdp:
+        frozen = -(-frozen // world)
+        # fp32 shards whatever the precision: under bf16-pure they are the masters
+        return {"params": frozen + 4 * local, "grads": 4 * local, "master": 0,
+                "optimizer": 8 * local + STEP_COUNTER_BYTES * len(trainable.shapes)}
+    per = policy.state_bytes_per_param()
+    return {"params": frozen + per["params"] * local, "grads": per["grads"] * local, "master": per["master"] * local,
+            "optimizer": per["optimizer"] * local + STEP_COUNTER_BYTES * len(trainable.shapes)}
+
+
+def activation_bytes(info: ModelInfo, levers: Levers, seq_len: int, device_type: str) -> dict[str, int]:
+    """Activations of one micro-batch on one rank, by part."""
+    a, b = info.args, levers.micro_batch
+    mode = "none" if parse_mode(levers.checkpointing)[0] == "offload" and device_type != "cuda" else levers.checkpointing
+    residual = 2 if levers.precision == "bf16-pure" else 4
+    compute = 4 if levers.precision == "fp32" else 2
+    tokens = b * seq_len
+    blocks = estimate_saved_activation_bytes(a, mode, b, seq_len, levers.precision, device_type)
+    per_block = block_saved_tensors(a, b, seq_len, levers.precision, device_type)
+    working = sum(n for _, n in per_block["none"])  # one block's full set, live during its backward
+    outside = tokens * a.dim * residual * 2 + tokens * 4  # embedding output, final norm input/rstd
+    loss = tokens * a.dim * compute + a.vocab_size * a.dim * 4 + 3 * min(LOSS_CHUNK, tokens) * a.vocab_size * 4
+    return {"activations": blocks + outside, "backward_working": 2 * working, "loss": loss}
+
+
+def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> dict[str, int]:
+    """Transient buffers the strategy and precision add on top of state and activations."""
+    n = info.n_params
+    block = info.block_params
+    low = levers.precision in ("bf16", "fp16")  # autocast: a low-precision copy of the weights
+    gather = 2 if levers.precision in ("bf16", "fp16", "bf16-pure") else 4
+    out: dict[str, int] = {}
+    if levers.sharded_params and world > 1:
+        # a gathered block (+1 prefetched) and its unsharded fp32 gradient before reduce-scatter
+        kept = n if not levers.reshard_after_forward else 2 * block
+        out["gathered_params"] = kept * (4 if levers.strategy == "fsdp2" and levers.precision != "bf16-pure" else gather)
+        out["unsharded_grads"] = 2 * block * 4
+        out["autocast_casts"] = 2 * block * 2 if low else 0
+    else:
+        out["autocast_casts"] = trainable.n_params * 2 if low else 0
+        if levers.strategy == "ddp" and world > 1:
+            out["comm_buckets"] = 2 * 25 * 2**20  # bucket_cap_mb=25, one reducing, one filling
+        elif levers.strategy == "deepspeed" and world > 1:
+            out["comm_buckets"] = min(DS_BUCKET_ELEMENTS, trainable.n_params) * gather
+    return out
+
+
+def estimate_memory(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, seq_len: int,
+                    device: Device) -> MemoryEstimate:
+    state = state_bytes(trainable, levers, world)
+    host = 0
+    if levers.offload:  # optimizer state and masters (and FSDP2's shards) live in host memory
+        moved = ("optimizer", "master", "params", "grads") if levers.strategy == "fsdp2" else ("optimizer", "master")
+        host = sum(state[k] for k in moved)
+        state = {k: (0 if k in moved else v) for k, v in state.items()}
+    parts = {**state, **activation_bytes(info, levers, seq_len, device.kind),
+             **comm_and_cast_bytes(info, trainable, levers, world)}
+    allocated = sum(parts.values())
+    parts["fragmentation"] = int(allocated * device.fragmentation)
+    parts["framework"] = device.overhead_bytes
+    return MemoryEstimate({k: int(v) for k, v in parts.items()}, host)

@@ -1,0 +1,110 @@
+"""What the planner needs to know about a model: parameter shapes (from a meta-device build,
+free at any size), FLOPs per token, and which parameters train (all of them, or a
+parameter-efficient lever's adapters over a frozen base).
+
+`TrainableEstimate` is the plug-in point for parameter-efficient levers: a function of the
+model's shapes that says which parameter shapes get gradients and optimizer state, how many
+frozen parameters there are and in which dtype they are stored. `lora_trainable` implements it
+for LoRA (the LoRA lever module is expected to own this formula; see docs/planner.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache, cached_property
+from typing import Callable
+
+from shoestring.errors import UserError
+from shoestring.models import PRESETS, ModelArgs, build_model
+
+Shape = tuple[int, ...]
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: the planner caches per instance
+class ModelInfo:
+    name: str
+    args: ModelArgs
+    shapes: tuple[Shape, ...]  # every distinct parameter (tied weights once), in model order
+
+    @cached_property
+    def n_params(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+    @cached_property
+    def block_params(self) -> int:
+        """Parameters of one transformer block (everything but embedding, head, final norm)."""
+        a = self.args
+        return (self.n_params - a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) - a.dim) // a.n_layers
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return _flops_per_token(self.args, seq_len)
+
+
+@dataclass(frozen=True, eq=False)
+class Trainable:
+    """Which parameters train. `shapes`: the trainable tensors (grads + optimizer state);
+    `frozen_params` / `frozen_bytes`: the frozen base and its element size."""
+
+    shapes: tuple[Shape, ...]
+    frozen_params: int = 0
+    frozen_bytes: int = 2
+
+    @cached_property
+    def n_params(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+
+TrainableEstimate = Callable[[ModelInfo], Trainable]
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@cache
+def _flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    return build_model(args, "meta").flops_per_token(seq_len)
+
+
+@cache
+def model_info(name: str, max_seq_len: int | None = None) -> ModelInfo:
+    """A preset by name (built on the meta device: no memory, milliseconds)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model {name!r}", f"use a preset: {', '.join(PRESETS)}")
+    args = PRESETS[name]
+    if max_seq_len and max_seq_len > args.max_seq_len:
+        from dataclasses import replace
+
+        args = replace(args, max_seq_len=max_seq_len)
+    model = build_model(args, "meta")
+    return ModelInfo(name, args, tuple(tuple(p.shape) for p in model.parameters()))
+
+
+def full_trainable(info: ModelInfo) -> Trainable:
+    return Trainable(info.shapes)
+
+
+def lora_trainable(info: ModelInfo, rank: int = 16, targets: tuple[str, ...] = LORA_TARGETS,
+                   frozen_bytes: int = 2) -> Trainable:
+    """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter, i.e.
+    rank x (in + out) trainable parameters; the base (all original weights) frozen, stored in
+    `frozen_bytes` (bf16 by default)."""
+    a = info.args
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    dims = {"q_proj": (a.dim, q), "k_proj": (a.dim, kv), "v_proj": (a.dim, kv), "o_proj": (q, a.dim),
+            "gate_proj": (a.dim, a.ffn_dim), "up_proj": (a.dim, a.ffn_dim), "down_proj": (a.ffn_dim, a.dim)}
+    shapes = tuple(s for _ in range(a.n_layers) for t in targets for s in ((rank, dims[t][0]), (dims[t][1], rank)))
+    return Trainable(shapes, frozen_params=info.n_params, frozen_bytes=frozen_bytes)
+
+
+def lora_flops_per_token(info: ModelInfo, trainable: Trainable, seq_len: int) -> float:
+    """A frozen weight needs no weight gradient: its matmuls cost forward + input-gradient (4 x
+    params instead of 6 x), while attention (no weights) keeps its full 3 x forward; adapters
+    train fully."""
+    full = info.flops_per_token(seq_len)
+    attention = 12 * info.args.n_layers * info.args.dim * seq_len
+    return (full - attention) * 4 / 6 + attention + 6 * trainable.n_params

@@ -1,0 +1,88 @@
+"""The plan as a table (for people) and as data (`--json`, for programs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from shoestring.plan.search import Plan, Result, describe
+
+GiB = 2**30
+
+
+def _top(plans: list[Plan], limit: int) -> list[Plan]:
+    """Best plan per (device, count, strategy), so the table shows alternatives, not variants."""
+    seen, out = set(), []
+    for p in plans:
+        key = (p.device.key, p.count, p.levers.strategy_label())
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+        if len(out) == limit:
+            break
+    return out
+
+
+def _components(p: Plan, top: int = 4) -> str:
+    parts = sorted(p.memory.components.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts if v)
+
+
+def plan_dict(p: Plan) -> dict[str, Any]:
+    l = p.levers
+    return {
+        "device": p.device.key, "count": p.count, "precision": l.precision, "checkpointing": l.checkpointing,
+        "strategy": l.strategy, "strategy_label": l.strategy_label(), "zero_stage": l.zero_stage,
+        "reshard_after_forward": l.reshard_after_forward, "offload": l.offload,
+        "micro_batch": l.micro_batch, "grad_accum": l.grad_accum, "global_batch_sequences": p.global_batch,
+        "seq_len": p.seq_len, "fits": p.fits, "meets_deadline": p.meets_deadline,
+        "memory_bytes": {"total": p.memory.total, "capacity": p.device.memory_bytes, **p.memory.components},
+        "host_offload_bytes": p.memory.host_bytes,
+        "step_s": {"total": p.step.total_s, "compute": p.step.compute_s, "recompute": p.step.recompute_s,
+                   "comm_exposed": p.step.comm_s, "offload": p.step.offload_s},
+        "tokens_per_s": p.tokens_per_s, "wall_hours": p.wall_h, "cost_usd": p.cost,
+        "price_per_device_hour": p.device.hourly(p.spot),
+    }
+
+
+def result_dict(r: Result, limit: int = 10) -> dict[str, Any]:
+    q = r.request
+    return {
+        "request": {"model": q.model, "tokens": q.tokens, "hardware": list(q.hardware), "mode": q.mode,
+                    "seq_len": r.seq_len, "global_batch_tokens": q.global_batch_tokens, "deadline_hours": q.deadline_h,
+                    "spot": q.spot},
+        "model": {"params": r.model.n_params, "trainable_params": r.trainable.n_params,
+                  "flops_per_token": r.model.flops_per_token(r.seq_len)},
+        "plans": [plan_dict(p) for p in _top(r.plans, limit)],
+        "not_fitting": [{**plan_dict(p), "overflow_bytes": p.overflow} for p in r.misses[:3]],
+        "candidates_fitting": len(r.plans),
+    }
+
+
+def print_result(console: Console, r: Result, limit: int = 10) -> None:
+    q = r.request
+    console.print(f"[bold]{r.model.name}[/] ({r.model.n_params / 1e9:.2f} B params, {r.trainable.n_params / 1e6:,.1f} M trainable), "
+                  f"{q.mode}, {q.tokens:.3g} tokens, seq {r.seq_len}, global batch ~{q.global_batch_tokens:,} tokens"
+                  + (", spot prices" if q.spot else ""))
+    t = Table(show_lines=False)
+    for col in ("#", "hardware", "precision", "ckpt", "strategy", "micro x accum", "peak GiB/dev (largest parts)",
+                "tokens/s", "wall", "$"):
+        t.add_column(col, justify="right" if col in ("#", "tokens/s", "wall", "$") else "left")
+    for i, p in enumerate(_top(r.plans, limit), 1):
+        wall = f"{p.wall_h:.1f} h" + ("" if p.meets_deadline else " (late)")
+        t.add_row(str(i), f"{p.device.key}:{p.count}", p.levers.precision, p.levers.checkpointing, p.levers.strategy_label(),
+                  f"{p.levers.micro_batch} x {p.levers.grad_accum}",
+                  f"{p.memory.total / GiB:.1f}/{p.device.memory_bytes / GiB:.0f} ({_components(p, 3)})",
+                  f"{p.tokens_per_s:,.0f}", wall, f"{p.cost:,.0f}")
+    console.print(t)
+    if r.plans:
+        best = r.plans[0]
+        s = best.step
+        console.print(f"winner: {describe(best)} — step {s.total_s:.2f} s (compute {s.compute_s:.2f}, recompute "
+                      f"{s.recompute_s:.2f}, exposed comm {s.comm_s:.2f}, offload {s.offload_s:.2f}); "
+                      f"${best.device.hourly(best.spot):.2f}/device-h")
+    for p in r.misses[:3]:
+        console.print(f"does not fit: {describe(p)} needs {p.memory.total / GiB:.1f} GiB of {p.device.memory_bytes / GiB:.0f} "
+                      f"(over by {p.overflow / GiB:.1f} GiB; largest: {_components(p)})")

@@ -1,0 +1,254 @@
+"""Enumerate candidate plans, estimate each, rank them.
+
+Pruning that keeps a 70B search over the whole catalogue well under a second: per-rank memory
+is affine in the micro-batch (state and buffers fixed, activations linear), so each
+(hardware, precision, strategy, checkpointing) combination is evaluated at micro-batch 1 and 2
+and the largest power-of-two micro-batch that fits is solved for, instead of tried one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+from shoestring.errors import UserError
+from shoestring.plan.catalogue import Device, devices, parse_hardware
+from shoestring.plan.memory import Levers, MemoryEstimate, estimate_memory
+from shoestring.plan.model import ModelInfo, Trainable, full_trainable, lora_flops_per_token, lora_trainable, model_info
+from shoestring.plan.throughput import StepTime, compute_dtype, step_time
+
+MODES = ("pretrain", "full-finetune", "lora")
+CHECKPOINTING = ("none", "selective", "every:2", "full")
+SEARCH_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    tokens: float
+    hardware: tuple[str, ...] = ()  # "key:count", or "key" to search counts; empty: whole catalogue
+    mode: str = "pretrain"
+    seq_len: int | None = None
+    global_batch_tokens: int = 2**20
+    deadline_h: float | None = None
+    spot: bool = False
+    lora_rank: int = 16
+    fixed: tuple[tuple[str, object], ...] = ()  # levers the user set (train --auto): name -> value
+    ranks: int | None = None  # local hardware: processes to split this machine into
+
+
+@dataclass
+class Plan:
+    device: Device
+    count: int
+    levers: Levers
+    memory: MemoryEstimate
+    step: StepTime
+    global_batch: int  # sequences per optimizer step
+    seq_len: int
+    tokens: float
+    spot: bool
+    deadline_h: float | None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.device.memory_bytes
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.global_batch * self.seq_len / self.step.total_s
+
+    @property
+    def wall_h(self) -> float:
+        return self.tokens / self.tokens_per_s / 3600
+
+    @property
+    def cost(self) -> float:
+        return self.wall_h * self.count * self.device.hourly(self.spot)
+
+    @property
+    def meets_deadline(self) -> bool:
+        return self.deadline_h is None or self.wall_h <= self.deadline_h
+
+    @property
+    def overflow(self) -> int:
+        return self.memory.total - self.device.memory_bytes
+
+
+@dataclass
+class Result:
+    request: Request
+    model: ModelInfo
+    trainable: Trainable
+    seq_len: int
+    plans: list[Plan]  # fitting, best first
+    misses: list[Plan] = field(default_factory=list)  # per hardware with no fitting plan: its leanest attempt
+
+
+def _hardware(req: Request) -> list[tuple[Device, int]]:
+    if not req.hardware:
+        return [(d, n) for d in devices().values() if d.kind != "cpu" for n in SEARCH_COUNTS]
+    out = []
+    for spec in req.hardware:
+        if spec == "local" or spec.startswith("local:"):
+            from shoestring.plan.catalogue import local_hardware
+
+            n = int(spec.partition(":")[2] or req.ranks or 1)
+            out.append(local_hardware(n))
+        elif ":" in spec:
+            out.append(parse_hardware(spec))
+        else:
+            d = parse_hardware(spec)[0]
+            out += [(d, n) for n in SEARCH_COUNTS]
+    return out
+
+
+def _precisions(device: Device, mode: str) -> list[str]:
+    if device.kind == "cpu":
+        return ["bf16", "bf16-pure", "fp32"] if mode != "lora" else ["bf16", "fp32"]
+    if device.supports("bf16"):
+        return ["bf16", "bf16-pure"] if mode != "lora" else ["bf16"]
+    return ["fp16"]
+
+
+def _strategies(device: Device, count: int, precision: str) -> list[Levers]:
+    base = Levers(precision, "none", "single")
+    if count == 1:
+        out = [base]
+        if device.kind == "cuda" and precision != "fp16":
+            out.append(replace(base, strategy="deepspeed", zero_stage=2, offload=True))
+        return out
+    out = [replace(base, strategy="ddp")]
+    if precision == "fp16":  # loss scaling is not wired through sharded gradients
+        return out
+    out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False)]
+    out += [replace(base, strategy="deepspeed", zero_stage=z) for z in (1, 2, 3)]
+    if device.kind == "cuda":
+        out += [replace(base, strategy="fsdp2", offload=True), replace(base, strategy="deepspeed", zero_stage=3, offload=True)]
+    return out
+
+
+def _matches(levers: Levers, fixed: dict[str, object]) -> bool:
+    return all(getattr(levers, k) == v for k, v in fixed.items())
+
+
+def _validate(req: Request, info: ModelInfo) -> int:
+    if req.mode not in MODES:
+        raise UserError(f"unknown mode {req.mode!r}", f"use one of {', '.join(MODES)}")
+    if not (isinstance(req.tokens, (int, float)) and math.isfinite(req.tokens) and req.tokens >= 1):
+        raise UserError(f"impossible token count {req.tokens!r}", "give a positive number of training tokens, e.g. --tokens 2e9")
+    seq_len = req.seq_len or min(info.args.max_seq_len, 4096)
+    if seq_len < 2 or seq_len > info.args.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} does not fit {info.name} (context {info.args.max_seq_len})",
+                        f"use a sequence length between 2 and {info.args.max_seq_len}")
+    if req.tokens < seq_len:
+        raise UserError(f"{req.tokens:.0f} tokens are fewer than one sequence of {seq_len}",
+                        "train on more tokens or lower --seq-len")
+    if req.global_batch_tokens < seq_len:
+        raise UserError(f"--global-batch-tokens {req.global_batch_tokens} is less than one sequence ({seq_len})",
+                        "raise it to at least --seq-len")
+    return seq_len
+
+
+def search(req: Request) -> Result:
+    info = model_info(req.model)
+    seq_len = _validate(req, info)
+    trainable = lora_trainable(info, req.lora_rank) if req.mode == "lora" else full_trainable(info)
+    flops = lora_flops_per_token(info, trainable, seq_len) if req.mode == "lora" else info.flops_per_token(seq_len)
+    global_seqs = max(1, min(req.global_batch_tokens, int(req.tokens)) // seq_len)
+    fixed = dict(req.fixed)
+    plans: list[Plan] = []
+    misses: list[Plan] = []
+    for device, count in _hardware(req):
+        per_device = -(-global_seqs // count)
+        best_miss: Plan | None = None
+        found = False
+        for precision in _precisions(device, req.mode):
+            if not device.supports(compute_dtype(precision)):
+                continue
+            for strat in _strategies(device, count, precision):
+                for mode in CHECKPOINTING:
+                    levers = replace(strat, checkpointing=mode)
+                    if not _matches(levers, {k: v for k, v in fixed.items() if k not in ("micro_batch", "grad_accum")}):
+                        continue
+                    plan = _best_micro_batch(info, trainable, levers, device, count, per_device, seq_len, flops, req, fixed)
+                    if plan.fits:
+                        plans.append(plan)
+                        found = True
+                    elif best_miss is None or plan.overflow < best_miss.overflow:
+                        best_miss = plan
+        if not found and best_miss is not None:
+            misses.append(best_miss)
+    plans.sort(key=_rank)
+    misses.sort(key=lambda p: (p.cost, p.overflow))
+    return Result(req, info, trainable, seq_len, plans, misses)
+
+
+def _rank(p: Plan) -> tuple:
+    return (not p.meets_deadline, p.cost if p.meets_deadline else p.wall_h)
+
+
+def _plan(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, count: int, seq_len: int,
+          flops: float, req: Request) -> Plan:
+    mem = estimate_memory(info, trainable, levers, count, seq_len, device)
+    step = step_time(info, trainable, levers, device, count, seq_len, flops)
+    return Plan(device, count, levers, mem, step, levers.micro_batch * levers.grad_accum * count, seq_len,
+                req.tokens, req.spot, req.deadline_h)
+
+
+def _best_micro_batch(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, count: int,
+                      per_device: int, seq_len: int, flops: float, req: Request, fixed: dict[str, object]) -> Plan:
+    """The largest power-of-two micro-batch (<= the per-device batch) that fits, solved from
+    memory at micro-batch 1 and 2 (memory is affine in it); micro-batch 1 if none fits."""
+    if "micro_batch" in fixed:
+        mb = int(fixed["micro_batch"])
+    else:
+        one = estimate_memory(info, trainable, replace(levers, micro_batch=1), count, seq_len, device).total
+        two = estimate_memory(info, trainable, replace(levers, micro_batch=2), count, seq_len, device).total
+        slope = max(two - one, 1)
+        room = (device.memory_bytes - one) // slope + 1
+        mb = 1
+        while mb * 2 <= min(room, per_device):
+            mb *= 2
+        if per_device <= room and per_device > mb:
+            mb = per_device if per_device & (per_device - 1) == 0 else mb
+    accum = int(fixed.get("grad_accum", -(-per_device // mb)))
+    return _plan(info, trainable, replace(levers, micro_batch=mb, grad_accum=accum), device, count, seq_len, flops, req)
+
+
+def leanest(result: Result) -> Plan | None:
+    """The attempt that came closest to fitting (for 'fits nowhere' advice)."""
+    return min(result.misses, key=lambda p: p.overflow / p.device.memory_bytes, default=None)
+
+
+def require_fit(result: Result) -> None:
+    """Raise a clear error, with what would be needed, when no candidate fits anywhere."""
+    if result.plans:
+        return
+    best = leanest(result)
+    if best is None:
+        raise UserError("no candidate plan was possible for this hardware and these constraints",
+                        "relax the levers you fixed, or try other --hardware")
+    need = best.memory.total / 1e9
+    per_dev_gb = best.device.memory_bytes / 1e9
+    more = math.ceil(best.count * need / per_dev_gb) if best.levers.sharded_params else None
+    fix = f"it needs {need:.1f} GB per device; {best.device.key} has {per_dev_gb:.0f} GB"
+    if more:
+        fix += f" (about {best.device.key}:{2 ** math.ceil(math.log2(more))} with sharding)"
+    fix += "; try more or larger devices (--hardware), a shorter --seq-len, or --mode lora"
+    raise UserError(f"{result.model.name} fits nowhere: the leanest plan ({describe(best)}) overflows by "
+                    f"{best.overflow / 1e9:.1f} GB per device", fix)
+
+
+def describe(p: Plan) -> str:
+    l = p.levers
+    return (f"{p.device.key}:{p.count} {l.precision} ckpt={l.checkpointing} {l.strategy_label()} "
+            f"mb={l.micro_batch}x{l.grad_accum}")
+
+
+def candidates_count(result: Result) -> int:
+    return len(result.plans) + len(result.misses)
+
+
+__all__: Iterable[str] = ["Plan", "Request", "Result", "describe", "leanest", "require_fit", "search"]

@@ -1,0 +1,104 @@
+"""Step time of one candidate plan: compute, recompute, communication and offload.
+
+    compute   = tokens per device per step x FLOPs per token / (peak[dtype] x achievable MFU)
+    recompute = checkpointing's extra time: its matmul FLOP fraction on GPUs (`full`, `every:K`);
+                the device class's measured multiplier where element-wise work dominates (CPU)
+    comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
+                behind compute (`OVERLAP`)
+    offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
+
+Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
+machine's measurement for the CPU: see docs/planner.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shoestring.levers.checkpointing import checkpointed_blocks, estimate_recompute_flops_fraction, parse_mode
+from shoestring.plan.catalogue import Device, calibration
+from shoestring.plan.memory import Levers
+from shoestring.plan.model import ModelInfo, Trainable
+
+# Fraction of communication time hidden behind compute. DDP all-reduces buckets during
+# backward (the last bucket is exposed); FSDP2 prefetches the next block's all-gather; ZeRO-1/2
+# reduce during backward but all-gather updated params after the step, exposed.
+OVERLAP = {"ddp": 0.8, "fsdp2": 0.8, "zero-1": 0.5, "zero-2": 0.5, "zero-3": 0.7, "single": 0.0}
+HOST_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPU Adam on a server host: ~1 B params/s (order of magnitude)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    recompute_s: float
+    comm_s: float  # exposed communication
+    offload_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.recompute_s + self.comm_s + self.offload_s
+
+
+def compute_dtype(precision: str) -> str:
+    return "fp32" if precision == "fp32" else ("fp16" if precision == "fp16" else "bf16")
+
+
+def achievable_mfu(device: Device, precision: str) -> float:
+    if device.kind == "cpu":
+        return calibration("cpu").get("mfu", {}).get(precision, device.mfu)
+    return device.mfu
+
+
+def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: int) -> float:
+    """Step-time multiplier of a checkpointing mode (1.0 = no extra time)."""
+    kind, _ = parse_mode(mode)
+    if kind in ("none", "offload"):
+        return 1.0
+    cal = calibration("cpu" if device.kind == "cpu" else "gpu")
+    share = len(checkpointed_blocks(info.args.n_layers, mode)) / info.args.n_layers
+    if kind == "selective":
+        return 1.0 + share * (cal.get("time_selective", 1.03) - 1.0)
+    if "time_full" in cal:
+        return 1.0 + share * (cal["time_full"] - 1.0)
+    return 1.0 + estimate_recompute_flops_fraction(mode, info.args, seq_len)
+
+
+def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> float:
+    """Bytes each device sends per optimizer step (ring algorithms: (N-1)/N of the data per
+    all-gather or reduce-scatter, twice that per all-reduce)."""
+    if world <= 1:
+        return 0.0
+    f = (world - 1) / world
+    n = trainable.n_params
+    grad = 2 if levers.precision == "bf16-pure" and levers.strategy != "fsdp2" else 4
+    if levers.strategy == "ddp":
+        return 2 * f * n * grad
+    if levers.strategy == "deepspeed" and levers.zero_stage < 3:
+        return 2 * f * n * grad  # reduce-scatter grads + all-gather params
+    # fsdp2 / zero-3: all-gather params in forward (+ again in backward when resharded) and
+    # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too.
+    gather = 2 if levers.precision == "bf16-pure" else 4
+    gathers = 2 if levers.reshard_after_forward else 1
+    per_micro = f * (info.n_params * gather * gathers + n * 4)
+    return per_micro * levers.grad_accum
+
+
+def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, world: int, seq_len: int,
+              flops_per_token: float) -> StepTime:
+    tokens = levers.micro_batch * levers.grad_accum * seq_len
+    peak = device.peak_flops(compute_dtype(levers.precision))
+    compute = tokens * flops_per_token / (peak * achievable_mfu(device, levers.precision))
+    recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len) - 1.0)
+    comm = comm_bytes(info, trainable, levers, world) / (device.link_gbs(world) * 1e9)
+    hidden = OVERLAP.get(levers.strategy_label().split("+")[0].split("(")[0], 0.7) * (compute + recompute)
+    exposed = max(comm - hidden, comm * 0.1) if comm else 0.0
+    offload = 0.0
+    if levers.offload:
+        shard = trainable.n_params / world
+        offload = 2 * shard * 4 / (device.host_gbs * 1e9) + shard / HOST_ADAM_PARAMS_PER_S
+    if parse_mode(levers.checkpointing)[0] == "offload":
+        from shoestring.levers.checkpointing import describe
+
+        moved = describe(levers.checkpointing, info.args, levers.micro_batch, seq_len, levers.precision, device.kind)
+        offload += levers.grad_accum * moved.get("transfer_bytes_per_step", 0) / (device.host_gbs * 1e9) * 0.5
+    return StepTime(compute, recompute, exposed, offload)
