@@ -1,18 +1,20 @@
 """Turn a config into a ready-to-train strategy. The levers are applied here and only here, in
-a fixed order: activation checkpointing -> compile -> data-parallel strategy (with precision).
-Checkpointing wraps a block's forward, compile then traces the wrapped forward, and the strategy
-(which may shard or cast parameters) comes last so it sees the final module structure."""
+a fixed order: LoRA -> activation checkpointing -> compile -> data-parallel strategy (with
+precision). LoRA replaces modules and freezes the base, so it goes first: the later levers must
+see the final module structure. Checkpointing wraps a block's forward, compile then traces the
+wrapped forward, and the strategy (which may shard or cast parameters) comes last."""
 
 from __future__ import annotations
 
 import torch
 
 from shoestring.config import Config
+from shoestring.errors import UserError
 from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers.compile import compile_blocks
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import Llama, build_model, preset_args
-from shoestring.errors import UserError
+from shoestring.models.hf import HFSource, load_llama
 from shoestring.parallel import OptimizerSettings, Strategy, dist, strategy_class
 
 
@@ -34,11 +36,23 @@ def optimizer_settings(cfg: Config) -> OptimizerSettings:
     return OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), grad_clip=t.grad_clip)
 
 
-def build_plain_model(cfg: Config, vocab_size: int, device: torch.device) -> Llama:
-    """The model alone, initialised from the run's seed."""
+def build_plain_model(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Llama:
+    """The model alone: the source's weights, or initialised from the run's seed."""
+    if source is not None:
+        torch.manual_seed(cfg.train.seed)  # what follows (LoRA's init) draws from the run's seed
+        return load_llama(source, device)
     args = preset_args(cfg.model.preset, vocab_size=cfg.model.vocab_size or vocab_size, max_seq_len=cfg.model.max_seq_len)
     torch.manual_seed(cfg.train.seed)
     return build_model(args, device)
+
+
+def shape_model(cfg: Config, model: Llama) -> None:
+    """The levers that change the module structure (a checkpoint is loaded after these)."""
+    if cfg.lora.enabled:
+        from shoestring.finetune import lora_settings
+        from shoestring.levers.lora import apply_lora
+
+        apply_lora(model, lora_settings(cfg))
 
 
 def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
@@ -58,10 +72,11 @@ def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
                         "use true, false or a divisor of the number of ranks")
 
 
-def build_strategy(cfg: Config, vocab_size: int, device: torch.device) -> Strategy:
+def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
-    model = build_plain_model(cfg, vocab_size, device)
+    model = build_plain_model(cfg, vocab_size, device, source)
+    shape_model(cfg, model)
     apply_checkpointing(model, cfg.checkpointing.mode)
     if cfg.train.compile:
         compile_blocks(model)

@@ -92,6 +92,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.hf:
+        from shoestring.export_hf import export_hf
+
+        console.print(f"wrote {export_hf(Path(args.run_dir), Path(args.hf), adapter_only=args.adapter)}")
+        return 0
+    if args.adapter:
+        from shoestring.errors import UserError
+
+        raise UserError("--adapter applies to --hf exports", "add --hf OUT_DIR")
     from shoestring.export import export_safetensors
 
     out, ref = export_safetensors(Path(args.run_dir), Path(args.out) if args.out else None)
@@ -117,7 +126,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from shoestring.generate import generate_text
 
-    text = generate_text(Path(args.run), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    text = generate_text(Path(args.run), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, chat=args.chat)
     console.print(text, markup=False, highlight=False)
     return 0
 
@@ -166,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's newest weights as one safetensors file")
     p.add_argument("run_dir")
     p.add_argument("--out", help="output file (default: RUN_DIR/model-step_N.safetensors)")
+    p.add_argument("--hf", metavar="OUT_DIR", help="write a Hugging Face directory instead (config, safetensors, tokenizer)")
+    p.add_argument("--adapter", action="store_true", help="with --hf, LoRA runs: the adapter alone (peft layout), not merged weights")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="data preparation")
@@ -183,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template); prints the reply")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("report", help="plot a run's loss, throughput and memory")

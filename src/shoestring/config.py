@@ -28,6 +28,16 @@ class ModelSection(Section):
     # None: taken from the tokenizer the data was prepared with.
     vocab_size: int | None = Field(default=None, gt=0)
     max_seq_len: int | None = Field(default=None, gt=0)
+    # A pretrained model to start from: "hf:DIR" (local HF directory) or "gguf:FILE". When set,
+    # its architecture, weights and tokenizer replace `preset` and the data's tokenizer.
+    source: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _source_form(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("hf:", "gguf:")):
+            raise ValueError(f"{v!r} must be 'hf:DIR' or 'gguf:FILE'")
+        return v
 
     @field_validator("preset")
     @classmethod
@@ -48,6 +58,10 @@ class DataSection(Section):
     vocab_size: int = Field(default=4096, ge=256)
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
     seq_len: int = Field(default=256, gt=1)
+    # "instruct": `corpus` is a .jsonl of {"prompt","response"} or {"messages"} lines, the loss
+    # covers response tokens only (see shoestring.data.instruct). Needs model.source's tokenizer.
+    format: Literal["text", "instruct"] = "text"
+    skip_malformed: bool = False  # instruct: skip (and count) malformed lines instead of stopping
 
 
 class TrainSection(Section):
@@ -108,6 +122,26 @@ class CheckpointingSection(Section):
         return v
 
 
+class LoRASection(Section):
+    """LoRA (shoestring.levers.lora): off unless `enabled`; then only the adapters train."""
+
+    enabled: bool = False
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # dtype the frozen base weights are held in; bf16 halves them (needs bf16 compute).
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        from shoestring.levers.lora import ALL_TARGETS
+
+        bad = [t for t in v if t not in ALL_TARGETS]
+        if bad or not v:
+            raise ValueError(f"targets {bad or v} invalid; choose from {', '.join(ALL_TARGETS)}")
+        return v
 class ParallelSection(Section):
     """How the ranks torchrun starts share the work (`shoestring train --nproc N`).
 
@@ -156,15 +190,25 @@ class Config(Section):
     train: TrainSection = TrainSection()
     precision: PrecisionSection = PrecisionSection()
     checkpointing: CheckpointingSection = CheckpointingSection()
+    lora: LoRASection = LoRASection()
     parallel: ParallelSection = ParallelSection()
     run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _finetune_consistent(self) -> "Config":
+        if (self.data.format == "instruct") != bool(self.model.source):
+            raise ValueError("data.format = 'instruct' and model.source go together: instruction data needs the "
+                             "source's tokenizer, and raw-text training of a source model is not supported yet")
+        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("bf16", "bf16-pure"):
+            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode bf16 or bf16-pure, not {self.precision.mode!r}")
+        return self
 
     @model_validator(mode="after")
     def _seq_fits_model(self) -> "Config":
         from shoestring.models.presets import PRESETS
 
         ctx = self.model.max_seq_len or PRESETS[self.model.preset].max_seq_len
-        if self.data.seq_len > ctx:
+        if self.data.seq_len > ctx and not self.model.source:  # a source's context is checked on load
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context ({ctx}); "
                 f"lower data.seq_len or raise model.max_seq_len"

@@ -6,21 +6,14 @@ from pathlib import Path
 
 import torch
 
-from shoestring.build import build_plain_model
-from shoestring.data.tokenizer import load_tokenizer
-from shoestring.export import checkpoint_weights, run_config
+from shoestring.finetune import load_run
 from shoestring.models.llama import Llama
-from shoestring.train.trainer import prepared_dir
 
 
 def load_run_model(run_dir: Path) -> tuple[Llama, object]:
     """(model in fp32 eval mode on CPU, tokenizer) from a run directory."""
-    cfg = run_config(run_dir)
-    weights, _ = checkpoint_weights(run_dir)
-    tokenizer = load_tokenizer(prepared_dir(cfg) / "tokenizer.json")
-    model = build_plain_model(cfg, tokenizer.get_vocab_size(), torch.device("cpu"))
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.eval(), tokenizer
+    run = load_run(run_dir)
+    return run.model, run.tokenizer
 
 
 @torch.no_grad()
@@ -43,7 +36,17 @@ def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature
     return ids[0].tolist()
 
 
-def generate_text(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+def generate_text(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+                  chat: bool = False) -> str:
+    """`chat`: the prompt is a user message, rendered with the run's chat template (fine-tuned runs)."""
+    if chat:
+        from shoestring.finetune import formatter
+
+        run = load_run(run_dir)
+        model, tokenizer = run.model, run.tokenizer
+        fmt = formatter(tokenizer, run.tokenizer_config)
+        prompt_ids = fmt.encode(fmt.render([{"role": "user", "content": prompt}], add_generation_prompt=True))
+        return tokenizer.decode(sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed)[len(prompt_ids):])
     model, tokenizer = load_run_model(run_dir)
     prompt_ids = tokenizer.encode(prompt).ids or [0]
     out = sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed)

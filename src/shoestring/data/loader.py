@@ -51,7 +51,7 @@ class BatchSampler:
                 f"global batch {global_batch} does not divide into grad_accum {grad_accum} × world size {world_size}",
                 f"make train.batch_size a multiple of {split}",
             )
-        self.windows = n_windows(len(tokens), seq_len)
+        self.windows = self._count_windows(tokens, seq_len)
         if self.windows < global_batch:
             raise UserError(
                 f"{len(tokens)} tokens hold {self.windows} sequences of {seq_len}+1 tokens, "
@@ -63,6 +63,13 @@ class BatchSampler:
         self.micro_batch = global_batch // split
         self.step, self.micro_step = 0, 0  # the position next_batch() serves
         self._perms: dict[int, np.ndarray] = {}
+
+    # Hooks: what the sampler draws from (token windows here; padded rows in data.instruct).
+    def _count_windows(self, tokens: np.ndarray, seq_len: int) -> int:
+        return n_windows(len(tokens), seq_len)
+
+    def _gather_rows(self, ids: np.ndarray) -> Batch:
+        return _gather(self.tokens, ids, self.seq_len)
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -86,7 +93,7 @@ class BatchSampler:
         if step < 0 or not 0 <= micro_step < self.grad_accum:
             raise ValueError(f"no batch at step {step}, micro-step {micro_step} (grad_accum {self.grad_accum})")
         start = step * self.global_batch + (micro_step * self.world_size + self.rank) * self.micro_batch
-        return _gather(self.tokens, self._entries(start, self.micro_batch), self.seq_len)
+        return self._gather_rows(self._entries(start, self.micro_batch))
 
     def next_batch(self) -> Batch:
         """The batch at the current position, then advance one micro-step (and a step after the last)."""

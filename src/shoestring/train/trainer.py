@@ -26,9 +26,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from shoestring import __version__
 from shoestring.build import build_strategy, pick_device
 from shoestring.config import Config
-from shoestring.data.loader import BatchSampler, val_batches
-from shoestring.data.shards import check_enough, ensure_prepared, open_split
+from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
+from shoestring.finetune import instruct_data, text_data
 from shoestring.parallel import Strategy, dist
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
@@ -40,7 +40,7 @@ from shoestring.train.schedule import lr_at
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 # Fields whose change would make a resumed run a different run.
-RUN_DEFINING = ("model", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
+RUN_DEFINING = ("model", "lora", "data.format", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
                 "train.batch_size", "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
                 "train.weight_decay", "train.beta1", "train.beta2")
 
@@ -177,22 +177,16 @@ class Trainer:
         ref = self._find_resume(resume)
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
 
-        data_dir = prepared_dir(cfg)
-        if dist.is_main():  # one rank tokenizes; the others then find the shards ready
-            ensure_prepared(cfg.data.corpus, data_dir, cfg.data.vocab_size, cfg.data.val_fraction)
-        dist.barrier()
-        manifest = ensure_prepared(cfg.data.corpus, data_dir, cfg.data.vocab_size, cfg.data.val_fraction)
-        check_enough(manifest, "train", cfg.data.seq_len, cfg.train.batch_size)
-        train_tokens, val_tokens = open_split(data_dir, "train"), open_split(data_dir, "val")
-        vocab = manifest["vocab_size"]
+        data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
+        vocab = data.vocab
 
-        strategy = build_strategy(cfg, vocab, self.device)
+        strategy = build_strategy(cfg, vocab, self.device, data.source)
+        data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
-        sampler = BatchSampler(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.grad_accum,
-                               rank=strategy.rank, world_size=strategy.world_size, seed=cfg.train.seed)
+        sampler = data.sampler(strategy.rank, strategy.world_size)
         # The same eval set on any world size: each rank scores its slice of every batch.
         evals = [tuple(t.tensor_split(strategy.world_size)[strategy.rank] for t in batch) for batch in
-                 val_batches(val_tokens, cfg.data.seq_len, cfg.train.batch_size // cfg.train.grad_accum, cfg.train.eval_batches)]
+                 data.val_batches(cfg.train.batch_size // cfg.train.grad_accum, cfg.train.eval_batches)]
 
         start = 0
         if ref is not None:
@@ -214,7 +208,7 @@ class Trainer:
         flops_per_token = model.flops_per_token(cfg.data.seq_len)
         peak_flops = matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size
         device_memory(self.device, reset=True)  # the run's peak starts here, not at import
-        unigram = unigram_baseline(train_tokens, val_tokens, vocab)
+        unigram = data.unigram
 
         saved_act_bytes = 0
         pending: list[tuple[int, torch.Tensor, float, torch.Tensor, bool]] = []

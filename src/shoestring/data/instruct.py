@@ -1,0 +1,209 @@
+"""Instruction data: .jsonl -> chat-templated token rows whose loss covers the responses only.
+
+Each line is `{"prompt": str, "response": str}` or `{"messages": [{"role", "content"}, ...]}`
+with at least one assistant message. A prompt/response pair is the chat `[user, assistant]`, so
+both forms go through one path: the tokenizer's chat template (or `DEFAULT_TEMPLATE` when it has
+none) renders the conversation, and every assistant turn is a target span. Text is tokenised
+span by span at the template's own boundaries, so the prompt tokens are exactly those a
+generation prompt (`add_generation_prompt=True`) gives at inference time.
+
+Rows are padded, one example per row: our attention is plain causal SDPA, which cannot keep a
+packed row's documents from attending to each other, and right padding under a causal mask
+leaves the real tokens' outputs exactly as if unpadded (pad targets are IGNORE_INDEX).
+
+`InstructSampler` is `BatchSampler` over those rows (same order, resume and rank semantics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from shoestring.data.loader import Batch, BatchSampler
+from shoestring.errors import UserError
+from shoestring.train.loss import IGNORE_INDEX
+
+DEFAULT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class MalformedLine(ValueError):
+    pass
+
+
+def parse_line(text: str) -> list[dict[str, str]]:
+    """One jsonl line -> messages; raises MalformedLine saying what is wrong."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MalformedLine(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise MalformedLine(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise MalformedLine("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise MalformedLine(f"messages[{i}] needs a 'role' ({'/'.join(ROLES)}) and a string 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise MalformedLine("no assistant message: nothing to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    missing = [k for k in ("prompt", "response") if not isinstance(obj.get(k), str)]
+    if missing:
+        raise MalformedLine(f"needs string fields 'prompt' and 'response' (or 'messages'); bad or missing: {', '.join(missing)}")
+    return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+
+
+def read_jsonl(path: Path, skip_malformed: bool) -> tuple[list[list[dict[str, str]]], int]:
+    """(conversations, number of malformed lines skipped). Blank lines are ignored."""
+    if not path.is_file():
+        raise UserError(f"instruction data {path} not found", "set data.corpus to a .jsonl file")
+    out, skipped = [], 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(parse_line(line))
+            except MalformedLine as err:
+                if not skip_malformed:
+                    raise UserError(f"{path}:{lineno}: {err}", "fix the line, or set data.skip_malformed = true to skip and count such lines") from None
+                skipped += 1
+    if not out:
+        raise UserError(f"{path}: no usable examples ({skipped} malformed)")
+    return out, skipped
+
+
+class ChatFormatter:
+    """Renders conversations with a chat template and tokenises them span by span."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None, special: dict[str, str]):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self.template = env.from_string(template or DEFAULT_TEMPLATE)
+        self.tokenizer, self.special = tokenizer, special
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokens(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """(ids, is_target): each assistant turn's text after its generation prompt is a target."""
+        ids: list[int] = []
+        target: list[bool] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            full = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise UserError("the chat template does not render conversations as growing prefixes",
+                                "use a template whose rendering of a longer conversation extends the shorter one")
+            for text, is_target in ((prompt[len(done):], False), (full[len(prompt):], True)):
+                piece = self.encode(text)
+                ids += piece
+                target += [is_target] * len(piece)
+            done = full
+        return ids, target
+
+
+def _raise(message: str) -> None:
+    raise UserError(f"chat template: {message}")
+
+
+@dataclass
+class InstructRows:
+    """Padded rows: x/y int64 arrays (n, seq_len); y is IGNORE_INDEX outside the responses."""
+
+    x: np.ndarray
+    y: np.ndarray
+    too_long: int  # examples dropped because prompt + response exceed seq_len + 1 tokens
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def target_tokens(self) -> np.ndarray:
+        return self.y[self.y != IGNORE_INDEX]
+
+
+def build_rows(conversations: list[list[dict[str, str]]], fmt: ChatFormatter, seq_len: int, pad_id: int) -> InstructRows:
+    xs, ys, too_long = [], [], 0
+    for messages in conversations:
+        ids, target = fmt.tokens(messages)
+        if len(ids) > seq_len + 1:
+            too_long += 1
+            continue
+        row = np.full(seq_len + 1, pad_id, dtype=np.int64)
+        row[: len(ids)] = ids
+        y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+        t = np.asarray(target[1:], dtype=bool)
+        y[: len(t)][t] = row[1 : len(ids)][t]
+        xs.append(row[:-1])
+        ys.append(y)
+    if not xs:
+        return InstructRows(np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64), too_long)
+    return InstructRows(np.stack(xs), np.stack(ys), too_long)
+
+
+@dataclass
+class InstructData:
+    train: InstructRows
+    val: InstructRows
+    skipped: int  # malformed lines skipped
+    val_conversations: list[list[dict[str, str]]]
+
+
+def split_conversations(convs: list[list[dict[str, str]]], val_fraction: float) -> tuple[list, list]:
+    """A fixed split (seed 0, independent of the run seed): the same examples are always held out."""
+    n_val = max(1, round(len(convs) * val_fraction)) if len(convs) > 1 else 0
+    order = np.random.default_rng(0).permutation(len(convs))
+    held = set(order[:n_val].tolist())
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+
+
+def load_instruct(path: Path, fmt: ChatFormatter, seq_len: int, pad_id: int, val_fraction: float,
+                  skip_malformed: bool) -> InstructData:
+    convs, skipped = read_jsonl(path, skip_malformed)
+    train_c, val_c = split_conversations(convs, val_fraction)
+    train, val = build_rows(train_c, fmt, seq_len, pad_id), build_rows(val_c, fmt, seq_len, pad_id)
+    if len(train) == 0:
+        raise UserError(f"{path}: every training example is longer than data.seq_len + 1 = {seq_len + 1} tokens",
+                        "raise data.seq_len")
+    return InstructData(train, val, skipped, val_c)
+
+
+class InstructSampler(BatchSampler):
+    """`BatchSampler`'s order, resume and rank split over padded rows instead of token windows."""
+
+    def __init__(self, rows: InstructRows, global_batch: int, grad_accum: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        self.rows = rows
+        super().__init__(rows.x, rows.x.shape[1], global_batch, grad_accum, rank, world_size, seed)
+
+    def _count_windows(self, tokens: Any, seq_len: int) -> int:
+        return len(self.rows)
+
+    def _gather_rows(self, ids: np.ndarray) -> Batch:
+        return torch.from_numpy(self.rows.x[ids]), torch.from_numpy(self.rows.y[ids])
+
+
+def instruct_val_batches(rows: InstructRows, batch_size: int, n_batches: int) -> list[Batch]:
+    """Fixed evaluation batches: the first rows in order (one smaller batch when fewer exist)."""
+    n = min(len(rows), batch_size * n_batches)
+    return [(torch.from_numpy(rows.x[i : i + batch_size]), torch.from_numpy(rows.y[i : i + batch_size]))
+            for i in range(0, n, batch_size)]
