@@ -1,6 +1,6 @@
 """Precision and activation-checkpointing levers side by side.
 
-    python benchmarks/levers.py [--preset tiny] [--batch 16] [--seq-len 256] [--rounds 3]
+    python benchmarks/levers.py [--preset tiny] [--batch 16] [--seq-len 256] [--rounds 3] [--compile]
 
 Prints a Markdown report (recorded in docs/benchmarks.md with the command that made it).
 """
@@ -23,9 +23,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="fresh-process rounds per configuration (median taken)")
     p.add_argument("--precision", default="bf16", help="precision for the checkpointing comparison")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (regional) in every configuration")
     a = p.parse_args()
     base = StepSpec(preset=a.preset, vocab_size=a.vocab_size, batch=a.batch, seq_len=a.seq_len, steps=a.steps,
-                    precision=a.precision)
+                    precision=a.precision, compile=a.compile)
     results = levers.run(base, a.rounds, progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(levers.report(base, results))
 

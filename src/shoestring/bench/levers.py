@@ -28,7 +28,7 @@ def _mib(n: float) -> str:
 
 
 def report(base: StepSpec, results: dict[str, dict]) -> str:
-    lines = [f"Model `{base.preset}`, batch {base.batch} x {base.seq_len} tokens, vocab {base.vocab_size}; "
+    lines = [f"Model `{base.preset}`{' (blocks compiled)' if base.compile else ''}, batch {base.batch} x {base.seq_len} tokens, vocab {base.vocab_size}; "
              f"median of {len(next(iter(results.values()))['step_s_all'])} fresh-process rounds x {base.steps} steps.", ""]
     fp32 = results["precision fp32"]
     lines += ["| precision | step (s) | tokens/s | vs fp32 | params+grads+optim+master (MiB) | saved activations (MiB) | peak RSS (MiB) |",
