@@ -5,7 +5,7 @@ parameter-efficient lever's adapters over a frozen base).
 `TrainableEstimate` is the plug-in point for parameter-efficient levers: a function of the
 model's shapes that says which parameter shapes get gradients and optimizer state, how many
 frozen parameters there are and in which dtype they are stored. `lora_trainable` implements it
-for LoRA (the LoRA lever module is expected to own this formula; see docs/planner.md).
+for LoRA from the lever's own `target_shapes` (levers/lora.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from functools import cache, cached_property
 from typing import Callable
 
 from shoestring.errors import UserError
+from shoestring.levers.lora import target_shapes
 from shoestring.models import PRESETS, ModelArgs, build_model
 
 Shape = tuple[int, ...]
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every target_shapes key
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: the planner caches per instance
@@ -93,11 +94,8 @@ def lora_trainable(info: ModelInfo, rank: int = 16, targets: tuple[str, ...] = L
     """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter, i.e.
     rank x (in + out) trainable parameters; the base (all original weights) frozen, stored in
     `frozen_bytes` (bf16 by default)."""
-    a = info.args
-    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    dims = {"q_proj": (a.dim, q), "k_proj": (a.dim, kv), "v_proj": (a.dim, kv), "o_proj": (q, a.dim),
-            "gate_proj": (a.dim, a.ffn_dim), "up_proj": (a.dim, a.ffn_dim), "down_proj": (a.ffn_dim, a.dim)}
-    shapes = tuple(s for _ in range(a.n_layers) for t in targets for s in ((rank, dims[t][0]), (dims[t][1], rank)))
+    dims = target_shapes(info.args)  # the LoRA lever owns which linears exist and their shapes
+    shapes = tuple(s for _ in range(info.args.n_layers) for t in targets for s in ((rank, dims[t][0]), (dims[t][1], rank)))
     return Trainable(shapes, frozen_params=info.n_params, frozen_bytes=frozen_bytes)
 
 
