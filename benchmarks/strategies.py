@@ -59,7 +59,7 @@ def run(case: str, parallel: dict, ranks: int, args: argparse.Namespace, root: P
     tps = statistics.median(r["tokens_per_s"] for r in records if "loss" in r and r["step"] >= 3)
     mem = summary["memory_bytes"]
     return {"case": case, "ranks": ranks, "tps": tps, "step_ms": 1000 * args.batch * args.seq / tps,
-            "state": mem["params"] + mem["optimizer"] + mem["master"], "peak_rss": mem["peak_rss"],
+            "state": mem["params"] + mem["optimizer"] + mem["master"], "peak_rss": mem["device_peak"],
             "loss": summary["final_train_loss"]}
 
 
