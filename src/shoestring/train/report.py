@@ -20,15 +20,19 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def _or_dash(value: float | None, spec: str) -> str:
+    """A figure a run may not have (no eval yet, no steps run) shows as a dash."""
+    return "—" if value is None else spec.format(value)
+
+
 def print_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
     table = Table(title=f"run {run_dir}", show_header=False)
-    fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
     table.add_row("tokens", f"{summary['tokens']:,} in {summary['steps_run']} steps")
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
-    table.add_row("MFU", fmt(summary["mfu"], "{:.1%}") + " of measured matmul peak")
-    table.add_row("final train loss", fmt(summary["final_train_loss"], "{:.4f}"))
-    table.add_row("final val loss", fmt(summary["final_val_loss"], "{:.4f}") + f" (unigram baseline {summary['unigram_val_loss']:.4f})")
+    table.add_row("MFU", _or_dash(summary["mfu"], "{:.1%}") + " of measured matmul peak")
+    table.add_row("final train loss", _or_dash(summary["final_train_loss"], "{:.4f}"))
+    table.add_row("final val loss", _or_dash(summary["final_val_loss"], "{:.4f}") + f" (unigram baseline {summary['unigram_val_loss']:.4f})")
     for name, value in summary["memory_bytes"].items():
         table.add_row(f"memory: {name}", human_bytes(value))
     table.add_row("cost", f"${summary['cost_usd']:.4f} at ${summary['price_per_device_hour']}/device-hour ({summary['price_source']})")
