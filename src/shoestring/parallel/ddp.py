@@ -20,6 +20,9 @@ class DDP(SingleDevice):
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.options.bucket_cap_mb,
             gradient_as_bucket_view=self.options.gradient_as_bucket_view,
+            # The model's only buffers are RoPE tables, computed identically on every rank:
+            # broadcasting them before each forward would be pure traffic.
+            broadcast_buffers=False,
         )
         self.rank, self.world_size = self.ddp.process_group.rank(), self.ddp.process_group.size()
         return self.ddp

@@ -50,10 +50,17 @@ def import_deepspeed(device_type: str) -> Any:
     return deepspeed
 
 
-def ds_config(policy: PrecisionPolicy, settings: OptimizerSettings, options: ParallelSection) -> dict[str, Any]:
+def ds_config(policy: PrecisionPolicy, settings: OptimizerSettings, options: ParallelSection,
+              block_numel: int) -> dict[str, Any]:
     """DeepSpeed's JSON config from ours. Its batch bookkeeping is unused (the trainer feeds the
-    batches and marks accumulation boundaries), so it gets the trivial 1 x 1 split."""
-    zero: dict[str, Any] = {"stage": options.zero_stage}
+    batches and marks accumulation boundaries), so it gets the trivial 1 x 1 split.
+
+    Buckets are sized to one transformer block (`block_numel` elements), as FSDP2's units are:
+    DeepSpeed's defaults (5e8-element reduce buckets, 5e7-element prefetch) are tuned for
+    billion-parameter models and would hold a whole smaller model's gradients in one bucket."""
+    buckets = max(block_numel, 2**20)
+    zero: dict[str, Any] = {"stage": options.zero_stage, "reduce_bucket_size": buckets, "allgather_bucket_size": buckets,
+                            "stage3_prefetch_bucket_size": buckets, "stage3_max_live_parameters": 2 * buckets}
     if options.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if options.offload_params:
@@ -78,9 +85,10 @@ class DeepSpeed(Strategy):
         deepspeed = import_deepspeed(device.type)
         self.device, self.policy, self.settings, self.model, self.stage = device, policy, settings, model, options.zero_stage
         self.rank, self.world_size = dist.rank(), dist.world_size()
+        block_numel = max(sum(p.numel() for p in block.parameters()) for block in model.layers)
         optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], settings, device)
         self.module = self.engine = deepspeed.initialize(model=WithLoss(model), optimizer=optimizer,
-                                               config=ds_config(policy, settings, options), dist_init_required=False)[0]
+                                               config=ds_config(policy, settings, options, block_numel), dist_init_required=False)[0]
         if self.stage == 3:  # the tied head weight is used by the loss, outside lm_head's own forward
             deepspeed.zero.register_external_parameter(self.engine.module, model.lm_head.weight)
 

@@ -30,6 +30,7 @@ from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
 from shoestring.finetune import instruct_data, text_data
 from shoestring.parallel import Strategy, dist
+from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
 from shoestring.train import checkpoint as ckpt
@@ -211,6 +212,7 @@ class Trainer:
         unigram = data.unigram
 
         saved_act_bytes = 0
+        comm = CommStats()
         pending: list[tuple[int, torch.Tensor, float, torch.Tensor, bool]] = []
         nan_skips = 0
         last_val: float | None = None
@@ -227,16 +229,22 @@ class Trainer:
                 lr = lr_at(step, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
                            total_steps=cfg.train.steps, min_lr_ratio=cfg.train.min_lr_ratio)
                 loss_sum = torch.zeros((), device=self.device)
-                for m in range(cfg.train.grad_accum):
-                    x, y = (t.to(self.device, non_blocking=True) for t in sampler.next_batch())
-                    if step == start and m == 0:
-                        with SavedActivationCounter() as counter:
+                # The third step of a multi-rank run is profiled for its collectives (the first two
+                # carry one-off set-up traffic, e.g. DDP's bucket rebuild); the meter costs nothing
+                # on the other steps.
+                with CommMeter(strategy.world_size, enabled=step == start + 2) as meter:
+                    for m in range(cfg.train.grad_accum):
+                        x, y = (t.to(self.device, non_blocking=True) for t in sampler.next_batch())
+                        if step == start and m == 0:
+                            with SavedActivationCounter() as counter:
+                                loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
+                            saved_act_bytes = counter.bytes
+                        else:
                             loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
-                        saved_act_bytes = counter.bytes
-                    else:
-                        loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
-                    loss_sum += loss.float()
-                result = strategy.step(lr)
+                        loss_sum += loss.float()
+                    result = strategy.step(lr)
+                if meter.enabled:
+                    comm = meter.stats
                 if result.skipped and not strategy.policy.uses_loss_scaling:
                     nan_skips += 1
                     if cfg.train.nan_policy == "stop" or nan_skips > cfg.train.max_nan_skips:
@@ -279,7 +287,7 @@ class Trainer:
             self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
                                f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto")
         summary = self._summary(strategy, step - start, wall, tokens_run, flops_per_token, peak_flops,
-                                saved_act_bytes, last_val, unigram)
+                                saved_act_bytes, comm, last_val, unigram)
         if strategy.is_main:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
@@ -316,7 +324,7 @@ class Trainer:
                                     write_extra=strategy.save)
 
     def _summary(self, strategy: Strategy, steps: int, wall: float, tokens: int, flops_per_token: float,
-                 peak_flops: float, saved_act_bytes: int, val_loss: float | None,
+                 peak_flops: float, saved_act_bytes: int, comm: CommStats, val_loss: float | None,
                  unigram: float) -> dict[str, Any]:
         price, price_source = (self.cfg.run.price_per_hour, "config run.price_per_hour")
         if price is None:
@@ -330,6 +338,7 @@ class Trainer:
                 last_loss = record["loss"]
                 break
         devices = strategy.world_size
+        peak = device_memory(self.device)["peak"]
         return {
             "steps_run": steps,
             "tokens": tokens,
@@ -337,7 +346,9 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": tps * flops_per_token / peak_flops if peak_flops else None,
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
-                             "device_peak": device_memory(self.device)["peak"]},
+                             "device_peak": peak, "device_peak_max_rank": dist.maximum(peak)},
+            # Measured on one step (bytes this rank sent; collective time, hidden or not).
+            "comm_per_step": {"bytes_sent": comm.bytes_sent, "busy_s": comm.busy_s, "calls": comm.calls},
             "final_train_loss": last_loss,
             "final_val_loss": val_loss,
             "unigram_val_loss": unigram,

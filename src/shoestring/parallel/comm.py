@@ -1,0 +1,94 @@
+"""Measure what a training step communicates: every collective the process group runs, with
+its exact payload, whoever issued it (DDP's C++ reducer, FSDP2, DeepSpeed or our own engine).
+
+The profiler records each collective the backend executes (`gloo:all_reduce`,
+`nccl:all_gather`, ...) with the shapes and dtypes of its tensors, on the backend's own threads.
+From the payload, the bytes one rank *sends* follow from the algorithm's traffic (ring):
+all-reduce 2(N-1)/N of the buffer, all-gather (N-1) times its input chunk, reduce-scatter and
+all-to-all (N-1)/N of the input, broadcast the buffer. Gloo has no native reduce-scatter: torch
+runs an all-reduce of the full input there, which this meter sees (and counts) as such.
+
+`busy_s` is the time collectives were running on the backend's threads (overlapping calls
+counted once): communication time, whether or not compute hid it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+_BACKENDS = ("gloo:", "nccl:", "mpi:", "ucc:")
+_ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
+             "signed char": 1, "unsigned char": 1, "bool": 1, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1}
+
+
+def sent_fraction(collective: str, world: int) -> float:
+    """Bytes one rank sends per byte of the collective's input tensor (ring algorithms)."""
+    f = (world - 1) / world
+    if "all_reduce" in collective or "allreduce" in collective:
+        return 2 * f
+    if "all_gather" in collective or "allgather" in collective:
+        return world - 1  # the input is this rank's chunk; each chunk travels N-1 hops
+    if "broadcast" in collective:
+        return 1.0
+    return f  # reduce_scatter, all_to_all, reduce
+
+
+@dataclass
+class CommStats:
+    bytes_sent: float = 0.0
+    calls: int = 0
+    busy_s: float = 0.0
+    by_collective: dict[str, float] = field(default_factory=dict)
+
+
+class CommMeter:
+    """`with CommMeter(world) as meter: step()` then `meter.stats`. Disabled (no profiler, no
+    cost) when `enabled` is false or the world has one rank."""
+
+    def __init__(self, world: int, enabled: bool = True):
+        self.world = world
+        self.enabled = enabled and world > 1
+        self.stats = CommStats()
+        self._prof: profile | None = None
+
+    def __enter__(self) -> "CommMeter":
+        if self.enabled:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._prof = profile(activities=activities, record_shapes=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        if self._prof is None:
+            return
+        self._prof.__exit__(kind, err, tb)
+        intervals = []
+        for event in self._prof.profiler.kineto_results.events():
+            name = event.name()
+            if not name.startswith(_BACKENDS) or not event.shapes():
+                continue
+            numel = 1
+            for d in event.shapes()[0]:
+                numel *= d
+            sent = numel * _ITEMSIZE.get(event.dtypes()[0], 4) * sent_fraction(name, self.world)
+            self.stats.bytes_sent += sent
+            self.stats.calls += 1
+            self.stats.by_collective[name] = self.stats.by_collective.get(name, 0.0) + sent
+            intervals.append((event.start_ns(), event.start_ns() + event.duration_ns()))
+        self.stats.busy_s = _union_ns(intervals) / 1e9
+
+
+def _union_ns(intervals: list[tuple[int, int]]) -> int:
+    total, end = 0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
