@@ -235,8 +235,6 @@ def test_killed_rank_stops_the_job_then_resume_auto_continues(runs):
     assert_same_curve(ref, curve(run), FP32_REL)
 
 
-@pytest.mark.skip(reason="known flaky (issue 4 stays open for it): after a torchrun restart the new gloo "
-                  "group sometimes fails connectFullMesh (connection refused); passed 2 of 4 tries")
 def test_max_restarts_resumes_from_the_last_checkpoint(runs):
     steps = dict(train__steps=60, run__save_every=5)
     ref = curve(runs.single("single-60", **steps))

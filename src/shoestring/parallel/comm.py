@@ -14,6 +14,7 @@ counted once): communication time, whether or not compute hid it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -57,6 +58,8 @@ class CommMeter:
 
     def __enter__(self) -> "CommMeter":
         if self.enabled:
+            # Kineto otherwise prints a start/stop line per profiled step into the run's output.
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self._prof = profile(activities=activities, record_shapes=True)
             self._prof.__enter__()

@@ -21,8 +21,8 @@ class DDP(SingleDevice):
             bucket_cap_mb=self.options.bucket_cap_mb,
             gradient_as_bucket_view=self.options.gradient_as_bucket_view,
             # The model's only buffers are RoPE tables, computed identically on every rank:
-            # broadcasting them before each forward would be pure traffic.
-            broadcast_buffers=False,
+            # syncing them before each forward would be pure traffic.
+            forward_sync_buffers=False,
         )
         self.rank, self.world_size = self.ddp.process_group.rank(), self.ddp.process_group.size()
         return self.ddp

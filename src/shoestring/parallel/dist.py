@@ -59,13 +59,25 @@ def process_group(device: torch.device, timeout_s: float, required: bool) -> Ite
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    extra: dict[str, Any] = {} if launched() else {"store": tdist.HashStore(), "rank": 0, "world_size": 1}
-    tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                             device_id=device if device.type == "cuda" else None, **extra)
+    timeout = timedelta(seconds=timeout_s)
+    tdist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                             **_store(timeout))
     try:
         yield
     finally:
         tdist.destroy_process_group()
+
+
+def _store(timeout: timedelta) -> dict[str, Any]:
+    """The rendezvous store for `init_process_group`. torchrun's agent keeps one store across
+    restarts (`--max-restarts`), so the keys the previous attempt's ranks wrote (their gloo
+    addresses) are still there: a restarted rank could read a dead peer's address before the
+    new peer overwrites it and fail to connect. Each attempt gets its own key prefix."""
+    if not launched():
+        return {"store": tdist.HashStore(), "rank": 0, "world_size": 1}
+    store, rank_, size = next(tdist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": tdist.PrefixStore(f"shoestring/attempt_{attempt}", store), "rank": rank_, "world_size": size}
 
 
 def barrier() -> None:
