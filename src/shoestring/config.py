@@ -149,7 +149,7 @@ class ParallelSection(Section):
     sequences per micro-step, so changing the number of ranks keeps the optimisation the same.
     """
 
-    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    strategy: Literal["single", "ddp", "fsdp2", "yafsdp", "deepspeed"] = "single"
     # Seconds a collective may wait for a peer before the rank gives up (a dead peer must not
     # hang the others; torchrun also tears the group down when one rank fails).
     timeout_s: float = Field(default=300, gt=0)
@@ -162,6 +162,11 @@ class ParallelSection(Section):
     reshard_after_forward: bool | int = True
     cpu_offload: bool = False
     prefetch: int = Field(default=1, ge=0)
+    # yafsdp: prefetch the next block's gather and overlap gradient reduce-scatters with backward
+    # (true), or wait for every collective where it is issued (false: no overlap, same result);
+    # dtype gradients are reduce-scattered in (they are accumulated in fp32 either way).
+    async_collectives: bool = True
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     # deepspeed: ZeRO stage, and offload of optimizer state / parameters to host memory (CUDA).
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
@@ -217,7 +222,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _precision_fits_strategy(self) -> "Config":
-        if self.precision.mode == "fp16" and self.parallel.strategy in ("fsdp2", "deepspeed"):
+        if self.precision.mode == "fp16" and self.parallel.strategy in ("fsdp2", "yafsdp", "deepspeed"):
             raise ValueError(
                 f"precision.mode = 'fp16' is not supported with parallel.strategy = '{self.parallel.strategy}' "
                 "(dynamic loss scaling is not wired through sharded gradients here); use bf16 or bf16-pure"

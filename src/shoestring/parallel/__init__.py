@@ -12,6 +12,7 @@ _CLASSES = {
     "single": "shoestring.parallel.single:SingleDevice",
     "ddp": "shoestring.parallel.ddp:DDP",
     "fsdp2": "shoestring.parallel.fsdp2:FSDP2",
+    "yafsdp": "shoestring.parallel.yafsdp:YaFSDP",
     "deepspeed": "shoestring.parallel.deepspeed:DeepSpeed",
 }
 

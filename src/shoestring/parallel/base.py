@@ -43,10 +43,14 @@ class StepResult:
 
 
 def make_adamw(params: list[nn.Parameter], settings: OptimizerSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights are not decayed). The fused
-    kernel runs on CPU and CUDA in this torch release: one kernel for all parameters."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW with weight decay on matrices only (norm weights are not decayed)."""
+    return adamw([p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2], settings, device)
+
+
+def adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], settings: OptimizerSettings,
+          device: torch.device) -> torch.optim.AdamW:
+    """AdamW, weight decay on `decay` only. The fused kernel runs on CPU and CUDA in this torch
+    release: one kernel for all parameters."""
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, fused=device.type in ("cpu", "cuda"))
 
