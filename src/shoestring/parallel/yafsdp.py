@@ -354,6 +354,7 @@ class YaFSDP(Strategy):
     def save(self, directory: Path) -> None:
         state = {"world_size": self.world_size, "layouts": self._layouts(), "master": self.master,
                  "moments": self.moments, "step": self.optimizer.state[self.optimizer.param_groups[0]["params"][0]]["step"]}
+        (directory / CKPT_DIR).mkdir(exist_ok=True)
         ckpt.write_file(directory / CKPT_DIR / f"rank{self.rank}.pt", ckpt.torch_bytes(state))
 
     @torch.no_grad()
