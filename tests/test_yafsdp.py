@@ -71,13 +71,13 @@ class FakeCollectives:
         pass
 
 
-def _pair(mode: str, precision: str = "fp32", async_collectives: bool = True):
+def _pair(mode: str, precision: str = "fp32", async_collectives: bool = True, reduce_dtype: str = "fp32"):
     torch.manual_seed(0)
     model = Llama(ARGS)
     policy = PrecisionPolicy(precision)
     twin = copy.deepcopy(model)
     apply_checkpointing(twin, mode)
-    options = ParallelSection(strategy="yafsdp", async_collectives=async_collectives)
+    options = ParallelSection(strategy="yafsdp", async_collectives=async_collectives, reduce_dtype=reduce_dtype)
     ref = SingleDevice(model, policy, SETTINGS, torch.device("cpu"))
     return ref, YaFSDP(twin, policy, SETTINGS, torch.device("cpu"), options, comm=FakeCollectives())
 
@@ -109,12 +109,12 @@ def test_no_buffer_is_read_in_flight(mode, async_collectives):
     ref, ya = _pair(mode, async_collectives=async_collectives)
     batches = _batches(2 * ACCUM)
     assert _rel(_train(ref, batches, 2), _train(ya, batches, 2)) < 1e-5
-    weights = YaFSDP_weights(ya)
+    weights = _engine_weights(ya)
     for name, p in ref.model.named_parameters():
         torch.testing.assert_close(weights[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
-def YaFSDP_weights(ya: YaFSDP) -> dict[str, torch.Tensor]:
+def _engine_weights(ya: YaFSDP) -> dict[str, torch.Tensor]:
     """Full weights of a world-of-one engine, from its master shard."""
     out = {}
     for k, unit in enumerate(ya.units):
@@ -160,10 +160,11 @@ def test_overwriting_a_buffer_in_use_raises():
         ya._gather(2)
 
 
-def test_bf16_pure_follows_single_within_bf16_rounding():
-    ref, ya = _pair("none", "bf16-pure")
+@pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
+def test_bf16_pure_follows_single_within_bf16_rounding(reduce_dtype):
+    ref, ya = _pair("none", "bf16-pure", reduce_dtype=reduce_dtype)
     batches = _batches(5 * ACCUM)
-    assert _rel(_train(ref, batches, 5), _train(ya, batches, 5)) < 0.02
+    assert _rel(_train(ref, batches, 5), _train(ya, batches, 5)) < BF16_REL
 
 
 # ---- two gloo ranks ----------------------------------------------------------------------------
@@ -229,7 +230,8 @@ def _worker(rank: int, port: int, queue) -> None:
             losses = [dist.mean(torch.tensor(x)).item() for x in _train(s, batches, STEPS)]
             out[(mode, precision, name, overlap)] = (losses, _full_weights(s))
         ya = YaFSDP(Llama(ARGS), PrecisionPolicy("fp32"), SETTINGS, torch.device("cpu"), ParallelSection(strategy="yafsdp"))
-        out["memory"] = (ya.memory(), _peaks_per_step(ya, batches, 6), ya.comm_stats)
+        _train(ya, batches, 1)
+        out["memory"] = (ya.memory(), ya.comm_stats)
     if rank == 0:
         queue.put(pickle.dumps(out))  # plain bytes: shared-memory tensors would die with this process
 
@@ -279,8 +281,8 @@ def test_two_ranks_bf16_within_the_tolerance_fsdp2_meets(two_ranks, mode, precis
         assert _rel(ref_losses, two_ranks[(mode, precision, "fsdp2", True)][0]) < BF16_REL
 
 
-def test_state_is_a_shard_plus_the_buffers_and_the_profile_is_flat(two_ranks):
-    counted, peaks, comm = two_ranks["memory"]
+def test_state_is_a_shard_plus_the_buffers(two_ranks):
+    counted, comm = two_ranks["memory"]
     model = Llama(ARGS)
     n = model.num_params()
     policy, options = PrecisionPolicy("fp32"), ParallelSection(strategy="yafsdp")
@@ -293,9 +295,17 @@ def test_state_is_a_shard_plus_the_buffers_and_the_profile_is_flat(two_ranks):
     assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options)
     assert comm["all_gather_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["all_gather_bytes"]
     assert comm["reduce_scatter_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["reduce_scatter_bytes"]
-    # Nothing accumulates: later steps peak no higher than the first two (gloo's own transient
-    # allocations make two steps differ by a few tens of kB, whichever they fall in).
-    assert max(peaks[2:]) <= max(peaks[:2]), peaks
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_the_memory_profile_is_flat(mode):
+    """Every allocation the engine makes, step by step, from the profiler's allocator events. One
+    process with the fake collective: gloo frees its own temporaries on its worker threads, where
+    the profiler does not record, so on real ranks its allocations look like a leak (the process
+    RSS is flat there: +4 MB over 300 steps of this model, most of it in the first 50)."""
+    _, ya = _pair(mode)
+    peaks = _peaks_per_step(ya, _batches(ACCUM), 6)
+    assert max(peaks[2:]) <= peaks[1], peaks
 
 
 # ---- through the launcher ------------------------------------------------------------------------
@@ -326,11 +336,14 @@ def test_launched_run_exports_and_resumes_on_one_rank(corpus_dir, prepared, tmp_
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["devices"] == 1
 
 
-def test_lora_is_refused_up_front():
+def test_lora_and_fp16_are_refused_up_front():
     from shoestring.build import check_parallel
     from shoestring.errors import UserError
 
-    cfg = build_config({"model": {"preset": "micro"}, "data": {"seq_len": 16}, "parallel": {"strategy": "yafsdp"}})
+    tree = {"model": {"preset": "micro"}, "data": {"seq_len": 16}, "parallel": {"strategy": "yafsdp"}}
+    cfg = build_config(tree)
     cfg.lora.enabled = True
     with pytest.raises(UserError, match="does not support LoRA"):
         check_parallel(cfg, torch.device("cpu"), 2)
+    with pytest.raises(UserError, match="fp16"):
+        build_config({**tree, "precision": {"mode": "fp16"}})

@@ -174,7 +174,9 @@ class YaFSDP(Strategy):
         self.grads_seen = [0] * len(self.blocks)
         self.resident_valid = False
         self.loss_scale = 1.0
-        # Per-step communication figures (the last completed step in `comm_stats`).
+        # Communication of the last completed optimizer step, for the trainer or a benchmark to
+        # log: seconds blocked in wait(), bytes of full tensors gathered and reduced (an eval
+        # forward since the previous step is counted in the next step).
         self.comm_wait_s, self.gathered_bytes, self.reduced_bytes = 0.0, 0, 0
         self.comm_stats: dict[str, float] = {}
 
@@ -382,7 +384,9 @@ class YaFSDP(Strategy):
         for saved in _rank_files(require_file(directory, CKPT_DIR)):
             for k, unit in enumerate(_relayout(saved)):
                 a, b = unit.shard_range(saved["rank"])
-                full.setdefault(k, torch.zeros(unit.padded))[a:b] = saved["master"][saved["offsets"][k] :][: b - a]
+                if k not in full:
+                    full[k] = torch.zeros(unit.padded)
+                full[k][a:b] = saved["master"][saved["offsets"][k] :][: b - a]
         for k, unit in enumerate(_relayout(saved)):
             for names, view in zip(unit.names, unit.views(full[k])):
                 out.update({n: view.clone() for n in names})
@@ -403,10 +407,9 @@ class YaFSDP(Strategy):
     def buffer_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> int:
         """The preallocated buffers: two gather + two gradient buffers of the largest block, their
         reduce-scatter outputs, and the resident root/small units with their gradients."""
-        blocks, root, small = _unit_sizes(args)
+        blocks, root, small = (_padded(n, world_size) for n in _unit_sizes(args))
         p, r = policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize
-        pad = lambda n: -(-n // world_size) * world_size  # noqa: E731
-        return 2 * pad(blocks) * (p + r) + 2 * pad(blocks) // world_size * r + (pad(root) + pad(small)) * (p + r)
+        return 2 * blocks * (p + r) + 2 * blocks // world_size * r + (root + small) * (p + r)
 
     @staticmethod
     def communication_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
@@ -417,26 +420,31 @@ class YaFSDP(Strategy):
         blocks 0 and 1 still resident from the backward before; every block is reduce-scattered
         each micro-step, root and small once per step. A ring all-gather or reduce-scatter sends
         (N-1)/N of these bytes per rank; gloo's reduce-scatter is an all-reduce (twice that)."""
-        blocks, root, small = _unit_sizes(args)
+        blocks, root, small = (_padded(n, world_size) for n in _unit_sizes(args))
         p, r = policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize
-        pad = lambda n: -(-n // world_size) * world_size  # noqa: E731
-        L = args.n_layers
-        kept = min(L, 2)
-        gathers = L + (L - kept) + (grad_accum - 1) * 2 * (L - kept)
-        resident = pad(root) + pad(small)
-        return {"all_gather_bytes": gathers * pad(blocks) * p + resident * p,
-                "reduce_scatter_bytes": grad_accum * L * pad(blocks) * r + resident * r}
+        n = args.n_layers
+        regathered = n - min(n, 2)
+        gathers = n + regathered + (grad_accum - 1) * 2 * regathered
+        return {"all_gather_bytes": (gathers * blocks + root + small) * p,
+                "reduce_scatter_bytes": (grad_accum * n * blocks + root + small) * r}
 
     def memory(self) -> dict[str, int]:
-        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
         buffers = [*self.gather_buf, *self.grad_buf, *self.rs_out, *self.resident.values(), *self.resident_grad.values()]
-        steps = sum(nbytes(s["step"]) for s in self.optimizer.state.values())
-        return {"params": nbytes(self.send), "grads": nbytes(self.grad),
-                "master": nbytes(self.master) if self.send is not self.master else 0,
-                "optimizer": nbytes(self.moments) + steps, "buffers": sum(nbytes(b) for b in buffers)}
+        steps = sum(_nbytes(s["step"]) for s in self.optimizer.state.values())
+        return {"params": _nbytes(self.send), "grads": _nbytes(self.grad),
+                "master": _nbytes(self.master) if self.send is not self.master else 0,
+                "optimizer": _nbytes(self.moments) + steps, "buffers": sum(_nbytes(b) for b in buffers)}
 
     def unwrapped(self) -> Llama:
         return self.model
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _padded(n: int, world_size: int) -> int:
+    return -(-n // world_size) * world_size
 
 
 def _unit_sizes(args: ModelArgs) -> tuple[int, int, int]:
