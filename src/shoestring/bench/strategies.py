@@ -19,15 +19,24 @@ from typing import Callable
 
 MiB = 2**20
 
-# name -> (overrides of the run's config, ranks)
+# name -> (overrides of the run's config, ranks). The sharded engines run twice more with full
+# activation checkpointing (a recomputed block re-gathers its weights), and each overlap
+# mechanism is also switched off on its own: FSDP2's explicit prefetch, YaFSDP's async collectives.
+FULL = {"checkpointing.mode": "full"}
 CASES: dict[str, tuple[dict, int]] = {
     "single": ({"parallel.strategy": "single"}, 1),
     "ddp": ({"parallel.strategy": "ddp"}, 2),
     "fsdp2 reshard": ({"parallel.strategy": "fsdp2", "parallel.reshard_after_forward": True}, 2),
+    "fsdp2 no-prefetch": ({"parallel.strategy": "fsdp2", "parallel.prefetch": 0}, 2),
     "fsdp2 no-reshard": ({"parallel.strategy": "fsdp2", "parallel.reshard_after_forward": False}, 2),
     "zero1": ({"parallel.strategy": "deepspeed", "parallel.zero_stage": 1}, 2),
     "zero2": ({"parallel.strategy": "deepspeed", "parallel.zero_stage": 2}, 2),
     "zero3": ({"parallel.strategy": "deepspeed", "parallel.zero_stage": 3}, 2),
+    "yafsdp sync": ({"parallel.strategy": "yafsdp", "parallel.async_collectives": False}, 2),
+    "yafsdp async": ({"parallel.strategy": "yafsdp"}, 2),
+    "fsdp2 reshard + full ckpt": ({"parallel.strategy": "fsdp2", **FULL}, 2),
+    "zero3 + full ckpt": ({"parallel.strategy": "deepspeed", "parallel.zero_stage": 3, **FULL}, 2),
+    "yafsdp async + full ckpt": ({"parallel.strategy": "yafsdp", **FULL}, 2),
 }
 
 # size -> (preset, global batch, seq len, steps, rounds)
