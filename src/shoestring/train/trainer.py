@@ -348,7 +348,8 @@ class Trainer:
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
                              "device_peak": peak, "device_peak_max_rank": dist.maximum(peak)},
             # Measured on one step (bytes this rank sent; collective time, hidden or not).
-            "comm_per_step": {"bytes_sent": comm.bytes_sent, "busy_s": comm.busy_s, "calls": comm.calls},
+            "comm_per_step": {"bytes_sent": comm.bytes_sent, "busy_s": comm.busy_s, "calls": comm.calls,
+                              "bytes_sent_by_collective": comm.by_collective},
             "final_train_loss": last_loss,
             "final_val_loss": val_loss,
             "unigram_val_loss": unigram,
