@@ -139,6 +139,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shoestring.bench.suite import SECTIONS, run_suite
+
+    names = args.only or list(SECTIONS)
+    command = f"shoestring bench --size {args.size}" + (f" --only {' '.join(names)}" if args.only else "")
+    outcomes = run_suite(args.size, names, Path(args.out), command, console)
+    return 1 if any(o.failed for o in outcomes) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoestring", description="Train and fine-tune LLMs on a shoestring.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -196,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template); prints the reply")
     p.set_defaults(func=cmd_generate)
+
+    from shoestring.bench.suite import SECTIONS, SIZES
+
+    p = sub.add_parser("bench", help="run the benchmark suite side by side; write the report and its charts")
+    p.add_argument("--size", default="small", choices=SIZES, help="smoke: seconds; small: minutes; full: the long run")
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
+                   help="run these sections only (" + ", ".join(SECTIONS) + "); the report keeps the others' figures")
+    p.add_argument("--out", default="docs", help="where benchmarks.md, benchmarks.json and img/ go (default: docs)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="plot a run's loss, throughput and memory")
     p.add_argument("run_dir")

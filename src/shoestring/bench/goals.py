@@ -1,0 +1,176 @@
+"""The goals the issues hold shoestring to, each judged from a benchmark section's rows.
+
+One place lists every promise and how it is judged, so docs/benchmarks.md says "met" or
+"missed, by how much" from the same run that made its tables. A goal whose rows a run lacks (a
+section not run, a case not measured) is reported as not measured, never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+Rows = list[dict]
+Judged = tuple[str, bool | None]  # (what was measured, with the margin; met, or None: not judged)
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    judge: Callable[[Rows], Judged]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    goal: str
+    measured: str
+    met: bool | None  # None: this run has no figure for it (or not at the goal's size)
+
+    def line(self) -> str:
+        mark = {True: "met", False: "**missed**", None: "not judged"}[self.met]
+        return f"- {mark}: {self.goal} (measured: {self.measured})"
+
+
+def at_least(value: float, target: float, shown: str) -> Judged:
+    """`value >= target`, the margin relative to the target."""
+    return f"{shown}, {value / target - 1:+.0%} vs the goal", value >= target
+
+
+def at_most(value: float, limit: float, shown: str) -> Judged:
+    """`value <= limit` for fractions, the margin in percentage points."""
+    return f"{shown}, {100 * (value - limit):+.1f} points vs the goal", value <= limit
+
+
+def _case(rows: Rows, name: str) -> dict:
+    return next(r for r in rows if r.get("case") == name and "error" not in r)
+
+
+def _fastest(rows: Rows, prefix: str) -> dict:
+    return min((r for r in rows if str(r.get("case", "")).startswith(prefix) and "error" not in r),
+               key=lambda r: r["step_s"])
+
+
+# --- levers (single process) --------------------------------------------------------------
+
+def _lever(rows: Rows, precision: str, mode: str = "none") -> dict:
+    return next(r for r in rows if r["precision"] == precision and r["checkpointing"] == mode)
+
+
+def _bf16_speedup(rows: Rows) -> Judged:
+    x = _lever(rows, "bf16")["tokens_per_s"] / _lever(rows, "fp32")["tokens_per_s"]
+    return at_least(x, 2.0, f"{x:.2f}x")
+
+
+def _ckpt_cut(mode: str, goal: float) -> Callable[[Rows], Judged]:
+    def judge(rows: Rows) -> Judged:
+        c = 1 - _lever(rows, "bf16", mode)["saved_activation_bytes"] / _lever(rows, "bf16")["saved_activation_bytes"]
+        return at_least(c, goal, f"{c:.1%} fewer")
+
+    return judge
+
+
+def _ckpt_time(mode: str, limit: float) -> Callable[[Rows], Judged]:
+    def judge(rows: Rows) -> Judged:
+        e = _lever(rows, "bf16", mode)["step_s"] / _lever(rows, "bf16")["step_s"] - 1
+        return at_most(e, limit, f"{e:+.1%}")
+
+    return judge
+
+
+def _mfu(rows: Rows) -> Judged:
+    r = _lever(rows, "bf16")
+    shown = f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s, `{r['spec']['preset']}` preset"
+    if r["spec"]["preset"] != "small":
+        return shown + ": the goal is for `small`", None
+    return at_least(r["mfu"], 0.35, shown)
+
+
+# --- two ranks: strategies and incumbents, rows named by `case` ---------------------------
+
+def _speedup(a: str, b: str, factor: float = 1.0, pick: Callable[[Rows, str], dict] = _fastest) -> Callable[[Rows], Judged]:
+    def judge(rows: Rows) -> Judged:
+        x, y = pick(rows, a), pick(rows, b)
+        ratio = y["step_s"] / x["step_s"]
+        return at_least(ratio, factor, f"`{x['case']}` {ratio:.2f}x the tokens/s of `{y['case']}`")
+
+    return judge
+
+
+def _memory_ratio(a: str, b: str, pick: Callable[[Rows, str], dict] = _fastest) -> Callable[[Rows], Judged]:
+    def judge(rows: Rows) -> Judged:
+        x, y = pick(rows, a), pick(rows, b)
+        ratio = x["peak_bytes"] / y["peak_bytes"]
+        return f"`{x['case']}` peak {ratio:.2f}x `{y['case']}`'s", ratio <= 1.0
+
+    return judge
+
+
+# --- planner accuracy ---------------------------------------------------------------------
+
+def _within(key: str, limit: float) -> Callable[[Rows], Judged]:
+    def judge(rows: Rows) -> Judged:
+        worst = max(rows, key=lambda r: abs(r[key]))
+        inside = sum(abs(r[key]) <= limit for r in rows)
+        return f"{inside}/{len(rows)} within; worst {worst[key]:+.1%} ({worst['config']})", inside == len(rows)
+
+    return judge
+
+
+# --- fine-tuning --------------------------------------------------------------------------
+
+def _lora_optimizer(rows: Rows) -> Judged:
+    lora, full = (next(r for r in rows if r["mode"] == m) for m in ("lora", "full"))
+    x = lora["measured"]["optimizer"] / full["measured"]["optimizer"]
+    return f"{x:.1%}", x < 0.1
+
+
+def _finetune_prediction(rows: Rows) -> Judged:
+    worst = max(rows, key=lambda r: abs(r["state_error"]))
+    return at_most(abs(worst["state_error"]), 0.10, f"worst {worst['state_error']:+.1%} ({worst['mode']})")
+
+
+GOALS: dict[str, list[Goal]] = {
+    "levers": [
+        Goal("bf16 autocast >= 2x fp32 tokens/s", _bf16_speedup),
+        Goal("`full` checkpointing keeps >= 70% fewer activation bytes", _ckpt_cut("full", 0.70)),
+        Goal("`full` checkpointing costs < 30% extra step time", _ckpt_time("full", 0.30)),
+        Goal("`selective` checkpointing keeps >= 30% fewer activation bytes", _ckpt_cut("selective", 0.30)),
+        Goal("`selective` checkpointing costs < 10% extra step time", _ckpt_time("selective", 0.10)),
+        Goal("MFU of the `small` preset in bf16 >= 35% of the measured bf16 matmul peak", _mfu),
+    ],
+    "strategies": [
+        Goal("fsdp2 at least as fast as DeepSpeed ZeRO-3", _speedup("fsdp2", "zero3")),
+        Goal("yafsdp >= 1.1x fsdp2's tokens/s", _speedup("yafsdp", "fsdp2", 1.1)),
+        Goal("yafsdp at no more peak memory than fsdp2", _memory_ratio("yafsdp", "fsdp2")),
+        Goal("yafsdp faster than DeepSpeed ZeRO-3", _speedup("yafsdp", "zero3")),
+    ],
+    "planner": [
+        Goal("planner's peak memory within 10% of measured on every configuration", _within("memory_error", 0.10)),
+        Goal("planner's tokens/s within 20% of measured on every configuration", _within("tokens_per_s_error", 0.20)),
+    ],
+    "incumbents": [
+        Goal("single device bf16: >= 1.3x HF Trainer's tokens/s", _speedup("shoestring", "hf-trainer", 1.3, _case)),
+        Goal("... at no more peak memory", _memory_ratio("shoestring", "hf-trainer", _case)),
+        Goal("checkpointing on in both: >= 1.3x HF Trainer's tokens/s", _speedup("shoestring ckpt", "hf-trainer ckpt", 1.3, _case)),
+        Goal("... at no more peak memory", _memory_ratio("shoestring ckpt", "hf-trainer ckpt", _case)),
+        Goal("2 ranks: shoestring fsdp2 at least as fast as plain FSDP2 on the HF model",
+             _speedup("shoestring fsdp2", "torch fsdp2", pick=_case)),
+        Goal("2 ranks: shoestring fsdp2 at least as fast as DeepSpeed ZeRO-3's own engine",
+             _speedup("shoestring fsdp2", "deepspeed zero3", pick=_case)),
+    ],
+    "finetune": [
+        Goal("LoRA's optimizer state < 10% of full fine-tuning's (counted)", _lora_optimizer),
+        Goal("predicted weights + optimizer state within 10% of counted, LoRA and full", _finetune_prediction),
+    ],
+}
+
+
+def verdicts(section: str, rows: Rows) -> list[Verdict]:
+    """Every goal of `section` judged on `rows`; one whose figures are missing is not measured."""
+    out = []
+    for goal in GOALS.get(section, []):
+        try:
+            out.append(Verdict(goal.text, *goal.judge(rows)))
+        except (KeyError, StopIteration, ValueError, ZeroDivisionError):
+            out.append(Verdict(goal.text, "no rows for it in this run", None))
+    return out
