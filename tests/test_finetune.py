@@ -306,16 +306,13 @@ def test_preset_run_exports_to_transformers(make_config, tmp_path):
 def test_smollm2_gguf_lora_end_to_end(tmp_path):
     """SmolLM2-135M-Instruct from GGUF: our model's logits equal transformers', a few LoRA steps
     lower the loss on the reverse-words set, and the merged export reloads in transformers."""
-    import sys
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
+    from shoestring.bench.finetune import config_tree, make_reverse_words, smollm2_source
     from shoestring.export_hf import export_hf
     from shoestring.models.hf import load_llama, read_source
-
-    sys.path.insert(0, "benchmarks")
-    from finetune import config_tree, make_reverse_words, smollm2_source
 
     source = smollm2_source()
     gguf = Path(source.removeprefix("gguf:"))
