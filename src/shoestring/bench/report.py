@@ -13,8 +13,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import torch
-
 GiB = 2**30
 
 
@@ -39,6 +37,8 @@ def git_commit() -> str:
 
 
 def machine() -> str:
+    import torch
+
     from shoestring.plan import probe
 
     cpu = f"{probe.device_name(torch.device('cpu'))} ({os.cpu_count()} cores, {probe.host_memory_bytes() / GiB:.0f} GiB RAM)"
@@ -48,7 +48,7 @@ def machine() -> str:
 
 
 def versions() -> str:
-    return (f"torch {torch.__version__}, shoestring {git_commit()}, transformers {_version('transformers')}, "
+    return (f"torch {_version('torch')}, shoestring {git_commit()}, transformers {_version('transformers')}, "
             f"deepspeed {_version('deepspeed')}")
 
 

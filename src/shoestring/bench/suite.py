@@ -101,7 +101,7 @@ def run_suite(size: str, names: list[str], out: Path, command: str, console: Con
     """Run the named sections in order under one progress bar, then write the report."""
     outcomes = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} sections"),
-               TimeElapsedColumn(), TextColumn("[dim]{task.fields[step]}"))
+               TimeElapsedColumn(), TextColumn("{task.fields[step]}", style="dim", markup=False))
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("bench", total=len(names), step="")
         for name in names:
