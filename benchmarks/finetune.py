@@ -1,7 +1,7 @@
 """LoRA vs full fine-tuning of SmolLM2-135M-Instruct (one section of `shoestring bench`; see
 shoestring.bench.finetune).
 
-    HF_HUB_OFFLINE=1 python benchmarks/finetune.py [--size smoke|small|full] [--rounds R] [--source SRC]
+    python benchmarks/finetune.py [--size smoke|small|full] [--rounds R] [--source SRC]
     python benchmarks/finetune.py --write-data runs/bench-finetune/reverse_words.jsonl   # the data set alone
 
 Prints the Markdown table; `shoestring bench --only finetune` also writes it into docs/benchmarks.md.

@@ -67,6 +67,7 @@ def checkpointing_frontier(rows: list[dict], out: Path) -> Path | None:
         ax.scatter(r["step_s"], r["saved_activation_bytes"] / MiB, color="tab:green")
         ax.annotate(r["checkpointing"], (r["step_s"], r["saved_activation_bytes"] / MiB), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
+    ax.margins(0.2)
     ax.set_xlabel("step time, s")
     ax.set_ylabel("saved activations, MiB")
     ax.set_title("checkpointing modes (bf16): memory vs time", fontsize=10)

