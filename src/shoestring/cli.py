@@ -43,6 +43,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any rank starts
+    if args.auto:  # resolved once, here; the ranks get the choice as --set overrides
+        from shoestring.plan.auto import auto_overrides, describe_choice
+
+        chosen, plan = auto_overrides(cfg, args.nproc or dist.world_size())
+        console.print(describe_choice(plan, chosen))
+        args.overrides, args.auto = [*args.overrides, *chosen], False
+        cfg = load_config(args.config, args.overrides)
     if (args.nproc or args.nnodes != "1") and not dist.launched():
         opts = LaunchOptions(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
         return launch(opts, _worker_argv(args))
@@ -148,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="DIR|auto", help="continue a run: its run directory, a checkpoint, or 'auto'")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is in run.dir")
+    p.add_argument("--auto", action="store_true",
+                   help="choose the levers the config leaves unset (precision, checkpointing, strategy, grad_accum) "
+                        "with the planner for this machine")
     launch = p.add_argument_group("launch (torchrun's meaning; see README)")
     launch.add_argument("--nproc", type=int, metavar="N", help="ranks per node, started through torchrun")
     launch.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="number of nodes")

@@ -15,7 +15,7 @@ from functools import cache, cached_property
 from typing import Callable
 
 from shoestring.errors import UserError
-from shoestring.levers.lora import target_shapes
+from shoestring.levers.lora import LoRASettings, estimate, target_shapes
 from shoestring.models import PRESETS, ModelArgs, build_model
 
 Shape = tuple[int, ...]
@@ -91,12 +91,13 @@ def full_trainable(info: ModelInfo) -> Trainable:
 
 def lora_trainable(info: ModelInfo, rank: int = 16, targets: tuple[str, ...] = LORA_TARGETS,
                    frozen_bytes: int = 2) -> Trainable:
-    """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter, i.e.
-    rank x (in + out) trainable parameters; the base (all original weights) frozen, stored in
-    `frozen_bytes` (bf16 by default)."""
-    dims = target_shapes(info.args)  # the LoRA lever owns which linears exist and their shapes
+    """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter; the
+    base (all original weights) frozen, stored in `frozen_bytes` (bf16 by default). The lever
+    owns which linears exist, their shapes and the frozen count (levers/lora.py)."""
+    dims = target_shapes(info.args)
     shapes = tuple(s for _ in range(info.args.n_layers) for t in targets for s in ((rank, dims[t][0]), (dims[t][1], rank)))
-    return Trainable(shapes, frozen_params=info.n_params, frozen_bytes=frozen_bytes)
+    frozen = estimate(info.args, LoRASettings(rank=rank, targets=targets)).frozen_params
+    return Trainable(shapes, frozen_params=frozen, frozen_bytes=frozen_bytes)
 
 
 def lora_flops_per_token(info: ModelInfo, trainable: Trainable, seq_len: int) -> float:

@@ -41,6 +41,20 @@ def host_memory_bytes() -> int:
         return 8 * 2**30
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def forget() -> None:
+    """Drop the cached measurements: the next probe measures again (the accuracy benchmark
+    does this, so that the peak it calibrates against is the machine's state now)."""
+    _cache_path().unlink(missing_ok=True)
+
+
 def _cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "shoestring" / "probe.json"
