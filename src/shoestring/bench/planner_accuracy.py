@@ -74,8 +74,8 @@ _SMALL = [
     Case("small", "ddp", "bf16", "none", 8, 256, mode="lora", lora_base_dtype="bf16"),
 ]
 SIZES: dict[str, list[Case]] = {
-    "smoke": [Case("tiny", "single", "bf16", "none", 2, 64, steps=1),
-              Case("tiny", "single", "bf16", "none", 2, 64, mode="lora", steps=1)],
+    "smoke": [Case("micro", "single", "bf16", "none", 2, 64, steps=1),
+              Case("micro", "single", "bf16", "none", 2, 64, mode="lora", steps=1)],
     "small": _SMALL,
     "full": [replace(c, preset="medium", batch=8, seq_len=512, steps=4) for c in _SMALL],
 }
@@ -95,12 +95,13 @@ def _worker(rank: int, world: int, port: int, case: Case, queue) -> None:
 
     from shoestring.build import build_strategy
     from shoestring.config import build_config
+    from shoestring.models import PRESETS
     from shoestring.parallel import dist
     from shoestring.plan.probe import cpu_cores
     from shoestring.train.memory import PeakRSS
 
     torch.set_num_threads(max(1, cpu_cores() // world))
-    vocab = 8192 if case.preset != "tiny" else 4096
+    vocab = PRESETS[case.preset].vocab_size
     with dist.process_group(torch.device("cpu"), 300, required=world > 1):
         s = build_strategy(build_config(case.config_tree()), vocab, torch.device("cpu"))
         gen = torch.Generator().manual_seed(rank)
@@ -166,7 +167,11 @@ def run(size: str = "small", rounds: int = 3, progress: Callable[[str], None] = 
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    probe.forget()  # calibrate against the machine as it is now, not a stale cached peak
+    from shoestring.plan.catalogue import local_hardware
+
+    probe.forget()  # predict against the machine as it is now, not a stale cached peak
+    for world in sorted({c.world for c in SIZES[size]}):
+        local_hardware(world)  # probe now, before the runs, in the same conditions
     cases = SIZES[size]
     runs: dict[Case, list[dict]] = {c: [] for c in cases}
     for r in range(rounds):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from shoestring.config import ParallelSection
-from shoestring.levers.checkpointing import block_saved_tensors, estimate_saved_activation_bytes, parse_mode
+from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
@@ -115,7 +115,7 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
             "optimizer": per["optimizer"] * local + STEP_COUNTER_BYTES * len(trainable.shapes)}
 
 
-def activation_bytes(info: ModelInfo, levers: Levers, seq_len: int, device_type: str) -> dict[str, int]:
+def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_len: int, device_type: str) -> dict[str, int]:
     """Activations of one micro-batch on one rank, by part."""
     a, b = info.args, levers.micro_batch
     mode = "none" if parse_mode(levers.checkpointing)[0] == "offload" and device_type != "cuda" else levers.checkpointing
@@ -127,6 +127,12 @@ def activation_bytes(info: ModelInfo, levers: Levers, seq_len: int, device_type:
     working = sum(n for _, n in per_block["none"])  # one block's full set, live during its backward
     outside = tokens * a.dim * residual * 2 + tokens * 4  # embedding output, final norm input/rstd
     loss = tokens * a.dim * compute + a.vocab_size * a.dim * 4 + 3 * min(LOSS_CHUNK, tokens) * a.vocab_size * 4
+    if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
+        kind = parse_mode(mode)[0]
+        extra = trainable.block_activation_bytes(tokens, levers.precision)
+        kept = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
+        blocks += kept * extra
+        working += extra
     return {"activations": blocks + outside, "backward_working": 2 * working, "loss": loss}
 
 
@@ -149,10 +155,12 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
         gather = 2 if levers.precision == "bf16-pure" or (levers.strategy == "deepspeed" and low) else 4
         root = info.n_params - a.n_layers * info.block_params
         blocks = a.n_layers if device_type == "cpu" or not levers.reshard_after_forward else 2
-        out["gathered_params"] = (root + blocks * info.block_params) * gather
-        out["unsharded_grads"] = (root + blocks * info.block_params) * 4
+        share = (root + blocks * info.block_params) / info.n_params  # of the model gathered at once
+        frozen = trainable.frozen_params * min(gather, trainable.frozen_bytes)  # frozen: no gradient
+        out["gathered_params"] = int(share * (trainable.n_params * gather + frozen))
+        out["unsharded_grads"] = int(share * trainable.n_params * 4)
     elif levers.strategy == "ddp" and world > 1:
-        out["comm_buckets"] = 2 * 25 * 2**20  # bucket_cap_mb=25, one reducing, one filling
+        out["comm_buckets"] = min(2 * 25 * 2**20, 4 * trainable.n_params)  # bucket_cap_mb=25: one reducing, one filling
     elif levers.strategy == "deepspeed" and world > 1:
         out["comm_buckets"] = min(DS_BUCKET_ELEMENTS, trainable.n_params) * (2 if levers.precision != "fp32" else 4)
     return out
@@ -166,7 +174,7 @@ def estimate_memory(info: ModelInfo, trainable: Trainable, levers: Levers, world
         moved = ("optimizer", "master", "params", "grads") if levers.strategy == "fsdp2" else ("optimizer", "master")
         host = sum(state[k] for k in moved)
         state = {k: (0 if k in moved else v) for k, v in state.items()}
-    parts = {**state, **activation_bytes(info, levers, seq_len, device.kind),
+    parts = {**state, **activation_bytes(info, trainable, levers, seq_len, device.kind),
              **comm_and_cast_bytes(info, trainable, levers, world, device.kind)}
     allocated = sum(parts.values())
     parts["fragmentation"] = int(allocated * device.fragmentation)
