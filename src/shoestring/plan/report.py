@@ -30,6 +30,10 @@ def _components(p: Plan, top: int = 4) -> str:
     return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts if v)
 
 
+def _dollars(cost: float) -> str:
+    return f"{cost:,.2f}" if cost < 100 else f"{cost:,.0f}"
+
+
 def plan_dict(p: Plan) -> dict[str, Any]:
     l = p.levers
     return {
@@ -75,7 +79,7 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
         t.add_row(str(i), f"{p.device.key}:{p.count}", p.levers.precision, p.levers.checkpointing, p.levers.strategy_label(),
                   f"{p.levers.micro_batch} x {p.levers.grad_accum}",
                   f"{p.memory.total / GiB:.1f}/{p.device.memory_bytes / GiB:.0f} ({_components(p, 3)})",
-                  f"{p.tokens_per_s:,.0f}", wall, f"{p.cost:,.0f}")
+                  f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost))
     console.print(t)
     if r.plans:
         best = r.plans[0]
@@ -84,5 +88,5 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
                       f"{s.recompute_s:.2f}, exposed comm {s.comm_s:.2f}, offload {s.offload_s:.2f}); "
                       f"${best.device.hourly(best.spot):.2f}/device-h")
     for p in cheaper_misses(r):
-        console.print(f"does not fit: {describe(p)} (would cost ${p.cost:,.0f}) needs {p.memory.total / GiB:.1f} GiB of "
+        console.print(f"does not fit: {describe(p)} (would cost ${_dollars(p.cost)}) needs {p.memory.total / GiB:.1f} GiB of "
                       f"{p.device.memory_bytes / GiB:.0f}: over by {p.overflow / GiB:.1f} GiB; largest parts {_components(p)} GiB")
