@@ -150,9 +150,9 @@ def test_lora_trains_a_fraction():
 
 def test_cheapest_misses_say_what_overflows(capsys):
     r = search(Request("llama2-7b", 1e9, hardware=("h100-80gb:8", "l4:8")))
-    from shoestring.plan.search import cheaper_misses
+    from shoestring.plan.search import cheapest_misses
 
-    misses = cheaper_misses(r)
+    misses = cheapest_misses(r)
     assert misses and all(not p.fits and p.overflow > 0 for p in misses)
     assert [p.cost for p in misses] == sorted(p.cost for p in misses)
     code, out = run_cli(capsys, "plan", "--model", "llama2-7b", "--tokens", "1e9", "--hardware", "h100-80gb:8",

@@ -87,7 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mode=args.mode, seq_len=args.seq_len,
         global_batch_tokens=int(_parse_amount(args.global_batch_tokens, "--global-batch-tokens", counts, "4M")),
         deadline_h=_parse_amount(args.deadline, "--deadline", {"h": 1, "d": 24}, "48h or 3d") if args.deadline else None,
-        spot=args.spot, lora_rank=args.lora_rank,
+        spot=args.spot, lora_rank=args.lora_rank, lora_base_dtype=args.lora_base_dtype,
     )
     result = search(req)
     require_fit(result)
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: every catalogue device")
     p.add_argument("--mode", default="pretrain", choices=["pretrain", "full-finetune", "lora"])
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-base-dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of LoRA's frozen base weights")
     p.add_argument("--seq-len", type=int, help="default: the model's context, at most 4096")
     p.add_argument("--global-batch-tokens", default="1M", help="tokens per optimizer step (default 1M)")
     p.add_argument("--deadline", help="wall-time limit, e.g. 48h or 3d")

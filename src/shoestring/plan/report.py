@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shoestring.plan.search import Plan, Result, cheaper_misses, describe
+from shoestring.plan.search import Plan, Result, cheapest_misses, describe
 
 GiB = 2**30
 
@@ -60,7 +60,7 @@ def result_dict(r: Result, limit: int = 10) -> dict[str, Any]:
         "model": {"params": r.model.n_params, "trainable_params": r.trainable.n_params,
                   "flops_per_token": r.model.flops_per_token(r.seq_len)},
         "plans": [plan_dict(p) for p in _top(r.plans, limit)],
-        "not_fitting": [{**plan_dict(p), "overflow_bytes": p.overflow, "overflow_by": _components(p)} for p in cheaper_misses(r)],
+        "not_fitting": [{**plan_dict(p), "overflow_bytes": p.overflow, "overflow_by": _components(p)} for p in cheapest_misses(r)],
         "candidates_fitting": len(r.plans),
     }
 
@@ -87,6 +87,6 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
         console.print(f"winner: {describe(best)} — step {s.total_s:.2f} s (compute {s.compute_s:.2f}, recompute "
                       f"{s.recompute_s:.2f}, exposed comm {s.comm_s:.2f}, offload {s.offload_s:.2f}); "
                       f"${best.device.hourly(best.spot):.2f}/device-h")
-    for p in cheaper_misses(r):
+    for p in cheapest_misses(r):
         console.print(f"does not fit: {describe(p)} (would cost ${_dollars(p.cost)}) needs {p.memory.total / GiB:.1f} GiB of "
                       f"{p.device.memory_bytes / GiB:.0f}: over by {p.overflow / GiB:.1f} GiB; largest parts {_components(p)} GiB")

@@ -185,7 +185,7 @@ def search(req: Request) -> Result:
     return Result(req, info, trainable, seq_len, plans, misses)
 
 
-def cheaper_misses(result: Result, limit: int = 3) -> list[Plan]:
+def cheapest_misses(result: Result, limit: int = 3) -> list[Plan]:
     """The cheapest candidates that do not fit, one per hardware and strategy: what the user
     would pay if memory allowed, and (their memory breakdown) what stands in the way."""
     seen: set[tuple] = set()
@@ -276,4 +276,4 @@ def candidates_count(result: Result) -> int:
     return len(result.plans) + len(result.misses)
 
 
-__all__: Iterable[str] = ["Plan", "Request", "Result", "cheaper_misses", "describe", "leanest", "require_fit", "search"]
+__all__: Iterable[str] = ["Plan", "Request", "Result", "cheapest_misses", "describe", "leanest", "require_fit", "search"]
