@@ -144,5 +144,112 @@ def test_json_shape(capsys):
 
 
 def test_lora_trains_a_fraction():
-    r = search(Request("llama3-8b", 1e8, hardware=("a10g:1",), mode="lora", seq_len=2048))
+    r = search(Request("llama3-8b", 1e8, hardware=("a100-40gb:1",), mode="lora", seq_len=2048))
     assert r.plans and r.trainable.n_params < 0.01 * r.model.n_params
+
+
+def test_cheapest_misses_say_what_overflows(capsys):
+    r = search(Request("llama2-7b", 1e9, hardware=("h100-80gb:8", "l4:8")))
+    from shoestring.plan.search import cheapest_misses
+
+    misses = cheapest_misses(r)
+    assert misses and all(not p.fits and p.overflow > 0 for p in misses)
+    assert [p.cost for p in misses] == sorted(p.cost for p in misses)
+    code, out = run_cli(capsys, "plan", "--model", "llama2-7b", "--tokens", "1e9", "--hardware", "h100-80gb:8",
+                        "--hardware", "l4:8", "--json")
+    miss = json.loads(out)["not_fitting"][0]
+    assert miss["overflow_bytes"] == miss["memory_bytes"]["total"] - miss["memory_bytes"]["capacity"] > 0
+    assert miss["overflow_by"]
+    code, out = run_cli(capsys, "plan", "--model", "llama2-7b", "--tokens", "1e9", "--hardware", "h100-80gb:8",
+                        "--hardware", "l4:8")
+    assert "does not fit:" in out and "over by" in out
+
+
+def test_fits_nowhere_names_a_count_that_fits(capsys):
+    code, out = run_cli(capsys, "plan", "--model", "llama2-13b", "--tokens", "1e9", "--hardware", "a100-40gb:1")
+    assert code == 2 and "would fit" in out and "a100-40gb:" in out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-pure"])
+def test_lora_state_bytes_match_the_lever_estimate(precision):
+    """The planner's LoRA model state (single replica) is the lever's own estimate, plus
+    AdamW's step counters."""
+    from shoestring.levers.lora import LoRASettings, estimate
+    from shoestring.plan.model import LORA_TARGETS, lora_trainable
+
+    info = model_info("small")
+    base = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    lever = estimate(info.args, LoRASettings(rank=8, targets=LORA_TARGETS, base_dtype=base), precision)
+    trainable = lora_trainable(info, 8, LORA_TARGETS, base.itemsize)
+    planned = state_bytes(trainable, Levers(precision, "none", "single"), 1)
+    counters = 4 * len(trainable.shapes)
+    assert (planned["params"], planned["grads"], planned["master"], planned["optimizer"] - counters) == \
+        (lever.params, lever.grads, lever.master, lever.optimizer)
+
+
+def test_lora_mode_uses_the_config_settings():
+    r4 = search(Request("small", 1e6, hardware=("a10g:1",), mode="lora", seq_len=256, lora_rank=4, lora_targets=("q_proj",)))
+    r16 = search(Request("small", 1e6, hardware=("a10g:1",), mode="lora", seq_len=256))
+    assert r4.trainable.n_params < r16.trainable.n_params
+    assert r4.trainable.n_params == 4 * 8 * (512 + 512)  # rank x layers x (in + out) of q_proj
+
+
+def test_accuracy_bench_repredicts_saved_rows():
+    """The recorded raw measurements re-predict with the current planner (no runs)."""
+    from pathlib import Path
+
+    from shoestring.bench.planner_accuracy import fit, predict_rows, table
+
+    raw = json.loads((Path(__file__).parents[1] / "benchmarks" / "planner_accuracy_raw.json").read_text())
+    rows = predict_rows(raw)
+    assert len(rows) >= 8 and {r["case"]["strategy"] for r in rows} >= {"single", "ddp", "fsdp2"}
+    assert {r["case"]["mode"] for r in rows} >= {"lora", "full-finetune"}
+    assert "| configuration |" in table(rows)
+    fitted = fit(rows)
+    assert set(fitted) >= {"mfu", "rss_base_gb"} and all(0 < v for v in fitted["mfu"].values())
+
+
+def test_accuracy_bench_smoke(tmp_path, monkeypatch):
+    from shoestring.bench.planner_accuracy import run
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the bench re-probes: leave the user's cache alone
+    rows = run("smoke", rounds=1)
+    assert len(rows) == 2 and rows[1]["case"]["mode"] == "lora"
+    for r in rows:
+        assert r["memory_measured"] > 0 and r["tokens_per_s_measured"] > 0 and r["memory_predicted"] > 0
+
+
+def test_train_auto_fills_unset_levers(tmp_path, corpus_dir, prepared, capsys):
+    """--auto chooses precision, strategy and grad_accum (left unset) and keeps the
+    checkpointing the config set."""
+    from tests.conftest import config_tree
+
+    tree = config_tree(corpus_dir, prepared, tmp_path / "run", train__steps=2, train__eval_every=2,
+                       checkpointing__mode="full")
+    del tree["precision"]
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps(tree))
+    code, out = run_cli(capsys, "train", str(path), "--auto", "--overwrite")
+    assert code == 0, out
+    assert "auto plan:" in out
+    used = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert used["checkpointing"]["mode"] == "full"
+    assert used["parallel"]["strategy"] == "single"
+    chosen = out.split("auto plan:")[1].split()[1]  # "local:1 <precision> ckpt=..."
+    assert used["precision"]["mode"] == chosen
+    assert "precision.mode=" in out and "checkpointing.mode" not in out
+
+
+def test_auto_overrides_keep_what_is_set(monkeypatch):
+    from shoestring.config import build_config
+    from shoestring.plan import probe
+    from shoestring.plan.auto import auto_overrides
+
+    monkeypatch.setattr(probe, "allreduce_bandwidth", lambda ranks, nbytes=0: 1e9)
+    cfg = build_config({"model": {"preset": "micro"}, "data": {"seq_len": 64}, "precision": {"mode": "fp32"},
+                        "train": {"batch_size": 8, "grad_accum": 2}})
+    chosen, plan = auto_overrides(cfg, 2)
+    assert plan.levers.precision == "fp32" and plan.levers.grad_accum == 2 and plan.levers.micro_batch == 2
+    assert not any(c.startswith(("precision.", "train.grad_accum")) for c in chosen)
+    assert any(c.startswith("parallel.strategy=") for c in chosen)
+    assert plan.levers.strategy in ("ddp", "fsdp2")

@@ -43,6 +43,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any rank starts
+    if args.auto:  # resolved once, here; the ranks get the choice as --set overrides
+        from shoestring.plan.auto import auto_overrides, describe_choice
+
+        chosen, plan = auto_overrides(cfg, args.nproc or dist.world_size())
+        console.print(describe_choice(plan, chosen))
+        args.overrides, args.auto = [*args.overrides, *chosen], False
+        cfg = load_config(args.config, args.overrides)
     if (args.nproc or args.nnodes != "1") and not dist.launched():
         opts = LaunchOptions(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
         return launch(opts, _worker_argv(args))
@@ -80,7 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mode=args.mode, seq_len=args.seq_len,
         global_batch_tokens=int(_parse_amount(args.global_batch_tokens, "--global-batch-tokens", counts, "4M")),
         deadline_h=_parse_amount(args.deadline, "--deadline", {"h": 1, "d": 24}, "48h or 3d") if args.deadline else None,
-        spot=args.spot, lora_rank=args.lora_rank,
+        spot=args.spot, lora_rank=args.lora_rank, lora_base_dtype=args.lora_base_dtype,
     )
     result = search(req)
     require_fit(result)
@@ -157,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="DIR|auto", help="continue a run: its run directory, a checkpoint, or 'auto'")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is in run.dir")
+    p.add_argument("--auto", action="store_true",
+                   help="choose the levers the config leaves unset (precision, checkpointing, strategy, grad_accum) "
+                        "with the planner for this machine")
     launch = p.add_argument_group("launch (torchrun's meaning; see README)")
     launch.add_argument("--nproc", type=int, metavar="N", help="ranks per node, started through torchrun")
     launch.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="number of nodes")
@@ -173,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: every catalogue device")
     p.add_argument("--mode", default="pretrain", choices=["pretrain", "full-finetune", "lora"])
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-base-dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of LoRA's frozen base weights")
     p.add_argument("--seq-len", type=int, help="default: the model's context, at most 4096")
     p.add_argument("--global-batch-tokens", default="1M", help="tokens per optimizer step (default 1M)")
     p.add_argument("--deadline", help="wall-time limit, e.g. 48h or 3d")

@@ -162,8 +162,8 @@ def estimate(args: ModelArgs, settings: LoRASettings, precision: str = "fp32") -
 
     `precision` is the run's precision mode: under `bf16-pure` every weight is bf16 and the
     adapters get fp32 masters; otherwise the base is `settings.base_dtype` and adapters fp32.
-    Activations are not included: LoRA adds only `rank`-wide intermediates per target (small),
-    and the checkpointing lever's estimate covers the rest."""
+    Activations are not included here: the base's are the checkpointing lever's estimate, the
+    adapters' own are `saved_activation_bytes`."""
     shapes = target_shapes(args)
     trainable = args.n_layers * sum(settings.rank * (i + o) for name, (i, o) in shapes.items() if name in settings.targets)
     total = args.n_layers * (sum(i * o for i, o in shapes.values()) + 2 * args.dim) + args.dim
@@ -176,3 +176,21 @@ def estimate(args: ModelArgs, settings: LoRASettings, precision: str = "fp32") -
         params=total * base_bytes + trainable * adapter_bytes,
         grads=trainable * adapter_bytes, optimizer=trainable * 8, master=trainable * 4 if pure else 0,
     )
+
+
+def saved_activation_bytes(args: ModelArgs, settings: LoRASettings, tokens: int, precision: str) -> int:
+    """Bytes one block's adapters save for backward beyond the base linears' own, for `tokens`
+    tokens. Each adapter saves A's output (tokens x rank) for B; under autocast (`bf16`/`fp16`)
+    A also casts its input to the low dtype separately from the base matmul (autocast caches
+    weight casts only), so every target keeps one more copy of its input; dropout keeps its
+    output and mask. Measured on `small` (benchmarks/planner_accuracy.py): ~150 MiB for 7
+    targets at 2048 tokens in bf16, which these terms account for."""
+    autocast = precision in ("bf16", "fp16")
+    elem = 4 if precision == "fp32" else 2
+    total = 0
+    for name, (fan_in, _) in target_shapes(args).items():
+        if name in settings.targets:
+            total += tokens * settings.rank * elem
+            total += tokens * fan_in * 2 if autocast else 0
+            total += tokens * fan_in * (elem + 1) if settings.dropout > 0 else 0
+    return total

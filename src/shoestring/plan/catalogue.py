@@ -9,7 +9,6 @@ the file. The `[calibration.*]` tables hold per device-class corrections measure
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -125,14 +124,16 @@ def local_hardware(ranks: int | None = None) -> tuple[Device, int]:
     count = ranks or 1
     cpu = devices()["cpu"]
     cal = calibration("cpu")
-    threads = max(1, (os.cpu_count() or 1) // count)
-    measured = {d: probe.matmul_peak_flops(torch.device("cpu"), probe.DTYPES[d], threads) / 1e12 for d in ("fp32", "bf16")}
+    cores = probe.cpu_cores()
+    threads = max(1, cores // count)
+    # Ranks share the cores: each gets `threads` of them. A training step's element-wise work
+    # scales with threads, so the peak is threads x the one-thread matmul rate.
+    measured = {d: threads * probe.matmul_peak_flops(torch.device("cpu"), probe.DTYPES[d], 1) / 1e12 for d in ("fp32", "bf16")}
     link = probe.allreduce_bandwidth(count) / GB if count > 1 else cpu.intra_gbs
     memory = probe.host_memory_bytes() // count
-    return replace(cpu, key="local", name=f"{probe.device_name(torch.device('cpu'))} ({threads} thread(s) per rank)",
+    return replace(cpu, key="local", name=f"{probe.device_name(torch.device('cpu'))} ({threads} of {cores} core(s) per rank)",
                    memory_bytes=memory, tflops={**measured, "fp16": 0.0, "fp8": 0.0}, intra_gbs=link,
                    inter_gbs=link, per_node=max(count, 1), overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB)), count
-
 
 def catalogue_key(device: torch.device) -> str:
     """Best catalogue entry for a local device: the entry whose key prefix is in the device

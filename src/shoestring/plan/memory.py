@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from shoestring.config import ParallelSection
-from shoestring.levers.checkpointing import block_saved_tensors, estimate_saved_activation_bytes, parse_mode
+from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
@@ -115,7 +115,7 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
             "optimizer": per["optimizer"] * local + STEP_COUNTER_BYTES * len(trainable.shapes)}
 
 
-def activation_bytes(info: ModelInfo, levers: Levers, seq_len: int, device_type: str) -> dict[str, int]:
+def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_len: int, device_type: str) -> dict[str, int]:
     """Activations of one micro-batch on one rank, by part."""
     a, b = info.args, levers.micro_batch
     mode = "none" if parse_mode(levers.checkpointing)[0] == "offload" and device_type != "cuda" else levers.checkpointing
@@ -127,28 +127,42 @@ def activation_bytes(info: ModelInfo, levers: Levers, seq_len: int, device_type:
     working = sum(n for _, n in per_block["none"])  # one block's full set, live during its backward
     outside = tokens * a.dim * residual * 2 + tokens * 4  # embedding output, final norm input/rstd
     loss = tokens * a.dim * compute + a.vocab_size * a.dim * 4 + 3 * min(LOSS_CHUNK, tokens) * a.vocab_size * 4
+    if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
+        kind = parse_mode(mode)[0]
+        extra = trainable.block_activation_bytes(tokens, levers.precision)
+        kept = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
+        blocks += kept * extra
+        working += extra
     return {"activations": blocks + outside, "backward_working": 2 * working, "loss": loss}
 
 
-def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> dict[str, int]:
-    """Transient buffers the strategy and precision add on top of state and activations."""
-    n = info.n_params
-    block = info.block_params
-    low = levers.precision in ("bf16", "fp16")  # autocast: a low-precision copy of the weights
-    gather = 2 if levers.precision in ("bf16", "fp16", "bf16-pure") else 4
-    out: dict[str, int] = {}
+def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, device_type: str) -> dict[str, int]:
+    """Transient buffers the strategy and precision add on top of state and activations.
+
+    Autocast caches a low-precision copy of every weight that trains for the whole forward
+    (and linears save it for backward); frozen fp32 weights (LoRA's base) are cast per use but
+    saved for backward too. Sharded strategies gather each block's weights and unsharded
+    gradients from shapes: the root group (embedding, head, final norm) stays gathered from
+    forward to backward; on CUDA the caching allocator reuses one block's buffers for the next
+    (two live: one computing, one prefetched); on CPU, measured (benchmarks/planner_accuracy.py),
+    glibc keeps every block's freed buffers resident until the step ends, so all blocks count."""
+    a = info.args
+    low = levers.precision in ("bf16", "fp16")
+    cast = trainable.n_params + (trainable.frozen_params if trainable.frozen_bytes == 4 else 0)
+    out: dict[str, int] = {"autocast_casts": 2 * cast if low else 0}
     if levers.sharded_params and world > 1:
-        # a gathered block (+1 prefetched) and its unsharded fp32 gradient before reduce-scatter
-        kept = n if not levers.reshard_after_forward else 2 * block
-        out["gathered_params"] = kept * (4 if levers.strategy == "fsdp2" and levers.precision != "bf16-pure" else gather)
-        out["unsharded_grads"] = 2 * block * 4
-        out["autocast_casts"] = 2 * block * 2 if low else 0
-    else:
-        out["autocast_casts"] = trainable.n_params * 2 if low else 0
-        if levers.strategy == "ddp" and world > 1:
-            out["comm_buckets"] = 2 * 25 * 2**20  # bucket_cap_mb=25, one reducing, one filling
-        elif levers.strategy == "deepspeed" and world > 1:
-            out["comm_buckets"] = min(DS_BUCKET_ELEMENTS, trainable.n_params) * gather
+        # FSDP2 gathers in param_dtype: bf16 under bf16-pure, else the fp32 shards themselves
+        gather = 2 if levers.precision == "bf16-pure" or (levers.strategy == "deepspeed" and low) else 4
+        root = info.n_params - a.n_layers * info.block_params
+        blocks = a.n_layers if device_type == "cpu" or not levers.reshard_after_forward else 2
+        share = (root + blocks * info.block_params) / info.n_params  # of the model gathered at once
+        frozen = trainable.frozen_params * min(gather, trainable.frozen_bytes)  # frozen: no gradient
+        out["gathered_params"] = int(share * (trainable.n_params * gather + frozen))
+        out["unsharded_grads"] = int(share * trainable.n_params * 4)
+    elif levers.strategy == "ddp" and world > 1:
+        out["comm_buckets"] = min(2 * 25 * 2**20, 4 * trainable.n_params)  # bucket_cap_mb=25: one reducing, one filling
+    elif levers.strategy == "deepspeed" and world > 1:
+        out["comm_buckets"] = min(DS_BUCKET_ELEMENTS, trainable.n_params) * (2 if levers.precision != "fp32" else 4)
     return out
 
 
@@ -160,8 +174,8 @@ def estimate_memory(info: ModelInfo, trainable: Trainable, levers: Levers, world
         moved = ("optimizer", "master", "params", "grads") if levers.strategy == "fsdp2" else ("optimizer", "master")
         host = sum(state[k] for k in moved)
         state = {k: (0 if k in moved else v) for k, v in state.items()}
-    parts = {**state, **activation_bytes(info, levers, seq_len, device.kind),
-             **comm_and_cast_bytes(info, trainable, levers, world)}
+    parts = {**state, **activation_bytes(info, trainable, levers, seq_len, device.kind),
+             **comm_and_cast_bytes(info, trainable, levers, world, device.kind)}
     allocated = sum(parts.values())
     parts["fragmentation"] = int(allocated * device.fragmentation)
     parts["framework"] = device.overhead_bytes

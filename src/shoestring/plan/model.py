@@ -11,11 +11,11 @@ for LoRA from the lever's own `target_shapes` (levers/lora.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache, cached_property, partial
 from typing import Callable
 
 from shoestring.errors import UserError
-from shoestring.levers.lora import target_shapes
+from shoestring.levers.lora import LoRASettings, estimate, saved_activation_bytes, target_shapes
 from shoestring.models import PRESETS, ModelArgs, build_model
 
 Shape = tuple[int, ...]
@@ -50,6 +50,8 @@ class Trainable:
     shapes: tuple[Shape, ...]
     frozen_params: int = 0
     frozen_bytes: int = 2
+    # bytes one block's trainable add to saved activations: (tokens, precision) -> bytes
+    block_activation_bytes: Callable[[int, str], int] | None = None
 
     @cached_property
     def n_params(self) -> int:
@@ -91,12 +93,14 @@ def full_trainable(info: ModelInfo) -> Trainable:
 
 def lora_trainable(info: ModelInfo, rank: int = 16, targets: tuple[str, ...] = LORA_TARGETS,
                    frozen_bytes: int = 2) -> Trainable:
-    """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter, i.e.
-    rank x (in + out) trainable parameters; the base (all original weights) frozen, stored in
-    `frozen_bytes` (bf16 by default)."""
-    dims = target_shapes(info.args)  # the LoRA lever owns which linears exist and their shapes
+    """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter; the
+    base (all original weights) frozen, stored in `frozen_bytes` (bf16 by default). The lever
+    owns which linears exist, their shapes and the frozen count (levers/lora.py)."""
+    dims = target_shapes(info.args)
     shapes = tuple(s for _ in range(info.args.n_layers) for t in targets for s in ((rank, dims[t][0]), (dims[t][1], rank)))
-    return Trainable(shapes, frozen_params=info.n_params, frozen_bytes=frozen_bytes)
+    settings = LoRASettings(rank=rank, targets=targets)
+    return Trainable(shapes, frozen_params=estimate(info.args, settings).frozen_params, frozen_bytes=frozen_bytes,
+                     block_activation_bytes=partial(saved_activation_bytes, info.args, settings))
 
 
 def lora_flops_per_token(info: ModelInfo, trainable: Trainable, seq_len: int) -> float:

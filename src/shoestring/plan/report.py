@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shoestring.plan.search import Plan, Result, describe
+from shoestring.plan.search import Plan, Result, cheapest_misses, describe
 
 GiB = 2**30
 
@@ -28,6 +28,10 @@ def _top(plans: list[Plan], limit: int) -> list[Plan]:
 def _components(p: Plan, top: int = 4) -> str:
     parts = sorted(p.memory.components.items(), key=lambda kv: -kv[1])[:top]
     return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts if v)
+
+
+def _dollars(cost: float) -> str:
+    return f"{cost:,.2f}" if cost < 100 else f"{cost:,.0f}"
 
 
 def plan_dict(p: Plan) -> dict[str, Any]:
@@ -56,7 +60,7 @@ def result_dict(r: Result, limit: int = 10) -> dict[str, Any]:
         "model": {"params": r.model.n_params, "trainable_params": r.trainable.n_params,
                   "flops_per_token": r.model.flops_per_token(r.seq_len)},
         "plans": [plan_dict(p) for p in _top(r.plans, limit)],
-        "not_fitting": [{**plan_dict(p), "overflow_bytes": p.overflow} for p in r.misses[:3]],
+        "not_fitting": [{**plan_dict(p), "overflow_bytes": p.overflow, "overflow_by": _components(p)} for p in cheapest_misses(r)],
         "candidates_fitting": len(r.plans),
     }
 
@@ -75,7 +79,7 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
         t.add_row(str(i), f"{p.device.key}:{p.count}", p.levers.precision, p.levers.checkpointing, p.levers.strategy_label(),
                   f"{p.levers.micro_batch} x {p.levers.grad_accum}",
                   f"{p.memory.total / GiB:.1f}/{p.device.memory_bytes / GiB:.0f} ({_components(p, 3)})",
-                  f"{p.tokens_per_s:,.0f}", wall, f"{p.cost:,.0f}")
+                  f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost))
     console.print(t)
     if r.plans:
         best = r.plans[0]
@@ -83,6 +87,6 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
         console.print(f"winner: {describe(best)} — step {s.total_s:.2f} s (compute {s.compute_s:.2f}, recompute "
                       f"{s.recompute_s:.2f}, exposed comm {s.comm_s:.2f}, offload {s.offload_s:.2f}); "
                       f"${best.device.hourly(best.spot):.2f}/device-h")
-    for p in r.misses[:3]:
-        console.print(f"does not fit: {describe(p)} needs {p.memory.total / GiB:.1f} GiB of {p.device.memory_bytes / GiB:.0f} "
-                      f"(over by {p.overflow / GiB:.1f} GiB; largest: {_components(p)})")
+    for p in cheapest_misses(r):
+        console.print(f"does not fit: {describe(p)} (would cost ${_dollars(p.cost)}) needs {p.memory.total / GiB:.1f} GiB of "
+                      f"{p.device.memory_bytes / GiB:.0f}: over by {p.overflow / GiB:.1f} GiB; largest parts {_components(p)} GiB")

@@ -15,7 +15,8 @@ from typing import Iterable
 from shoestring.errors import UserError
 from shoestring.plan.catalogue import Device, devices, parse_hardware
 from shoestring.plan.memory import Levers, MemoryEstimate, estimate_memory
-from shoestring.plan.model import ModelInfo, Trainable, full_trainable, lora_flops_per_token, lora_trainable, model_info
+from shoestring.plan.model import (LORA_TARGETS, ModelInfo, Trainable, full_trainable, lora_flops_per_token, lora_trainable,
+                                   model_info)
 from shoestring.plan.throughput import StepTime, compute_dtype, step_time
 
 MODES = ("pretrain", "full-finetune", "lora")
@@ -34,6 +35,8 @@ class Request:
     deadline_h: float | None = None
     spot: bool = False
     lora_rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_base_dtype: str = "bf16"  # the frozen base's dtype (config lora.base_dtype)
     fixed: tuple[tuple[str, object], ...] = ()  # levers the user set (train --auto): name -> value
     ranks: int | None = None  # local hardware: processes to split this machine into
 
@@ -83,7 +86,7 @@ class Result:
     trainable: Trainable
     seq_len: int
     plans: list[Plan]  # fitting, best first
-    misses: list[Plan] = field(default_factory=list)  # per hardware with no fitting plan: its leanest attempt
+    misses: list[Plan] = field(default_factory=list)  # every candidate that does not fit, cheapest first
 
 
 def _hardware(req: Request) -> list[tuple[Device, int]]:
@@ -104,9 +107,11 @@ def _hardware(req: Request) -> list[tuple[Device, int]]:
     return out
 
 
-def _precisions(device: Device, mode: str) -> list[str]:
+def _precisions(device: Device, mode: str, fixed: dict[str, object], frozen_fp32: bool) -> list[str]:
+    if "precision" in fixed:
+        return [str(fixed["precision"])]
     if device.kind == "cpu":
-        return ["bf16", "bf16-pure", "fp32"] if mode != "lora" else ["bf16", "fp32"]
+        return ["bf16", "bf16-pure", "fp32"] if mode != "lora" else ["bf16"] + (["fp32"] if frozen_fp32 else [])
     if device.supports("bf16"):
         return ["bf16", "bf16-pure"] if mode != "lora" else ["bf16"]
     return ["fp16"]
@@ -154,35 +159,45 @@ def _validate(req: Request, info: ModelInfo) -> int:
 def search(req: Request) -> Result:
     info = model_info(req.model)
     seq_len = _validate(req, info)
-    trainable = lora_trainable(info, req.lora_rank) if req.mode == "lora" else full_trainable(info)
-    flops = lora_flops_per_token(info, trainable, seq_len) if req.mode == "lora" else info.flops_per_token(seq_len)
+    if req.mode == "lora":
+        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 2 if req.lora_base_dtype == "bf16" else 4)
+        flops = lora_flops_per_token(info, trainable, seq_len)
+    else:
+        trainable, flops = full_trainable(info), info.flops_per_token(seq_len)
     global_seqs = max(1, min(req.global_batch_tokens, int(req.tokens)) // seq_len)
     fixed = dict(req.fixed)
     plans: list[Plan] = []
     misses: list[Plan] = []
     for device, count in _hardware(req):
         per_device = -(-global_seqs // count)
-        best_miss: Plan | None = None
-        found = False
-        for precision in _precisions(device, req.mode):
+        for precision in _precisions(device, req.mode, fixed, trainable.frozen_bytes == 4):
             if not device.supports(compute_dtype(precision)):
                 continue
             for strat in _strategies(device, count, precision):
-                for mode in CHECKPOINTING:
+                for mode in CHECKPOINTING if "checkpointing" not in fixed else (str(fixed["checkpointing"]),):
                     levers = replace(strat, checkpointing=mode)
                     if not _matches(levers, {k: v for k, v in fixed.items() if k not in ("micro_batch", "grad_accum")}):
                         continue
                     plan = _best_micro_batch(info, trainable, levers, device, count, per_device, seq_len, flops, req, fixed)
-                    if plan.fits:
-                        plans.append(plan)
-                        found = True
-                    elif best_miss is None or plan.overflow < best_miss.overflow:
-                        best_miss = plan
-        if not found and best_miss is not None:
-            misses.append(best_miss)
+                    (plans if plan.fits else misses).append(plan)
     plans.sort(key=_rank)
     misses.sort(key=lambda p: (p.cost, p.overflow))
     return Result(req, info, trainable, seq_len, plans, misses)
+
+
+def cheapest_misses(result: Result, limit: int = 3) -> list[Plan]:
+    """The cheapest candidates that do not fit, one per hardware and strategy: what the user
+    would pay if memory allowed, and (their memory breakdown) what stands in the way."""
+    seen: set[tuple] = set()
+    out = []
+    for p in result.misses:
+        key = (p.device.key, p.count, p.levers.strategy_label())
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+            if len(out) == limit:
+                break
+    return out
 
 
 def _rank(p: Plan) -> tuple:
@@ -222,6 +237,17 @@ def leanest(result: Result) -> Plan | None:
     return min(result.misses, key=lambda p: p.overflow / p.device.memory_bytes, default=None)
 
 
+def smallest_fitting_count(req: Request, device_key: str, limit: int = 1024) -> Plan | None:
+    """The cheapest plan on the fewest devices of one kind (powers of two up to `limit`) that fits."""
+    n = 1
+    while n <= limit:
+        found = search(replace(req, hardware=(f"{device_key}:{n}",))).plans
+        if found:
+            return found[0]
+        n *= 2
+    return None
+
+
 def require_fit(result: Result) -> None:
     """Raise a clear error, with what would be needed, when no candidate fits anywhere."""
     if result.plans:
@@ -230,13 +256,12 @@ def require_fit(result: Result) -> None:
     if best is None:
         raise UserError("no candidate plan was possible for this hardware and these constraints",
                         "relax the levers you fixed, or try other --hardware")
-    need = best.memory.total / 1e9
-    per_dev_gb = best.device.memory_bytes / 1e9
-    more = math.ceil(best.count * need / per_dev_gb) if best.levers.sharded_params else None
-    fix = f"it needs {need:.1f} GB per device; {best.device.key} has {per_dev_gb:.0f} GB"
-    if more:
-        fix += f" (about {best.device.key}:{2 ** math.ceil(math.log2(more))} with sharding)"
-    fix += "; try more or larger devices (--hardware), a shorter --seq-len, or --mode lora"
+    fix = f"it needs {best.memory.total / 1e9:.1f} GB per device; {best.device.key} has {best.device.memory_bytes / 1e9:.0f} GB"
+    enough = None if best.device.key == "local" else smallest_fitting_count(result.request, best.device.key)
+    if enough is not None:
+        fix += f"; {describe(enough)} would fit ({enough.memory.total / 1e9:.1f} GB per device, ${enough.cost:,.0f})"
+    else:
+        fix += "; try larger devices (--hardware), a shorter --seq-len, or --mode lora"
     raise UserError(f"{result.model.name} fits nowhere: the leanest plan ({describe(best)}) overflows by "
                     f"{best.overflow / 1e9:.1f} GB per device", fix)
 
@@ -251,4 +276,4 @@ def candidates_count(result: Result) -> int:
     return len(result.plans) + len(result.misses)
 
 
-__all__: Iterable[str] = ["Plan", "Request", "Result", "describe", "leanest", "require_fit", "search"]
+__all__: Iterable[str] = ["Plan", "Request", "Result", "cheapest_misses", "describe", "leanest", "require_fit", "search"]

@@ -4,7 +4,8 @@
     recompute = checkpointing's extra time: its matmul FLOP fraction on GPUs (`full`, `every:K`);
                 the device class's measured multiplier where element-wise work dominates (CPU)
     comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
-                behind compute (`OVERLAP`)
+                behind compute (`OVERLAP`; on the CPU, gloo runs on the cores that compute, so
+                the calibrated `comm_overlap` applies instead)
     offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
 
 Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
@@ -49,6 +50,12 @@ def achievable_mfu(device: Device, precision: str) -> float:
     return device.mfu
 
 
+def overlap(device: Device, levers: Levers) -> float:
+    if device.kind == "cpu":
+        return calibration("cpu").get("comm_overlap", 0.0)
+    return OVERLAP.get(levers.strategy_label().split("+")[0].split("(")[0], 0.7)
+
+
 def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: int) -> float:
     """Step-time multiplier of a checkpointing mode (1.0 = no extra time)."""
     kind, _ = parse_mode(mode)
@@ -90,7 +97,7 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
     compute = tokens * flops_per_token / (peak * achievable_mfu(device, levers.precision))
     recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len) - 1.0)
     comm = comm_bytes(info, trainable, levers, world) / (device.link_gbs(world) * 1e9)
-    hidden = OVERLAP.get(levers.strategy_label().split("+")[0].split("(")[0], 0.7) * (compute + recompute)
+    hidden = overlap(device, levers) * (compute + recompute)
     exposed = max(comm - hidden, comm * 0.1) if comm else 0.0
     offload = 0.0
     if levers.offload:
