@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 from shoestring.config import Config, build_config
+
+# Keep torch.compile (tens of seconds per first compile) out of the suite, in this process and
+# in the ranks and CLI runs it starts: train.compile = "auto" reads this switch.
+os.environ["SHOESTRING_COMPILE"] = "off"
 
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
 

@@ -11,7 +11,7 @@ import torch
 from shoestring.config import Config
 from shoestring.errors import UserError
 from shoestring.levers.checkpointing import apply_checkpointing
-from shoestring.levers.compile import compile_blocks
+from shoestring.levers import compile as compile_lever
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import Llama, build_model, preset_args
 from shoestring.models.hf import HFSource, load_llama
@@ -82,6 +82,7 @@ def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: H
     model = build_plain_model(cfg, vocab_size, device, source)
     shape_model(cfg, model)
     apply_checkpointing(model, cfg.checkpointing.mode)
-    if cfg.train.compile:
-        compile_blocks(model)
-    return cls(model, precision_policy(cfg), optimizer_settings(cfg), device, cfg.parallel)
+    policy = precision_policy(cfg)
+    if compile_lever.wanted(cfg.train.compile, device, policy):
+        compile_lever.compile_blocks(model, device)
+    return cls(model, policy, optimizer_settings(cfg), device, cfg.parallel)

@@ -80,7 +80,9 @@ class TrainSection(Section):
     eval_batches: int = Field(default=8, gt=0)
     log_every: int = Field(default=10, gt=0)
     seed: int = 1337
-    compile: bool = False
+    # Regional torch.compile of the blocks: true | false | "auto" (on where it pays: CUDA, and
+    # CPU in bf16; see shoestring.levers.compile).
+    compile: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
     nan_policy: Literal["stop", "skip"] = "stop"

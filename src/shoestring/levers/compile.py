@@ -1,14 +1,66 @@
 """Compile lever: `torch.compile` each transformer block on its own (regional compilation).
 
 All blocks share one architecture, so dynamo compiles the first and reuses the code for the
-rest: compile time is that of one block, not of the whole model.
+rest: compile time is that of one block (~15-40 s on 2 CPU cores), not of the whole model.
+What it buys is fusion of the elementwise work between matmuls (RMSNorm, RoPE, SwiGLU, the
+residual adds and autocast's casts): on the small preset in bf16 on CPU that is most of the
+non-matmul time (docs/performance.md).
+
+`train.compile = "auto"` (the default) compiles where that pays: on CUDA, and on CPU when the
+matmuls run in bf16. fp32 on CPU gains little for the compile time. Where compile cannot run
+(no C++ compiler for inductor's CPU kernels, no triton for CUDA, an unsupported Python) the
+blocks stay eager with a warning; an error while compiling a block at run time also falls back
+to eager (dynamo's `suppress_errors`), logged by torch, instead of stopping the run.
+Set SHOESTRING_COMPILE=off to make "auto" mean off (the test suite does, to stay fast).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
+
+import torch
+
+from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 
+ENV_SWITCH = "SHOESTRING_COMPILE"
 
-def compile_blocks(model: Llama) -> None:
+
+def wanted(setting: bool | str, device: torch.device, policy: PrecisionPolicy) -> bool:
+    """Resolve the `train.compile` setting (True, False or "auto") for this device and policy."""
+    if setting != "auto":
+        return bool(setting)
+    if os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no"):
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and policy.compute_dtype == torch.bfloat16)
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, or None when it can."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python/platform"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed (inductor's CUDA kernels need it)"
+    if device.type == "cpu":
+        from torch._inductor import config as inductor_config
+
+        cxx = inductor_config.cpp.cxx[-1] or os.environ.get("CXX") or "g++"
+        return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) for inductor's CPU kernels"
+    return f"compile is not supported on {device.type}"
+
+
+def compile_blocks(model: Llama, device: torch.device | None = None) -> bool:
+    """Compile every block in place; returns False (blocks left eager, with a warning) when
+    compile cannot run on `device`."""
+    reason = unavailable(device or next(model.parameters()).device)
+    if reason:
+        warnings.warn(f"train.compile: {reason}; running the blocks eagerly", stacklevel=2)
+        return False
+    torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly
     for block in model.layers:
         block.compile()
+    return True

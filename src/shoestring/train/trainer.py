@@ -234,7 +234,7 @@ class Trainer:
                 # on the other steps.
                 with CommMeter(strategy.world_size, enabled=step == start + 2) as meter:
                     for m in range(cfg.train.grad_accum):
-                        x, y = (t.to(self.device, non_blocking=True) for t in sampler.next_batch())
+                        x, y = (self._to_device(t) for t in sampler.next_batch())
                         if step == start and m == 0:
                             with SavedActivationCounter() as counter:
                                 loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
@@ -291,6 +291,13 @@ class Trainer:
         if strategy.is_main:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host batch -> device without a sync: a copy from pinned memory is asynchronous on
+        CUDA (from pageable memory it would wait for the copy)."""
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def _stopping(self) -> bool:
         """Whether any rank was signalled: all ranks stop (and save) at the same step."""
