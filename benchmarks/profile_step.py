@@ -1,20 +1,21 @@
 """Where one training step's time goes: torch.profiler over a few steps of a preset, top ops.
 
-    PYTHONPATH=src python benchmarks/profile_step.py --preset small --precision bf16 [--compile]
+    PYTHONPATH=src python benchmarks/profile_step.py --preset small --precision bf16 [--compile auto|on|off]
 
-Prints the step time, tokens/s, MFU against the measured matmul peak, and the ops with the most
+Prints the step time (median of the timed steps), tokens/s, MFU against the measured matmul peak, and the ops with the most
 self CPU time per step (a markdown table, as pasted into docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from shoestring.levers.compile import compile_blocks
+from shoestring.levers import compile as compile_lever
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import build_model, preset_args
 from shoestring.parallel import OptimizerSettings
@@ -29,17 +30,17 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median) and profiled steps")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="as train.compile")
     ap.add_argument("--top", type=int, default=15)
     a = ap.parse_args()
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(preset_args(a.preset, vocab_size=a.vocab, max_seq_len=a.seq), device)
-    if a.compile:
-        compile_blocks(model)
     policy = PrecisionPolicy(a.precision)
+    compiled = compile_lever.wanted({"on": True, "off": False}.get(a.compile, "auto"), device, policy) \
+        and compile_lever.compile_blocks(model, device)
     strategy = SingleDevice(model, policy, OptimizerSettings(1e-3, 0.1, (0.9, 0.95), 1.0), device)
     x, y = (torch.randint(0, a.vocab, (a.batch, a.seq), device=device) for _ in range(2))
 
@@ -47,15 +48,17 @@ def main() -> None:
         strategy.forward_backward(x, y, 1.0, True)
         strategy.step(1e-3)
 
-    for _ in range(2):  # warm-up (and compilation)
-        step()
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
+    for _ in range(3):  # warm-up (and compilation)
         step()
-    sync()
-    step_s = (time.perf_counter() - t0) / a.steps
+    times = []
+    for _ in range(a.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(a.steps):
@@ -66,7 +69,7 @@ def main() -> None:
     tps = tokens / step_s
     peak = matmul_peak_flops(device, policy.compute_dtype)
     mfu = tps * model.flops_per_token(a.seq) / peak
-    print(f"preset {a.preset}, {a.precision}, batch {a.batch} x {a.seq}, compile {a.compile}, "
+    print(f"preset {a.preset}, {a.precision}, batch {a.batch} x {a.seq}, blocks compiled {compiled}, "
           f"threads {torch.get_num_threads()}: step {step_s * 1e3:.0f} ms, {tps:,.0f} tok/s, "
           f"MFU {mfu:.1%} of the measured {peak / 1e12:.2f} TFLOP/s matmul peak\n")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
