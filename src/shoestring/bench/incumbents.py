@@ -250,7 +250,9 @@ def run_deepspeed_hf(work: Work) -> dict[str, Any]:
     policy = PrecisionPolicy("bf16")
     model = hf_model(work)
     opt = make_adamw([p for p in model.parameters() if p.requires_grad], work.settings, torch.device("cpu"))
-    config = ds_config(policy, work.settings, ParallelSection(strategy="deepspeed", zero_stage=3))
+    # Our adapter's config, buckets sized to one block (DeepSpeed's defaults suit billion-parameter models).
+    block_numel = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
+    config = ds_config(policy, work.settings, ParallelSection(strategy="deepspeed", zero_stage=3), block_numel)
     engine = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)[0]
 
     def step(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
