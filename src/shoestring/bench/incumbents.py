@@ -93,7 +93,7 @@ def token_batches(work: Work) -> torch.Tensor:
     return out.view(work.steps, work.batch, work.seq_len + 1)
 
 
-def hf_model(work: Work, checkpointing: bool = False):
+def hf_model(work: Work):
     """`LlamaForCausalLM` (sdpa) holding exactly the weights shoestring initialises from the seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,8 +107,6 @@ def hf_model(work: Work, checkpointing: bool = False):
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
     return model
 
 
@@ -189,7 +187,7 @@ def run_hf_trainer(work: Work, checkpointing: str) -> dict[str, Any]:
     data = token_batches(work).flatten(0, 1)
     # labels feed HF's token count; shift_labels are the targets as given (no shift inside).
     dataset = [{"input_ids": s[:-1], "labels": s[:-1], "shift_labels": s[1:]} for s in data]
-    model = hf_model(work, checkpointing == "full")
+    model = hf_model(work)  # Trainer turns its gradient checkpointing on from the arguments
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=work.batch, max_steps=work.steps, learning_rate=work.lr,
