@@ -39,6 +39,9 @@ def test_smoke_single_device():
     _agree(rows)
     text = incumbents.table(rows)
     assert "shoestring / HF Trainer" in text and "| hf-trainer | 1 | full |" in text
+    from shoestring.bench.goals import verdicts  # `shoestring bench` judges these rows by `case`
+
+    assert [v.met is not None for v in verdicts("incumbents", rows)][:4] == [True] * 4
 
 
 @pytest.mark.slow

@@ -42,6 +42,11 @@ from shoestring.train.schedule import lr_at
 SINGLE = (("shoestring", "none"), ("hf-trainer", "none"), ("shoestring", "full"), ("hf-trainer", "full"))
 RANKS = 2
 DISTRIBUTED = ("shoestring-fsdp2", "fsdp2-hf", "deepspeed-zero3-hf")
+# (system, checkpointing) -> the `case` name `shoestring bench`'s goals (bench/goals.py) look up
+CASES = {("shoestring", "none"): "shoestring", ("hf-trainer", "none"): "hf-trainer",
+         ("shoestring", "full"): "shoestring ckpt", ("hf-trainer", "full"): "hf-trainer ckpt",
+         ("shoestring-fsdp2", "none"): "shoestring fsdp2", ("fsdp2-hf", "none"): "torch fsdp2",
+         ("deepspeed-zero3-hf", "none"): "deepspeed zero3"}
 
 
 @dataclass(frozen=True)
@@ -299,9 +304,10 @@ def _spawn(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
 def _row(system: str, ranks: int, checkpointing: str, work: Work, result: dict[str, Any]) -> dict[str, Any]:
     per_rank = result.get("per_rank", [result])
     losses = [statistics.fmean(step) for step in zip(*(r["losses"] for r in per_rank))]  # ranks saw halves
-    return {"system": system, "ranks": ranks, "checkpointing": checkpointing, "work": asdict(work),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in per_rank),
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_rank),
+    tps, peak = statistics.median(r["tokens_per_s"] for r in per_rank), max(r["peak_rss_bytes"] for r in per_rank)
+    return {"system": system, "case": CASES[system, checkpointing], "ranks": ranks, "checkpointing": checkpointing,
+            "work": asdict(work), "tokens_per_s": tps, "step_s": work.batch * work.seq_len / tps,
+            "peak_rss_bytes": peak, "peak_bytes": peak,
             "losses": losses, "note": per_rank[0].get("note", "")}
 
 
