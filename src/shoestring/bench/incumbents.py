@@ -79,7 +79,7 @@ class Work:
 
 SIZES: dict[str, tuple[Work, Work]] = {  # (single device, two ranks)
     "smoke": (Work("micro", 512, 4, 32, steps=4, skip=1, compile=False), Work("micro", 512, 4, 32, steps=3, skip=1, compile=False)),
-    "small": (Work("small", 4096, 16, 256, steps=16, skip=4), Work("small", 4096, 16, 256, steps=8, skip=3)),
+    "small": (Work("small", 4096, 16, 256, steps=10, skip=3), Work("small", 4096, 16, 256, steps=6, skip=2)),
     "full": (Work("small", 4096, 16, 256, steps=60, skip=5), Work("small", 4096, 16, 256, steps=30, skip=5)),
 }
 

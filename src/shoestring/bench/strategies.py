@@ -45,7 +45,7 @@ FULL_ONLY = ("fsdp2 no-reshard", "zero1", "zero2")
 # size -> (preset, global batch, seq len, steps, rounds)
 SIZES = {
     "smoke": ("micro", 4, 32, 4, 1),
-    "small": ("tiny", 16, 256, 12, 3),
+    "small": ("tiny", 16, 256, 10, 3),
     "full": ("tiny", 16, 256, 40, 5),
 }
 
