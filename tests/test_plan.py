@@ -12,7 +12,7 @@ import torch
 from shoestring.cli import main
 from shoestring.levers.precision import PrecisionPolicy, cast_model
 from shoestring.models import PRESETS, build_model
-from shoestring.plan.memory import Levers, state_bytes
+from shoestring.plan.memory import Levers, comm_and_cast_bytes, state_bytes
 from shoestring.plan.model import full_trainable, model_info
 from shoestring.plan.search import Request, search
 
@@ -93,6 +93,33 @@ def test_fsdp2_state_bytes_exact(preset):
         for precision in ("bf16", "bf16-pure"):
             counted = {**_fsdp_counted(preset, n, precision), "master": 0}
             assert state_bytes(full_trainable(info), Levers(precision, "none", "fsdp2"), n) == counted, (n, precision)
+
+
+class _Ranks:
+    """The yafsdp engine's collectives as seen by rank 0 of `world_size`: building it calls none."""
+
+    def __init__(self, world_size: int):
+        self.rank, self.world_size = 0, world_size
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_yafsdp_state_and_buffer_bytes_exact(preset):
+    """The yafsdp engine built on the meta device, rank 0 of N: the planner's model state and
+    buffers (from the engine's static estimates) equal what its `memory()` counts."""
+    from shoestring.config import ParallelSection
+    from shoestring.parallel.base import OptimizerSettings
+    from shoestring.parallel.yafsdp import YaFSDP
+
+    info = model_info(preset)
+    settings = OptimizerSettings(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0)
+    for n in (1, 2, 8):
+        for precision in ("bf16", "bf16-pure"):
+            engine = YaFSDP(build_model(PRESETS[preset], "meta"), PrecisionPolicy(precision), settings,
+                            torch.device("meta"), ParallelSection(strategy="yafsdp"), _Ranks(n))
+            counted = engine.memory()
+            levers = Levers(precision, "none", "yafsdp")
+            assert {**state_bytes(full_trainable(info), levers, n), "buffers": counted["buffers"]} == counted, (n, precision)
+            assert comm_and_cast_bytes(info, full_trainable(info), levers, n, "cpu")["buffers"] == counted["buffers"]
 
 
 def test_70b_full_search_is_fast():

@@ -1,6 +1,6 @@
 """The planner against measurement on this machine: predicted vs measured peak memory and
 tokens/s, one fresh process group per configuration (precisions x checkpointing x single / ddp /
-fsdp2 on 2 ranks, pre-training, full fine-tuning and LoRA).
+fsdp2 / yafsdp on 2 ranks, pre-training, full fine-tuning and LoRA).
 
 `run(size, rounds)` measures and predicts; `table(rows)` formats the rows as Markdown;
 `predict_rows(raw)` re-predicts saved measurements (iterate on the model without re-measuring);
@@ -25,7 +25,7 @@ MiB = 2**20
 @dataclass(frozen=True)
 class Case:
     preset: str
-    strategy: str  # single | ddp | fsdp2 (2 ranks unless single)
+    strategy: str  # single | ddp | fsdp2 | yafsdp (2 ranks unless single)
     precision: str
     checkpointing: str
     batch: int  # global batch, sequences
@@ -68,6 +68,8 @@ _SMALL = [
     Case("small", "ddp", "fp32", "full", 8, 256),
     Case("small", "fsdp2", "bf16", "none", 8, 256),
     Case("small", "fsdp2", "bf16-pure", "full", 8, 256),
+    Case("small", "yafsdp", "fp32", "none", 8, 256),
+    Case("small", "yafsdp", "bf16-pure", "full", 8, 256),
     Case("small", "single", "bf16", "selective", 8, 256, mode="full-finetune"),
     Case("small", "single", "bf16", "none", 8, 256, mode="lora"),
     Case("small", "single", "bf16", "full", 8, 256, mode="lora", lora_base_dtype="bf16"),
@@ -160,19 +162,21 @@ def _row(case: Case, runs: list[dict]) -> dict[str, Any]:
             "tokens_per_s_error": pred["tokens_per_s"] / tps - 1, "predicted": pred}
 
 
-def run(size: str = "small", rounds: int = 3, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+def run(size: str = "small", rounds: int = 3, progress: Callable[[str], None] = lambda s: None,
+        only: str = "") -> list[dict]:
     """Measure every case of `size` ("smoke": seconds; "small": minutes on 2 cores; "full":
-    a larger model), `rounds` fresh-process rounds interleaved, and predict each."""
+    a larger model) whose label contains `only`, `rounds` fresh-process rounds interleaved, and
+    predict each."""
     from shoestring.plan import probe
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     from shoestring.plan.catalogue import local_hardware
 
+    cases = [c for c in SIZES[size] if only in c.label]
     probe.forget()  # predict against the machine as it is now, not a stale cached peak
-    for world in sorted({c.world for c in SIZES[size]}):
+    for world in sorted({c.world for c in cases}):
         local_hardware(world)  # probe now, before the runs, in the same conditions
-    cases = SIZES[size]
     runs: dict[Case, list[dict]] = {c: [] for c in cases}
     for r in range(rounds):
         for c in cases:

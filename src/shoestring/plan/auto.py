@@ -13,7 +13,7 @@ from shoestring.config import Config
 from shoestring.errors import UserError
 from shoestring.plan.search import Plan, Request, describe, require_fit, search
 
-RUNNABLE = ("single", "ddp", "fsdp2")  # deepspeed is an optional extra: only when the config asks for it
+RUNNABLE = ("single", "ddp", "fsdp2", "yafsdp")  # deepspeed is an optional extra: only when the config asks for it
 
 
 def _fixed(cfg: Config, ranks: int) -> dict[str, object]:

@@ -14,7 +14,7 @@ Composes what each lever knows about itself:
 * autocast's weight casts (bf16/fp16 autocast keeps a low-precision copy of every weight while
   the step runs; under FSDP2 / ZeRO-3 only a block's worth at a time);
 * communication buffers: DDP buckets, FSDP2 / ZeRO-3 gathered blocks and unsharded gradients,
-  ZeRO reduce buckets;
+  ZeRO reduce buckets, the YaFSDP engine's preallocated buffers (its own `buffer_bytes`);
 * framework overhead: measured per device class (CUDA context and workspaces from the
   catalogue; the CPU process's non-tensor RSS, calibrated by benchmarks/planner_accuracy.py).
 """
@@ -27,6 +27,8 @@ from functools import cache
 from shoestring.config import ParallelSection
 from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
+from shoestring.parallel import strategy_class
+from shoestring.parallel.yafsdp import YaFSDP
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
 
@@ -37,7 +39,7 @@ DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket 
 
 @dataclass(frozen=True)
 class Levers:
-    """One candidate's choices. `strategy` is single | ddp | fsdp2 | deepspeed."""
+    """One candidate's choices. `strategy` is single | ddp | fsdp2 | yafsdp | deepspeed."""
 
     precision: str
     checkpointing: str
@@ -95,12 +97,10 @@ def _local_total(trainable: Trainable, world: int, fsdp: bool) -> int:
 def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, int]:
     """Exact model-state bytes per rank after an optimizer step (the steady state)."""
     policy = PrecisionPolicy(levers.precision)
-    if levers.strategy == "deepspeed":  # ZeRO's flat partitions: the strategy's own estimate
-        from shoestring.parallel.deepspeed import DeepSpeed
-
-        est = DeepSpeed.state_bytes(trainable.n_params, world, policy, levers.parallel_options())
+    if levers.strategy in ("deepspeed", "yafsdp"):  # flat partitions: the engine's own estimate
+        est = strategy_class(levers.strategy).state_bytes(trainable.n_params, world, policy, levers.parallel_options())
         est["optimizer"] += 2 * STEP_COUNTER_BYTES  # one flat tensor per param group (decay, no-decay)
-        est["params"] += trainable.frozen_params * trainable.frozen_bytes
+        est["params"] += trainable.frozen_params * trainable.frozen_bytes  # ZeRO's replicated base (yafsdp: no LoRA)
         return est
     fsdp = levers.strategy == "fsdp2"
     local = _local_total(trainable, world, fsdp)
@@ -145,12 +145,16 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
     gradients from shapes: the root group (embedding, head, final norm) stays gathered from
     forward to backward; on CUDA the caching allocator reuses one block's buffers for the next
     (two live: one computing, one prefetched); on CPU, measured (benchmarks/planner_accuracy.py),
-    glibc keeps every block's freed buffers resident until the step ends, so all blocks count."""
+    glibc keeps every block's freed buffers resident until the step ends, so all blocks count.
+    The YaFSDP engine allocates its gather and gradient buffers once and reuses them (nothing is
+    freed per block, so the same bytes on CPU as on CUDA, at any world size): its `buffer_bytes`."""
     a = info.args
     low = levers.precision in ("bf16", "fp16")
     cast = trainable.n_params + (trainable.frozen_params if trainable.frozen_bytes == 4 else 0)
     out: dict[str, int] = {"autocast_casts": 2 * cast if low else 0}
-    if levers.sharded_params and world > 1:
+    if levers.strategy == "yafsdp":
+        out["buffers"] = YaFSDP.buffer_bytes(a, world, PrecisionPolicy(levers.precision), levers.parallel_options())
+    elif levers.sharded_params and world > 1:
         # FSDP2 gathers in param_dtype: bf16 under bf16-pure, else the fp32 shards themselves
         gather = 2 if levers.precision == "bf16-pure" or (levers.strategy == "deepspeed" and low) else 4
         root = info.n_params - a.n_layers * info.block_params

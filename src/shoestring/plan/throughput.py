@@ -17,14 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shoestring.levers.checkpointing import checkpointed_blocks, estimate_recompute_flops_fraction, parse_mode
+from shoestring.levers.precision import PrecisionPolicy
+from shoestring.parallel.yafsdp import YaFSDP
 from shoestring.plan.catalogue import Device, calibration
 from shoestring.plan.memory import Levers
 from shoestring.plan.model import ModelInfo, Trainable
 
 # Fraction of communication time hidden behind compute. DDP all-reduces buckets during
 # backward (the last bucket is exposed); FSDP2 prefetches the next block's all-gather; ZeRO-1/2
-# reduce during backward but all-gather updated params after the step, exposed.
-OVERLAP = {"ddp": 0.8, "fsdp2": 0.8, "zero-1": 0.5, "zero-2": 0.5, "zero-3": 0.7, "single": 0.0}
+# reduce during backward but all-gather updated params after the step, exposed. YaFSDP prefetches
+# the next block's gather and reduce-scatters during backward like FSDP2 (its root and norms'
+# reduce-scatter in the step is exposed, and small).
+OVERLAP = {"ddp": 0.8, "fsdp2": 0.8, "yafsdp": 0.8, "zero-1": 0.5, "zero-2": 0.5, "zero-3": 0.7, "single": 0.0}
 HOST_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPU Adam on a server host: ~1 B params/s (order of magnitude)
 
 
@@ -82,6 +86,10 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
         return 2 * f * n * grad
     if levers.strategy == "deepspeed" and levers.zero_stage < 3:
         return 2 * f * n * grad  # reduce-scatter grads + all-gather params
+    if levers.strategy == "yafsdp":  # the engine's own count of the full tensors it moves
+        moved = YaFSDP.communication_bytes(info.args, world, PrecisionPolicy(levers.precision), levers.parallel_options(),
+                                           levers.grad_accum)
+        return f * sum(moved.values())
     # fsdp2 / zero-3: all-gather params in forward (+ again in backward when resharded) and
     # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too.
     gather = 2 if levers.precision == "bf16-pure" else 4
