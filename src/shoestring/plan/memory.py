@@ -28,7 +28,7 @@ from shoestring.config import ParallelSection
 from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.parallel import strategy_class
-from shoestring.parallel.yafsdp import YaFSDP
+from shoestring.parallel.yafsdp import REDUCE_DTYPES, YaFSDP
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
 
@@ -147,13 +147,20 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
     (two live: one computing, one prefetched); on CPU, measured (benchmarks/planner_accuracy.py),
     glibc keeps every block's freed buffers resident until the step ends, so all blocks count.
     The YaFSDP engine allocates its gather and gradient buffers once and reuses them (nothing is
-    freed per block, so the same bytes on CPU as on CUDA, at any world size): its `buffer_bytes`."""
+    freed per block, so the same bytes on CPU as on CUDA, at any world size): its `buffer_bytes`.
+    On gloo, measured, each block's all-gather and reduce-scatter leaves a temporary of one block
+    (the larger of the two dtypes) resident on gloo's threads: the freed-buffer effect again, all
+    blocks count (the engine's tensors alone account for the whole peak with a fake collective)."""
     a = info.args
     low = levers.precision in ("bf16", "fp16")
     cast = trainable.n_params + (trainable.frozen_params if trainable.frozen_bytes == 4 else 0)
     out: dict[str, int] = {"autocast_casts": 2 * cast if low else 0}
     if levers.strategy == "yafsdp":
-        out["buffers"] = YaFSDP.buffer_bytes(a, world, PrecisionPolicy(levers.precision), levers.parallel_options())
+        policy, options = PrecisionPolicy(levers.precision), levers.parallel_options()
+        out["buffers"] = YaFSDP.buffer_bytes(a, world, policy, options)
+        if device_type == "cpu" and world > 1:
+            size = max(policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize)
+            out["gloo_temporaries"] = a.n_layers * info.block_params * size
     elif levers.sharded_params and world > 1:
         # FSDP2 gathers in param_dtype: bf16 under bf16-pure, else the fp32 shards themselves
         gather = 2 if levers.precision == "bf16-pure" or (levers.strategy == "deepspeed" and low) else 4
