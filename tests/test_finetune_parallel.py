@@ -14,12 +14,13 @@ from shoestring.levers.lora import ADAPTER_KEYS
 from tests.test_parallel import FP32_REL, STRATEGIES, _params, assert_same_curve, curve, runs  # noqa: F401 (fixture)
 
 LORA = dict(lora__enabled=True, lora__rank=4, lora__targets=["q_proj", "v_proj", "down_proj"])
+CASES = {**STRATEGIES, "yafsdp": {"parallel__strategy": "yafsdp"}}
 
 
-@pytest.mark.parametrize("strategy", [_params(c) for c in ("ddp", "fsdp2", "zero2", "zero3")])
+@pytest.mark.parametrize("strategy", [_params(c) for c in ("ddp", "fsdp2", "yafsdp", "zero2", "zero3")])
 def test_lora_two_ranks_follow_single(runs, strategy):
     ref = runs.single("lora-single", **LORA)
-    run = runs.launched(f"lora-{strategy}", **STRATEGIES[strategy], **LORA)
+    run = runs.launched(f"lora-{strategy}", **CASES[strategy], **LORA)
     assert_same_curve(curve(ref), curve(run), FP32_REL)
     expected, _ = checkpoint_weights(ref)
     got, _ = checkpoint_weights(run)
@@ -35,3 +36,13 @@ def test_lora_two_ranks_follow_single(runs, strategy):
     assert mem["optimizer"] < 0.1 * full["optimizer"]
     # The optimizer holds the adapters alone: AdamW's two fp32 moments each (plus step counters).
     assert mem["optimizer"] <= 8 * adapter_params + 256
+
+
+def test_lora_yafsdp_holds_gradients_and_optimizer_state_for_its_adapter_shard_only(runs):
+    """Counted by the engine: the adapters' 1/N shard of fp32 gradients and two Adam moments
+    (plus one step counter); the frozen base shards hold none."""
+    expected, _ = checkpoint_weights(runs.single("lora-single", **LORA))
+    run = runs.launched("lora-yafsdp", **CASES["yafsdp"], **LORA)
+    shard = -(-sum(v.numel() for k, v in expected.items() if any(a in k for a in ADAPTER_KEYS)) // 2)
+    mem = json.loads((run / "summary.json").read_text())["memory_bytes"]
+    assert mem["grads"] == 4 * shard and mem["optimizer"] == 8 * shard + 4

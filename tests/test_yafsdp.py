@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from shoestring.config import ParallelSection, build_config
 from shoestring.levers.checkpointing import apply_checkpointing
+from shoestring.levers.lora import LoRASettings, apply_lora, is_adapter_key
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama, ModelArgs
 from shoestring.parallel.base import OptimizerSettings
@@ -38,6 +39,8 @@ SETTINGS = OptimizerSettings(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), grad_
 MODES = ("none", "full", "every:2", "selective")
 STEPS, ACCUM, BATCH, SEQ = 20, 2, 4, 16  # BATCH: sequences per micro-step, over all ranks
 BF16_REL = 0.02  # tests/test_parallel.py's bf16 tolerance, which fsdp2 meets
+LORA = LoRASettings(rank=4, targets=("q_proj", "v_proj", "down_proj"))
+LORA_BF16 = LoRASettings(rank=4, targets=("q_proj", "v_proj", "down_proj"), base_dtype=torch.bfloat16)
 torch.set_num_threads(1)
 
 
@@ -71,9 +74,12 @@ class FakeCollectives:
         pass
 
 
-def _pair(mode: str, precision: str = "fp32", async_collectives: bool = True, reduce_dtype: str = "fp32"):
+def _pair(mode: str, precision: str = "fp32", async_collectives: bool = True, reduce_dtype: str = "fp32",
+          lora: LoRASettings | None = None):
     torch.manual_seed(0)
     model = Llama(ARGS)
+    if lora:
+        apply_lora(model, lora)
     policy = PrecisionPolicy(precision)
     twin = copy.deepcopy(model)
     apply_checkpointing(twin, mode)
@@ -115,11 +121,10 @@ def test_no_buffer_is_read_in_flight(mode, async_collectives):
 
 
 def _engine_weights(ya: YaFSDP) -> dict[str, torch.Tensor]:
-    """Full weights of a world-of-one engine, from its master shard."""
+    """Full weights of a world-of-one engine, from its shards."""
     out = {}
     for k, unit in enumerate(ya.units):
-        flat = ya.master[ya.offsets[k] : ya.offsets[k + 1]]
-        for names, view in zip(unit.names, unit.views(flat)):
+        for names, view in zip(unit.names, unit.views(ya.shard(k))):
             out.update({n: view for n in names})
     return out
 
@@ -160,6 +165,40 @@ def test_overwriting_a_buffer_in_use_raises():
         ya._gather(2)
 
 
+@pytest.mark.parametrize("mode, precision, lora", [("none", "fp32", LORA), ("full", "bf16", LORA_BF16),
+                                                  ("every:2", "bf16-pure", LORA)])
+def test_lora_trains_only_the_adapters_and_holds_state_for_them_only(mode, precision, lora):
+    ref, ya = _pair(mode, precision, lora=lora)
+    base = {k: v.clone() for k, v in _engine_weights(ya).items() if not is_adapter_key(k)}
+    batches = _batches(3 * ACCUM)
+    assert _rel(_train(ref, batches, 3), _train(ya, batches, 3)) < (1e-5 if precision == "fp32" else BF16_REL)
+    weights = _engine_weights(ya)
+    assert all(torch.equal(weights[k], v) for k, v in base.items())  # bit-identical
+    adapters = {n: p for n, p in ref.model.named_parameters() if p.requires_grad}
+    assert adapters and all(is_adapter_key(n) for n in adapters)
+    if precision == "fp32":
+        for name, p in adapters.items():
+            torch.testing.assert_close(weights[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    # Gradients, masters and moments for the adapters only; frozen shards in the dtype computed in.
+    assert ya.master.numel() == ya.grad.numel() == ya.moments[0].numel() == sum(p.numel() for p in adapters.values())
+    assert ya.grad_buf[0].numel() == ya.rs_out[0].numel() == 0
+    assert ya.frozen.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+
+
+def test_lora_checkpoint_resumes_the_same_curve(tmp_path):
+    batches = _batches(3 * ACCUM)
+    _, ya = _pair("none", lora=LORA)
+    whole = _train(ya, batches, 3)
+    _, first = _pair("none", lora=LORA)
+    _train(first, batches, 2)
+    first.save(tmp_path)
+    _, resumed = _pair("none", lora=LORA)
+    resumed.frozen.zero_()  # the base comes back from the checkpoint too
+    resumed.load(tmp_path)
+    assert _train(resumed, batches[2 * ACCUM :], 1) == whole[2:]
+    assert YaFSDP.consolidated_weights(tmp_path).keys() == _engine_weights(ya).keys()
+
+
 @pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
 def test_bf16_pure_follows_single_within_bf16_rounding(reduce_dtype):
     ref, ya = _pair("none", "bf16-pure", reduce_dtype=reduce_dtype)
@@ -180,7 +219,7 @@ def _full_weights(strategy) -> dict[str, torch.Tensor]:
         out = {}
         for k, unit in enumerate(strategy.units):
             flat = torch.empty(unit.padded)
-            tdist.all_gather_into_tensor(flat, strategy.master[strategy.offsets[k] : strategy.offsets[k + 1]])
+            tdist.all_gather_into_tensor(flat, strategy.shard(k).float())
             for names, view in zip(unit.names, unit.views(flat)):
                 out.update({n: view.clone() for n in names})
         return out
@@ -232,6 +271,11 @@ def _worker(rank: int, port: int, queue) -> None:
         ya = YaFSDP(Llama(ARGS), PrecisionPolicy("fp32"), SETTINGS, torch.device("cpu"), ParallelSection(strategy="yafsdp"))
         _train(ya, batches, 1)
         out["memory"] = (ya.memory(), ya.comm_stats)
+        model = Llama(ARGS)
+        apply_lora(model, LORA_BF16)
+        ya = YaFSDP(model, PrecisionPolicy("bf16"), SETTINGS, torch.device("cpu"), ParallelSection(strategy="yafsdp"))
+        _train(ya, batches, 2)  # the second step is the steady state
+        out["lora memory"] = (ya.memory(), ya.comm_stats)
     if rank == 0:
         queue.put(pickle.dumps(out))  # plain bytes: shared-memory tensors would die with this process
 
@@ -297,6 +341,21 @@ def test_state_is_a_shard_plus_the_buffers(two_ranks):
     assert comm["reduce_scatter_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["reduce_scatter_bytes"]
 
 
+def test_lora_state_is_the_adapters_plus_a_frozen_shard(two_ranks):
+    counted, comm = two_ranks["lora memory"]
+    model = Llama(ARGS)
+    apply_lora(model, LORA_BF16)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    policy, options = PrecisionPolicy("bf16"), ParallelSection(strategy="yafsdp")
+    estimate = YaFSDP.state_bytes(trained, 2, policy, options, frozen_bytes=frozen)
+    assert all(0 <= counted[k] - estimate[k] <= 64 for k in estimate), (counted, estimate)
+    assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options, LORA_BF16)
+    expected = YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM, LORA_BF16)
+    assert {k: comm[k] for k in expected} == expected
+    assert counted["optimizer"] < 0.1 * two_ranks["memory"][0]["optimizer"]
+
+
 @pytest.mark.parametrize("mode", ["none", "full"])
 def test_the_memory_profile_is_flat(mode):
     """Every allocation the engine makes, step by step, from the profiler's allocator events. One
@@ -336,14 +395,9 @@ def test_launched_run_exports_and_resumes_on_one_rank(corpus_dir, prepared, tmp_
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["devices"] == 1
 
 
-def test_lora_and_fp16_are_refused_up_front():
-    from shoestring.build import check_parallel
+def test_fp16_is_refused_up_front():
     from shoestring.errors import UserError
 
     tree = {"model": {"preset": "micro"}, "data": {"seq_len": 16}, "parallel": {"strategy": "yafsdp"}}
-    cfg = build_config(tree)
-    cfg.lora.enabled = True
-    with pytest.raises(UserError, match="does not support LoRA"):
-        check_parallel(cfg, torch.device("cpu"), 2)
     with pytest.raises(UserError, match="fp16"):
         build_config({**tree, "precision": {"mode": "fp16"}})

@@ -62,10 +62,6 @@ def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
     if world_size > 1 and p.strategy == "single":
         raise UserError(f"{world_size} ranks were started but parallel.strategy = 'single'",
                         "set parallel.strategy to ddp, fsdp2, yafsdp or deepspeed, or start one process")
-    if p.strategy == "yafsdp" and cfg.lora.enabled:
-        raise UserError("parallel.strategy = 'yafsdp' does not support LoRA yet: its flat shards assume every "
-                        "parameter is trained (frozen base shards would need their own unit without gradients)",
-                        "use parallel.strategy = 'fsdp2' or 'ddp' with LoRA")
     offload = (p.strategy == "fsdp2" and p.cpu_offload) or (p.strategy == "deepspeed" and (p.offload_optimizer or p.offload_params))
     if offload and device.type != "cuda":
         raise UserError(f"parallel.strategy = '{p.strategy}' with offload needs a CUDA device: "

@@ -7,6 +7,8 @@ the gathered tensor (`views`): nothing is copied out and nothing is allocated pe
 
 The layout is a pure function of the parameters' names and shapes and of the world size, so a
 checkpoint written on N ranks can be cut again for M (`shard_range` in unpadded coordinates).
+A unit is trained or frozen as a whole (`trainable`): a frozen unit needs no gradient buffer,
+master or optimizer state.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class FlatLayout:
     names: tuple[tuple[str, ...], ...]
     shapes: tuple[tuple[int, ...], ...]
     world_size: int
+    trainable: bool = True
 
     @property
     def offsets(self) -> list[int]:

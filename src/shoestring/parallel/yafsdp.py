@@ -8,6 +8,14 @@ is tied to the embedding) form the `root` unit, and every small parameter (norm 
 forward), kept for the whole step like FSDP2 keeps its root, their gradients accumulated in place
 and reduce-scattered once, in `step`.
 
+LoRA. A unit is trained or frozen as a whole. With a frozen base the block and root units hold
+the frozen matrices, and the adapters (tiny) form one more resident unit, `adapters`; the frozen
+norm weights form `frozen_small`. A frozen unit has a shard in the dtype `cast_model` would hold
+it in (bf16 under bf16-pure or `lora.base_dtype = "bf16"`) and nothing else: no master, gradient
+buffer, reduce-scatter or optimizer state. It never changes, so it is gathered only when its
+buffer held something else: the frozen resident units once per run, blocks 0 and 1 stay resident
+from one step's backward into the next step's forward.
+
 Buffers. Two gather buffers (the size of the largest block) hold the block being computed and the
 next one; block i always uses buffer i % 2, and its parameters are permanent views into it (set
 once at start-up: the gather writes straight into the weights, no copy-out, no per-step
@@ -37,11 +45,11 @@ multiplied once, in `step`, by loss_scale / world size. fp16 is refused by the c
 On CUDA the collectives run on c10d's communication stream, which waits for the compute stream at
 issue time, and `wait()` makes the compute stream wait for them: the buffer ordering above is
 stream-ordered with no `record_stream`. The `comm_wait_s` counter then measures host blocking
-only. LoRA (frozen base shards) is not supported yet: `build.check_parallel` refuses it.
+only.
 
-Checkpoints: every rank writes its flat master and Adam moments with the layouts
+Checkpoints: every rank writes its flat master, Adam moments and frozen shard with the layouts
 (`yafsdp/rank{r}.pt`); `load` cuts them again for any world size; `consolidated_weights` rebuilds
-the full fp32 state dict for export.
+the full state dict for export (fp32 from the masters, frozen weights in their own dtype).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from shoestring.config import ParallelSection
+from shoestring.levers.lora import LoRASettings, estimate
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama, ModelArgs
 from shoestring.parallel import dist
@@ -97,23 +106,51 @@ class _Gate(torch.autograd.Function):
         return grad, None
 
 
-def _units(model: Llama, world: int) -> tuple[FlatLayout, list[FlatLayout], FlatLayout]:
-    """(root, blocks, small) layouts, each parameter once (tied weights keep all their names)."""
+def _units(model: Llama, world: int) -> tuple[list[FlatLayout], list[FlatLayout]]:
+    """(blocks, resident) layouts, each parameter once (tied weights keep all their names).
+
+    Trained and frozen parameters never share a unit. The large units (one per block, and `root`)
+    hold the bulk's matrices: the frozen base when there is one (LoRA), else every matrix. The rest
+    is resident, one unit per kind: `adapters` (trained matrices beside a frozen base), `small`
+    (trained vectors), `frozen_small` (frozen vectors); empty ones are left out. In this order the
+    trained matrices come first: one decayed range of the master."""
     names: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
         params[id(p)] = p
+    bulk = not any(not p.requires_grad and p.dim() >= 2 for p in params.values())  # do the large units train?
 
-    def layout(unit: str, keep: Callable[[str, nn.Parameter], bool]) -> FlatLayout:
-        ids = [i for i, p in params.items() if keep(names[i][0], p)]
-        return FlatLayout(unit, tuple(tuple(names[i]) for i in ids), tuple(tuple(params[i].shape) for i in ids), world)
+    def large(p: nn.Parameter) -> bool:
+        return p.dim() >= 2 and p.requires_grad == bulk
 
-    blocks = [layout(f"layers.{b}", lambda n, p, b=b: n.startswith(f"layers.{b}.") and p.dim() >= 2)
+    def layout(unit: str, trainable: bool, keep: Callable[[str, nn.Parameter], bool]) -> FlatLayout:
+        ids = [i for i, p in params.items() if p.requires_grad == trainable and keep(names[i][0], p)]
+        return FlatLayout(unit, tuple(tuple(names[i]) for i in ids), tuple(tuple(params[i].shape) for i in ids), world,
+                          trainable)
+
+    blocks = [layout(f"layers.{b}", bulk, lambda n, p, b=b: large(p) and n.startswith(f"layers.{b}."))
               for b in range(len(model.layers))]
-    root = layout("root", lambda n, p: not n.startswith("layers.") and p.dim() >= 2)
-    small = layout("small", lambda n, p: p.dim() < 2)
-    return root, blocks, small
+    resident = [layout("root", bulk, lambda n, p: large(p) and not n.startswith("layers.")),
+                layout("adapters", True, lambda n, p: p.dim() >= 2 and not large(p)),
+                layout("small", True, lambda n, p: p.dim() < 2),
+                layout("frozen_small", False, lambda n, p: p.dim() < 2)]
+    return blocks, [u for u in resident if u.numel]
+
+
+def _held_dtype(policy: PrecisionPolicy, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a frozen weight stored in `dtype` computes in (as `cast_model` would hold it)."""
+    return dtype if policy.param_dtype == torch.float32 else policy.param_dtype
+
+
+def _storage_offsets(units: list[FlatLayout]) -> list[int]:
+    """Where each unit's shard starts in its flat storage: the master for trained units, the
+    frozen shard for the others."""
+    at, out = {True: 0, False: 0}, []
+    for u in units:
+        out.append(at[u.trainable])
+        at[u.trainable] += u.shard
+    return out
 
 
 class YaFSDP(Strategy):
@@ -126,40 +163,59 @@ class YaFSDP(Strategy):
         self.reduce_dtype = REDUCE_DTYPES[options.reduce_dtype]
         self.module = WithLoss(model)
         by_name = dict(model.named_parameters())
-        self.root, self.blocks, self.small = _units(model, self.world_size)
-        self.units = [self.root, *self.blocks, self.small]  # matrices first: one decayed range
-        self.offsets = [sum(u.shard for u in self.units[:k]) for k in range(len(self.units) + 1)]
-        total, n_decay = self.offsets[-1], self.offsets[-2]
+        self.blocks, resident = _units(model, self.world_size)
+        self.units = [*self.blocks, *resident]  # block i is unit i
+        self.at = _storage_offsets(self.units)
+        trained = [u for u in self.units if u.trainable]
+        total = sum(u.shard for u in trained)
+        n_decay = sum(u.shard for u in trained if all(len(s) >= 2 for s in u.shapes))
+        frozen_dtypes = {by_name[n[0]].dtype for u in self.units if not u.trainable for n in u.names}
+        if len(frozen_dtypes) > 1:
+            raise ValueError(f"yafsdp: frozen parameters of several dtypes {sorted(map(str, frozen_dtypes))}")
+        frozen_dtype = _held_dtype(policy, frozen_dtypes.pop() if frozen_dtypes else torch.float32)
 
-        # The fp32 master shard, its gradient, Adam's moments: one flat tensor each.
+        # The fp32 master shard of the trained units, its gradient, Adam's moments: one flat tensor
+        # each; the frozen units' shards in one more.
         self.master = torch.zeros(total, dtype=torch.float32, device=device)
-        for unit, at in zip(self.units, self.offsets):
-            full = unit.flatten([by_name[n[0]] for n in unit.names], torch.float32)
-            self.master[at : at + unit.shard].copy_(full[self.rank * unit.shard : (self.rank + 1) * unit.shard])
+        self.frozen = torch.zeros(sum(u.shard for u in self.units) - total, dtype=frozen_dtype, device=device)
+        for k, unit in enumerate(self.units):
+            full = unit.flatten([by_name[n[0]] for n in unit.names], self.shard(k).dtype)
+            self.shard(k).copy_(full[self.rank * unit.shard : (self.rank + 1) * unit.shard])
         self.grad = torch.zeros_like(self.master)
         self.moments = torch.zeros(2, total, dtype=torch.float32, device=device)
-        decay, no_decay = nn.Parameter(self.master[:n_decay]), nn.Parameter(self.master[n_decay:])
-        decay.grad, no_decay.grad = self.grad[:n_decay], self.grad[n_decay:]
-        self.optimizer = adamw([decay], [no_decay], settings, device)
-        for p, sl in ((decay, slice(0, n_decay)), (no_decay, slice(n_decay, total))):
-            self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device),
-                                       "exp_avg": self.moments[0, sl], "exp_avg_sq": self.moments[1, sl]}
+        ranges = [(0, n_decay), (n_decay, total)]
+        decay, no_decay = ([nn.Parameter(self.master[lo:hi])] if hi > lo else [] for lo, hi in ranges)
+        self.optimizer = adamw(decay, no_decay, settings, device)
+        for group, (lo, hi) in zip(self.optimizer.param_groups, ranges):
+            for p in group["params"]:
+                p.grad = self.grad[lo:hi]
+                self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device),
+                                           "exp_avg": self.moments[0, lo:hi], "exp_avg_sq": self.moments[1, lo:hi]}
         # What is gathered: the master itself, or its low-precision copy (one copy per step).
         lowp = policy.param_dtype != torch.float32
         self.send = self.master.to(policy.param_dtype) if lowp else self.master
 
-        # Resident units and the two gather + two gradient buffers, allocated once.
+        # Resident units and the two gather + two gradient buffers, allocated once (the gradient
+        # buffers are empty when the blocks are frozen).
         pdt, rdt = policy.param_dtype, self.reduce_dtype
-        largest = max((u.padded for u in self.blocks), default=0)
-        self.resident = {u.unit: torch.empty(u.padded, dtype=pdt, device=device) for u in (self.root, self.small)}
-        self.resident_grad = {u.unit: torch.zeros(u.padded, dtype=rdt, device=device) for u in (self.root, self.small)}
-        self.gather_buf = [torch.zeros(largest, dtype=pdt, device=device) for _ in range(2)]
-        self.grad_buf = [torch.zeros(largest, dtype=rdt, device=device) for _ in range(2)]
-        self.rs_out = [torch.zeros(largest // self.world_size, dtype=rdt, device=device) for _ in range(2)]
 
-        # Parameters become views into their buffers; gradients leave through hooks.
-        for u in (self.root, self.small):
-            self._bind(u, self.resident[u.unit], self.resident_grad[u.unit], by_name, self._resident_grad)
+        def dtype(u: FlatLayout) -> torch.dtype:
+            return pdt if u.trainable else frozen_dtype
+
+        largest = max((u.padded for u in self.blocks), default=0)
+        trained_largest = max((u.padded for u in self.blocks if u.trainable), default=0)
+        self.resident = {k: torch.empty(u.padded, dtype=dtype(u), device=device)
+                         for k, u in enumerate(resident, start=len(self.blocks))}
+        self.resident_grad = {k: torch.zeros(buf.numel(), dtype=rdt, device=device)
+                              for k, buf in self.resident.items() if self.units[k].trainable}
+        block_dtype = dtype(self.blocks[0]) if self.blocks else pdt
+        self.gather_buf = [torch.zeros(largest, dtype=block_dtype, device=device) for _ in range(2)]
+        self.grad_buf = [torch.zeros(trained_largest, dtype=rdt, device=device) for _ in range(2)]
+        self.rs_out = [torch.zeros(trained_largest // self.world_size, dtype=rdt, device=device) for _ in range(2)]
+
+        # Parameters become views into their buffers; trained ones' gradients leave through hooks.
+        for k, buf in self.resident.items():
+            self._bind(self.units[k], buf, self.resident_grad.get(k), by_name, self._resident_grad)
         for i, u in enumerate(self.blocks):
             self._bind(u, self.gather_buf[i % 2], self.grad_buf[i % 2], by_name, functools.partial(self._block_grad, i))
             model.layers[i].register_forward_pre_hook(functools.partial(self._enter, i))
@@ -172,7 +228,8 @@ class YaFSDP(Strategy):
         self.slot_reader: list[int | None] = [None, None]  # block computing with it now
         self.rs_pending: list[tuple[int, Any] | None] = [None, None]  # (block, reduce-scatter) per grad buffer
         self.grads_seen = [0] * len(self.blocks)
-        self.resident_valid = False
+        self.input_gated = [False] * len(self.blocks)  # a gradient reaches the block's input
+        self.gathered: set[int] = set()  # resident units whose gathered copy is current
         self.loss_scale = 1.0
         # Communication of the last completed optimizer step, for the trainer or a benchmark to
         # log: seconds blocked in wait(), bytes of full tensors gathered and reduced (an eval
@@ -180,12 +237,22 @@ class YaFSDP(Strategy):
         self.comm_wait_s, self.gathered_bytes, self.reduced_bytes = 0.0, 0, 0
         self.comm_stats: dict[str, float] = {}
 
+    def _range(self, k: int) -> slice:
+        """Unit k's shard in its flat storage (master or frozen)."""
+        return slice(self.at[k], self.at[k] + self.units[k].shard)
+
+    def shard(self, k: int) -> torch.Tensor:
+        """This rank's shard of unit k as stored: in the fp32 master, or the frozen shard."""
+        return (self.master if self.units[k].trainable else self.frozen)[self._range(k)]
+
     # ---- layout binding ---------------------------------------------------------------------
-    def _bind(self, unit: FlatLayout, buf: torch.Tensor, grad_buf: torch.Tensor, by_name: dict, on_grad: Callable) -> None:
-        for names, view, gview in zip(unit.names, unit.views(buf), unit.views(grad_buf)):
-            p = by_name[names[0]]
-            p.data = view
-            p.register_post_accumulate_grad_hook(functools.partial(on_grad, gview))
+    def _bind(self, unit: FlatLayout, buf: torch.Tensor, grad_buf: torch.Tensor | None, by_name: dict,
+              on_grad: Callable) -> None:
+        for names, view in zip(unit.names, unit.views(buf)):
+            by_name[names[0]].data = view
+        if unit.trainable:
+            for names, gview in zip(unit.names, unit.views(grad_buf)):
+                by_name[names[0]].register_post_accumulate_grad_hook(functools.partial(on_grad, gview))
 
     # ---- collectives --------------------------------------------------------------------------
     def _wait(self, work: Any) -> None:
@@ -195,7 +262,7 @@ class YaFSDP(Strategy):
 
     def _shard_of(self, k: int) -> torch.Tensor:
         """This rank's slice of unit `k` (in `self.units` order) in the gathered dtype."""
-        return self.send[self.offsets[k] : self.offsets[k + 1]]
+        return (self.send if self.units[k].trainable else self.frozen)[self._range(k)]
 
     def _all_gather(self, out: torch.Tensor, k: int) -> Any:
         self.gathered_bytes += out.numel() * out.element_size()
@@ -206,18 +273,19 @@ class YaFSDP(Strategy):
         return self.comm.reduce_scatter(out, full)
 
     def _accumulate(self, k: int, shard: torch.Tensor) -> None:
-        self.grad[self.offsets[k] : self.offsets[k + 1]].add_(shard)
+        self.grad[self._range(k)].add_(shard)
 
     # ---- resident units -----------------------------------------------------------------------
     def _gather_resident(self) -> None:
-        if self.resident_valid:
+        stale = [k for k in self.resident if k not in self.gathered]
+        if not stale:
             return
-        works = [self._all_gather(self.resident[u.unit], k) for k, u in ((0, self.root), (len(self.units) - 1, self.small))]
+        works = [self._all_gather(self.resident[k], k) for k in stale]
         if self.overlap and self.blocks:
             self._gather(0)  # block 0 lands while the embedding runs
         for w in works:
             self._wait(w)
-        self.resident_valid = True
+        self.gathered.update(stale)
 
     def _resident_grad(self, dest: torch.Tensor, p: nn.Parameter) -> None:
         dest.add_(p.grad)
@@ -234,7 +302,7 @@ class YaFSDP(Strategy):
                                f"{self.slot_reader[s]} still reads it")
         if self.slot_work[s] is not None:
             raise RuntimeError(f"yafsdp: buffer {s} still receives block {self.slot_unit[s]}")
-        work = self._all_gather(self.gather_buf[s][: self.blocks[i].padded], i + 1)
+        work = self._all_gather(self.gather_buf[s][: self.blocks[i].padded], i)
         self.slot_unit[s], self.slot_work[s] = i, work
         if not self.overlap:
             self._landed(s)
@@ -263,6 +331,12 @@ class YaFSDP(Strategy):
             self._gather(i + 1)
         if not torch.is_grad_enabled():
             return args
+        # Without a gradient into the input (nothing before the block trains: LoRA's frozen
+        # embedding) no gate can mark the end of the block's backward; `forward_backward`
+        # releases the block when backward returns.
+        self.input_gated[i] = args[0].requires_grad
+        if not self.input_gated[i]:
+            return args
         return (_Gate.apply(args[0], functools.partial(self._release, i)), *args[1:])
 
     def _leave(self, i: int, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -273,12 +347,12 @@ class YaFSDP(Strategy):
 
     def _backward_starts(self, i: int) -> None:
         self._acquire(i)
-        s = i % 2
-        self._reduced(s)  # the gradient buffer block i + 2 used is free again
-        unit = self.blocks[i]
-        self.grad_buf[s][unit.numel : unit.padded].zero_()
-        self.grads_seen[i] = 0
-        if self.overlap and i > 0:
+        unit, s = self.blocks[i], i % 2
+        if unit.trainable:
+            self._reduced(s)  # the gradient buffer block i + 2 used is free again
+            self.grad_buf[s][unit.numel : unit.padded].zero_()
+            self.grads_seen[i] = 0
+        if self.overlap and i > 0 and self.input_gated[i]:  # block i - 1 has a backward
             self._gather(i - 1)
 
     # ---- block gradients ----------------------------------------------------------------------
@@ -299,7 +373,7 @@ class YaFSDP(Strategy):
             return
         i, work = self.rs_pending[s]
         self._wait(work)
-        self._accumulate(i + 1, self.rs_out[s][: self.blocks[i].shard])
+        self._accumulate(i, self.rs_out[s][: self.blocks[i].shard])
         self.rs_pending[s] = None
 
     # ---- the Strategy interface ---------------------------------------------------------------
@@ -309,15 +383,19 @@ class YaFSDP(Strategy):
         loss.backward()
         for s in (0, 1):
             self._reduced(s)
-        missing = [i for i, n in enumerate(self.grads_seen) if n != len(self.blocks[i].names)]
+            i = self.slot_reader[s]
+            if i is not None:  # backward is over: only a block without input gate may still hold its buffer
+                if self.input_gated[i]:
+                    raise RuntimeError(f"yafsdp: block {i} still holds buffer {s} after backward")
+                self._release(i)
+        missing = [i for i, u in enumerate(self.blocks) if u.trainable and self.grads_seen[i] != len(u.names)]
         if missing:
             raise RuntimeError(f"yafsdp: blocks {missing} did not receive a gradient for every parameter")
         return loss.detach()
 
     def _reduce_resident(self) -> None:
-        for k, u in ((0, self.root), (len(self.units) - 1, self.small)):
-            full = self.resident_grad[u.unit]
-            out = torch.empty(u.shard, dtype=full.dtype, device=full.device)
+        for k, full in self.resident_grad.items():
+            out = torch.empty(self.units[k].shard, dtype=full.dtype, device=full.device)
             self._wait(self._reduce_scatter(out, full))
             self._accumulate(k, out)
             full.zero_()
@@ -342,27 +420,32 @@ class YaFSDP(Strategy):
         self.comm_wait_s, self.gathered_bytes, self.reduced_bytes = 0.0, 0, 0
         return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
 
-    def _refresh(self) -> None:
-        """New masters: the gathered copy and every gathered buffer are stale."""
+    def _refresh(self, frozen_too: bool = False) -> None:
+        """New masters (after a load, new frozen shards too): every gathered copy of them is stale."""
         if self.send is not self.master:
             self.send.copy_(self.master)
-        self.slot_unit = [None, None]
-        self.resident_valid = False
+
+        def stale(k: int | None) -> bool:
+            return k is not None and (frozen_too or self.units[k].trainable)
+
+        self.slot_unit = [None if stale(i) else i for i in self.slot_unit]
+        self.gathered = {k for k in self.gathered if not stale(k)}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _layouts(self) -> list[tuple]:
-        return [(u.unit, u.names, u.shapes) for u in self.units]
+        return [(u.unit, u.names, u.shapes, u.trainable) for u in self.units]
 
     def save(self, directory: Path) -> None:
         state = {"world_size": self.world_size, "layouts": self._layouts(), "master": self.master,
-                 "moments": self.moments, "step": self.optimizer.state[self.optimizer.param_groups[0]["params"][0]]["step"]}
+                 "moments": self.moments, "frozen": self.frozen,
+                 "step": next(iter(self.optimizer.state.values()))["step"]}
         (directory / CKPT_DIR).mkdir(exist_ok=True)
         ckpt.write_file(directory / CKPT_DIR / f"rank{self.rank}.pt", ckpt.torch_bytes(state))
 
     @torch.no_grad()
     def load(self, directory: Path) -> None:
         for saved in _rank_files(require_file(directory, CKPT_DIR)):
-            if [(u, tuple(map(tuple, n)), tuple(map(tuple, s))) for u, n, s in saved["layouts"]] != self._layouts():
+            if [(u, tuple(map(tuple, n)), tuple(map(tuple, s)), t) for u, n, s, t in saved["layouts"]] != self._layouts():
                 raise RuntimeError(f"{directory}: the checkpoint's parameters differ from this model's")
             for k, (old, new) in enumerate(zip(_relayout(saved), self.units)):
                 a, b = old.shard_range(saved["rank"])
@@ -370,12 +453,15 @@ class YaFSDP(Strategy):
                 lo, hi = max(a, c), min(b, d)
                 if lo < hi:
                     src = slice(saved["offsets"][k] + lo - a, saved["offsets"][k] + hi - a)
-                    dst = slice(self.offsets[k] + lo - c, self.offsets[k] + hi - c)
-                    self.master[dst] = saved["master"][src]
-                    self.moments[:, dst] = saved["moments"][:, src]
-            for group in self.optimizer.param_groups:
-                self.optimizer.state[group["params"][0]]["step"].fill_(saved["step"])
-        self._refresh()
+                    dst = slice(self.at[k] + lo - c, self.at[k] + hi - c)
+                    if new.trainable:
+                        self.master[dst] = saved["master"][src]
+                        self.moments[:, dst] = saved["moments"][:, src]
+                    else:
+                        self.frozen[dst] = saved["frozen"][src]
+            for state in self.optimizer.state.values():
+                state["step"].fill_(saved["step"])
+        self._refresh(frozen_too=True)
 
     @staticmethod
     def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -384,9 +470,10 @@ class YaFSDP(Strategy):
         for saved in _rank_files(require_file(directory, CKPT_DIR)):
             for k, unit in enumerate(_relayout(saved)):
                 a, b = unit.shard_range(saved["rank"])
+                store = saved["master" if unit.trainable else "frozen"]
                 if k not in full:
-                    full[k] = torch.zeros(unit.padded)
-                full[k][a:b] = saved["master"][saved["offsets"][k] :][: b - a]
+                    full[k] = torch.zeros(unit.padded, dtype=store.dtype)
+                full[k][a:b] = store[saved["offsets"][k] :][: b - a]
         for k, unit in enumerate(_relayout(saved)):
             for names, view in zip(unit.names, unit.views(full[k])):
                 out.update({n: view.clone() for n in names})
@@ -394,44 +481,55 @@ class YaFSDP(Strategy):
 
     # ---- cost ---------------------------------------------------------------------------------
     @staticmethod
-    def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
-        """Flat shards (padding ignored): fp32 master (it is the parameter under fp32/bf16; under
-        bf16-pure the gathered bf16 copy is the parameter and the master is counted apart), fp32
-        shard gradient, fp32 Adam moments. The buffers are `buffer_bytes`."""
+    def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
+                    frozen_bytes: int = 0) -> dict[str, int]:
+        """Flat shards (padding ignored) of the `n_params` trained parameters: fp32 master (it is
+        the parameter under fp32/bf16; under bf16-pure the gathered bf16 copy is the parameter and
+        the master is counted apart), fp32 shard gradient, fp32 Adam moments; and 1/N of a frozen
+        base (LoRA) of `frozen_bytes` on one replica. The buffers are `buffer_bytes`."""
         shard = n_params // world_size
         lowp = policy.uses_master_weights
-        return {"params": (2 if lowp else 4) * shard, "grads": 4 * shard, "master": 4 * shard if lowp else 0,
-                "optimizer": 8 * shard}
+        return {"params": (2 if lowp else 4) * shard + frozen_bytes // world_size, "grads": 4 * shard,
+                "master": 4 * shard if lowp else 0, "optimizer": 8 * shard}
 
     @staticmethod
-    def buffer_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> int:
-        """The preallocated buffers: two gather + two gradient buffers of the largest block, their
-        reduce-scatter outputs, and the resident root/small units with their gradients."""
-        blocks, root, small = (_padded(n, world_size) for n in _unit_sizes(args))
-        p, r = policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize
-        return 2 * blocks * (p + r) + 2 * blocks // world_size * r + (root + small) * (p + r)
+    def buffer_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
+                     lora: LoRASettings | None = None) -> int:
+        """The preallocated buffers: two gather buffers of the largest block, and for trained
+        blocks two gradient buffers with their reduce-scatter outputs; the resident units, with a
+        gradient buffer for the trained ones."""
+        block, trains, resident = _unit_sizes(args, lora)
+        blk = _padded(block, world_size)
+        p, r, f = _itemsizes(policy, options, lora)
+        out = 2 * blk * (p if trains else f) + (2 * blk * r + 2 * blk // world_size * r if trains else 0)
+        return out + sum(_padded(n, world_size) * (p + r if t else f) for n, t in resident)
 
     @staticmethod
     def communication_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
-                            grad_accum: int) -> dict[str, int]:
+                            grad_accum: int, lora: LoRASettings | None = None) -> dict[str, int]:
         """Bytes of gathered and reduced (full, unsharded) tensors per optimizer step, as the
         engine counts them in `comm_stats`. Forward gathers every block, backward re-gathers all
         but the last two (still resident from forward), and a later micro-step's forward finds
         blocks 0 and 1 still resident from the backward before; every block is reduce-scattered
-        each micro-step, root and small once per step. A ring all-gather or reduce-scatter sends
-        (N-1)/N of these bytes per rank; gloo's reduce-scatter is an all-reduce (twice that)."""
-        blocks, root, small = (_padded(n, world_size) for n in _unit_sizes(args))
-        p, r = policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize
+        each micro-step, root and small once per step. Frozen units (LoRA) are never reduced and,
+        as they never change, blocks 0 and 1 stay resident into the next step too: this is the
+        steady state, after a first step that also gathers them and the frozen resident units. A
+        ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank; gloo's
+        reduce-scatter is an all-reduce (twice that)."""
+        block, trains, resident = _unit_sizes(args, lora)
+        blk = _padded(block, world_size)
+        p, r, f = _itemsizes(policy, options, lora)
         n = args.n_layers
         regathered = n - min(n, 2)
-        gathers = n + regathered + (grad_accum - 1) * 2 * regathered
-        return {"all_gather_bytes": (gathers * blocks + root + small) * p,
-                "reduce_scatter_bytes": (grad_accum * n * blocks + root + small) * r}
+        gathers = grad_accum * 2 * regathered + (min(n, 2) if trains else 0)
+        trained = sum(_padded(k, world_size) for k, t in resident if t)
+        return {"all_gather_bytes": gathers * blk * (p if trains else f) + trained * p,
+                "reduce_scatter_bytes": (grad_accum * n * blk if trains else 0) * r + trained * r}
 
     def memory(self) -> dict[str, int]:
         buffers = [*self.gather_buf, *self.grad_buf, *self.rs_out, *self.resident.values(), *self.resident_grad.values()]
         steps = sum(_nbytes(s["step"]) for s in self.optimizer.state.values())
-        return {"params": _nbytes(self.send), "grads": _nbytes(self.grad),
+        return {"params": _nbytes(self.send) + _nbytes(self.frozen), "grads": _nbytes(self.grad),
                 "master": _nbytes(self.master) if self.send is not self.master else 0,
                 "optimizer": _nbytes(self.moments) + steps, "buffers": sum(_nbytes(b) for b in buffers)}
 
@@ -447,12 +545,22 @@ def _padded(n: int, world_size: int) -> int:
     return -(-n // world_size) * world_size
 
 
-def _unit_sizes(args: ModelArgs) -> tuple[int, int, int]:
-    """Elements of one block's matrices, of the root unit, of the small unit."""
+def _unit_sizes(args: ModelArgs, lora: LoRASettings | None) -> tuple[int, bool, list[tuple[int, bool]]]:
+    """Elements of one block's matrices, whether they train, and (elements, trains) of each
+    resident unit (the order of `_units`)."""
     d, q, kv = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     block = d * (q + 2 * kv) + q * d + 3 * d * args.ffn_dim
     root = args.vocab_size * d * (1 if args.tie_embeddings else 2)
-    return block, root, (2 * args.n_layers + 1) * d
+    small = (2 * args.n_layers + 1) * d
+    if lora is None:
+        return block, True, [(root, True), (small, True)]
+    return block, False, [(root, False), (estimate(args, lora).trainable_params, True), (small, False)]
+
+
+def _itemsizes(policy: PrecisionPolicy, options: ParallelSection, lora: LoRASettings | None) -> tuple[int, int, int]:
+    """Element sizes of trained gathered weights, of reduced gradients, of frozen weights."""
+    frozen = _held_dtype(policy, lora.base_dtype if lora else torch.float32)
+    return policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize, frozen.itemsize
 
 
 def _rank_files(directory: Path) -> list[dict]:
@@ -462,10 +570,11 @@ def _rank_files(directory: Path) -> list[dict]:
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         saved["rank"] = int(path.stem.removeprefix("rank"))
         units = _relayout(saved)
-        saved["offsets"] = [sum(u.shard for u in units[:k]) for k in range(len(units))]
+        saved["offsets"] = _storage_offsets(units)
         out.append(saved)
     return out
 
 
 def _relayout(saved: dict) -> list[FlatLayout]:
-    return [FlatLayout(u, tuple(map(tuple, n)), tuple(map(tuple, s)), saved["world_size"]) for u, n, s in saved["layouts"]]
+    return [FlatLayout(u, tuple(map(tuple, n)), tuple(map(tuple, s)), saved["world_size"], t)
+            for u, n, s, t in saved["layouts"]]
