@@ -4,6 +4,7 @@ estimate held to the counted bytes."""
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 
 import pytest
@@ -242,11 +243,16 @@ def _profiler_alive_bytes(model, precision):
 
     x0 = torch.randn(B, T, ARGS.dim, requires_grad=True)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            h = x0
-            for layer in model.layers:
-                h = layer(h, cos, sin)
+    gc.collect()
+    gc.disable()  # a collection mid-forward would free tensors of earlier tests' cycles: order-dependent
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                h = x0
+                for layer in model.layers:
+                    h = layer(h, cos, sin)
+    finally:
+        gc.enable()
     try:
         roots = prof.profiler.kineto_results.experimental_event_tree()
     except AttributeError:
