@@ -7,22 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shoestring.plan.search import Plan, Result, cheapest_misses, describe
+from shoestring.plan.search import Plan, Result, cheapest_misses, describe, one_per_option
 
 GiB = 2**30
-
-
-def _top(plans: list[Plan], limit: int) -> list[Plan]:
-    """Best plan per (device, count, strategy), so the table shows alternatives, not variants."""
-    seen, out = set(), []
-    for p in plans:
-        key = (p.device.key, p.count, p.levers.strategy_label())
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-        if len(out) == limit:
-            break
-    return out
 
 
 def _components(p: Plan, top: int = 4) -> str:
@@ -59,7 +46,7 @@ def result_dict(r: Result, limit: int = 10) -> dict[str, Any]:
                     "spot": q.spot},
         "model": {"params": r.model.n_params, "trainable_params": r.trainable.n_params,
                   "flops_per_token": r.model.flops_per_token(r.seq_len)},
-        "plans": [plan_dict(p) for p in _top(r.plans, limit)],
+        "plans": [plan_dict(p) for p in one_per_option(r.plans, limit)],
         "not_fitting": [{**plan_dict(p), "overflow_bytes": p.overflow, "overflow_by": _components(p)} for p in cheapest_misses(r)],
         "candidates_fitting": len(r.plans),
     }
@@ -74,7 +61,7 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
     for col in ("#", "hardware", "precision", "ckpt", "strategy", "micro x accum", "peak GiB/dev (largest parts)",
                 "tokens/s", "wall", "$"):
         t.add_column(col, justify="right" if col in ("#", "tokens/s", "wall", "$") else "left")
-    for i, p in enumerate(_top(r.plans, limit), 1):
+    for i, p in enumerate(one_per_option(r.plans, limit), 1):
         wall = f"{p.wall_h:.1f} h" + ("" if p.meets_deadline else " (late)")
         t.add_row(str(i), f"{p.device.key}:{p.count}", p.levers.precision, p.levers.checkpointing, p.levers.strategy_label(),
                   f"{p.levers.micro_batch} x {p.levers.grad_accum}",

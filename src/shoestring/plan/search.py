@@ -189,12 +189,11 @@ def search(req: Request) -> Result:
     return Result(req, info, trainable, seq_len, plans, misses)
 
 
-def cheapest_misses(result: Result, limit: int = 3) -> list[Plan]:
-    """The cheapest candidates that do not fit, one per hardware and strategy: what the user
-    would pay if memory allowed, and (their memory breakdown) what stands in the way."""
+def one_per_option(plans: list[Plan], limit: int) -> list[Plan]:
+    """The first plan per (device, count, strategy), so a table shows alternatives, not variants."""
     seen: set[tuple] = set()
     out = []
-    for p in result.misses:
+    for p in plans:
         key = (p.device.key, p.count, p.levers.strategy_label())
         if key not in seen:
             seen.add(key)
@@ -202,6 +201,12 @@ def cheapest_misses(result: Result, limit: int = 3) -> list[Plan]:
             if len(out) == limit:
                 break
     return out
+
+
+def cheapest_misses(result: Result, limit: int = 3) -> list[Plan]:
+    """The cheapest candidates that do not fit, one per hardware and strategy: what the user
+    would pay if memory allowed, and (their memory breakdown) what stands in the way."""
+    return one_per_option(result.misses, limit)
 
 
 def _rank(p: Plan) -> tuple:
@@ -280,4 +285,4 @@ def candidates_count(result: Result) -> int:
     return len(result.plans) + len(result.misses)
 
 
-__all__: Iterable[str] = ["Plan", "Request", "Result", "cheapest_misses", "describe", "leanest", "require_fit", "search"]
+__all__: Iterable[str] = ["Plan", "Request", "Result", "cheapest_misses", "describe", "one_per_option", "leanest", "require_fit", "search"]
