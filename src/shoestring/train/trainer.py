@@ -13,7 +13,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -235,12 +235,11 @@ class Trainer:
                 with CommMeter(strategy.world_size, enabled=step == start + 2) as meter:
                     for m in range(cfg.train.grad_accum):
                         x, y = (self._to_device(t) for t in sampler.next_batch())
-                        if step == start and m == 0:
-                            with SavedActivationCounter() as counter:
-                                loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
-                            saved_act_bytes = counter.bytes
-                        else:
+                        counting = step == start and m == 0  # the run's first micro-step is counted
+                        with SavedActivationCounter() if counting else nullcontext() as counter:
                             loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
+                        if counting:
+                            saved_act_bytes = counter.bytes
                         loss_sum += loss.float()
                     result = strategy.step(lr)
                 if meter.enabled:
