@@ -49,7 +49,9 @@ def _best(rows: Rows, names: tuple[str, ...]) -> dict:
 # --- levers (single process) --------------------------------------------------------------
 
 def _lever(rows: Rows, precision: str, mode: str = "none") -> dict:
-    return next(r for r in rows if r["precision"] == precision and r["checkpointing"] == mode)
+    """An eager lever row: each lever's effect on its own."""
+    return next(r for r in rows if r["precision"] == precision and r["checkpointing"] == mode
+                and not r["spec"].get("compile", False))
 
 
 def _bf16_speedup(rows: Rows) -> Judged:
@@ -74,8 +76,11 @@ def _ckpt_time(mode: str, limit: float) -> Callable[[Rows], Judged]:
 
 
 def _mfu(rows: Rows) -> Judged:
-    r = _lever(rows, "bf16")
-    shown = f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s, `{r['spec']['preset']}` preset"
+    """Judged on the trainer's default (blocks compiled) where the run has it: what a user gets."""
+    r = next((r for r in rows if r["precision"] == "bf16" and r["checkpointing"] == "none"
+              and r["spec"].get("compile", False)), None) or _lever(rows, "bf16")
+    how = "blocks compiled" if r["spec"].get("compile", False) else "eager"
+    shown = f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s, `{r['spec']['preset']}` preset, {how}"
     if r["spec"]["preset"] != "small":
         return shown + ": the goal is for `small`", None
     return at_least(r["mfu"], 0.35, shown)
@@ -137,7 +142,7 @@ GOALS: dict[str, list[Goal]] = {
         Goal("`full` checkpointing costs < 30% extra step time", _ckpt_time("full", 0.30)),
         Goal("`selective` checkpointing keeps >= 30% fewer activation bytes", _ckpt_cut("selective", 0.30)),
         Goal("`selective` checkpointing costs < 10% extra step time", _ckpt_time("selective", 0.10)),
-        Goal("MFU of the `small` preset in bf16 >= 35% of the measured bf16 matmul peak", _mfu),
+        Goal("MFU of the `small` preset in bf16 (the trainer's default) >= 35% of the measured bf16 matmul peak", _mfu),
     ],
     "strategies": [
         Goal("fsdp2 at least as fast as DeepSpeed ZeRO-3", _speedup(FSDP2, ZERO3)),

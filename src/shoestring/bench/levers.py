@@ -1,7 +1,9 @@
 """The precision and checkpointing levers, side by side on one model and batch.
 
 One row per configuration: every precision without checkpointing, then every checkpointing
-mode under the base precision (bf16: this CPU has AVX-512 BF16). MFU is against the measured
+mode under the base precision (bf16: this CPU has AVX-512 BF16), all eager so that each lever's
+effect is its own; then the trainer's default configuration (bf16 with its blocks compiled,
+`train.compile = "auto"`), which is what a user gets and what the MFU goal is about. MFU is against the measured
 matmul peak of the row's compute dtype (plan/probe.py), the same yardstick `shoestring train`
 reports. The goals these rows are held to live in bench/goals.py.
 """
@@ -27,10 +29,15 @@ SIZES = {
 MiB = 2**20
 
 
+DEFAULT = "bf16, blocks compiled (the trainer's default)"
+
+
 def specs(base: StepSpec) -> dict[str, StepSpec]:
     out = {f"precision {p}": replace(base, precision=p, checkpointing="none") for p in PRECISIONS}
     out.update({f"checkpointing {c}": replace(base, precision=BASE_PRECISION, checkpointing=c)
                 for c in CHECKPOINTING if c != "none"})
+    if not base.compile:  # a run that compiles every row has the default among them already
+        out[DEFAULT] = replace(base, precision=BASE_PRECISION, checkpointing="none", compile=True)
     return out
 
 
@@ -59,8 +66,13 @@ def run(size: str = "small", rounds: int | None = None, progress: Callable[[str]
     return rows
 
 
-def row(rows: list[dict], precision: str = BASE_PRECISION, checkpointing: str = "none") -> dict:
-    return next(r for r in rows if r["precision"] == precision and r["checkpointing"] == checkpointing)
+def row(rows: list[dict], precision: str = BASE_PRECISION, checkpointing: str = "none",
+        compiled: bool | None = None) -> dict:
+    """A configuration's row; `compiled=None`: a lever row (compiled only if the whole run is)."""
+    if compiled is None:
+        compiled = rows[0]["spec"].get("compile", False)
+    return next(r for r in rows if r["precision"] == precision and r["checkpointing"] == checkpointing
+                and r["spec"].get("compile", False) == compiled)
 
 
 def _state_mib(r: dict) -> str:
@@ -74,9 +86,9 @@ def table(rows: list[dict]) -> str:
              f"median of {len(none['step_s_all'])} fresh-process rounds x {spec['steps']} steps.", "",
              "| precision | step (s) | tokens/s | vs fp32 | MFU | params+grads+optim+master (MiB) | saved activations (MiB) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
-    for p in PRECISIONS:
-        r = row(rows, p)
-        lines.append(f"| {p} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x "
+    precision_rows = [(p, row(rows, p)) for p in PRECISIONS] + [(r["config"], r) for r in rows if r["config"] == DEFAULT]
+    for label, r in precision_rows:
+        lines.append(f"| {label} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x "
                      f"| {r['mfu']:.1%} | {_state_mib(r)} | {r['saved_activation_bytes'] / MiB:,.1f} | {r['peak_rss_bytes'] / MiB:,.1f} |")
     lines += ["", f"Checkpointing under `{BASE_PRECISION}`:", "",
               "| mode | step (s) | extra step time | saved activations (MiB) | cut vs none | lever's estimate, blocks (MiB) | peak RSS (MiB) |",
