@@ -29,7 +29,7 @@ from shoestring.config import Config
 from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
 from shoestring.finetune import instruct_data, text_data
-from shoestring.parallel import Strategy, dist
+from shoestring.parallel import StepResult, Strategy, dist
 from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
@@ -97,6 +97,31 @@ class StopRequest:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A step waiting for the next logging step (its tensors stay on the device until then)."""
+    step: int
+    loss: torch.Tensor
+    lr: float
+    grad_norm: torch.Tensor
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the loop runs on, made once by `Trainer._prepare`."""
+    strategy: Strategy
+    sampler: BatchSampler
+    evals: list[tuple[torch.Tensor, torch.Tensor]]
+    start: int  # the step to run next (a resumed run's saved step)
+    ref: ckpt.CheckpointRef | None  # the checkpoint resumed from
+    metrics: MetricsLog | NullMetrics
+    unigram: float  # val loss of a context-free model: the bar a trained model must clear
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float  # measured matmul peak of all ranks in the compute dtype
 
 
 @dataclass
@@ -172,6 +197,76 @@ class Trainer:
 
     def _run(self, resume: str | None, overwrite: bool) -> dict[str, Any]:
         cfg = self.cfg
+        run = self._prepare(resume, overwrite)
+        strategy, start = run.strategy, run.start
+        device_memory(self.device, reset=True)  # the run's peak starts here, not at import
+
+        saved_act_bytes = 0
+        comm = CommStats()
+        pending: list[Logged] = []
+        nan_skips = 0
+        last_val: float | None = None
+        t_log = t_run = time.perf_counter()
+        tokens_run = 0
+        last_ref = run.ref
+        step = start
+
+        with self.stop.installed(), self._progress(start) as progress:
+            task = progress.add_task("train", total=cfg.train.steps, completed=start, loss=float("nan"), tps=0.0)
+            stopping = self._stopping()
+            while step < cfg.train.steps and not stopping:
+                lr = lr_at(step, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
+                           total_steps=cfg.train.steps, min_lr_ratio=cfg.train.min_lr_ratio)
+                # The run's first micro-step is counted for saved activations; its third step of a
+                # multi-rank run is profiled for its collectives (the first two carry one-off set-up
+                # traffic, e.g. DDP's bucket rebuild).
+                loss, result, counted, measured = self._optimizer_step(run.sampler, lr, count=step == start,
+                                                                       measure_comm=step == start + 2)
+                saved_act_bytes = counted if counted is not None else saved_act_bytes
+                comm = measured or comm
+                if result.skipped and not strategy.policy.uses_loss_scaling:
+                    nan_skips += 1
+                    if cfg.train.nan_policy == "stop" or nan_skips > cfg.train.max_nan_skips:
+                        kept = f"last good checkpoint: {last_ref.path}" if last_ref else "no checkpoint was saved yet"
+                        raise RunError(f"non-finite loss/gradients at step {step} (update skipped, weights unchanged); {kept}",
+                                       "lower train.lr, use precision bf16/fp32, or set train.nan_policy = 'skip'")
+                pending.append(Logged(step, loss, lr, result.grad_norm, result.skipped))
+                step += 1
+                tokens_run += run.tokens_per_step
+                if self.after_step is not None:
+                    self.after_step(self, step - 1)
+                stopping = self._stopping()
+
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopping:
+                    now = time.perf_counter()
+                    tps = len(pending) * run.tokens_per_step / (now - t_log)
+                    last_loss = self._log(run, pending, tps, saved_act_bytes)
+                    progress.update(task, completed=step, loss=last_loss, tps=tps)
+                    pending.clear()
+                    t_log = now
+
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    last_val = self._evaluate(strategy, run.evals)
+                    run.metrics.write({"step": step - 1, "val_loss": last_val})
+                    progress.console.print(f"step {step}: val loss {last_val:.4f} (unigram baseline {run.unigram:.4f})")
+
+                save_due = cfg.run.save_every and step % cfg.run.save_every == 0
+                if save_due or step == cfg.train.steps or stopping:
+                    last_ref = self._save(strategy, run.sampler, step)
+            wall = time.perf_counter() - t_run
+        run.metrics.close()
+
+        if stopping and step < cfg.train.steps:
+            self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
+                               f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto")
+        summary = self._summary(run, step - start, wall, tokens_run, saved_act_bytes, comm, last_val)
+        if strategy.is_main:
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _prepare(self, resume: str | None, overwrite: bool) -> Prepared:
+        """The run directory claimed, data, the strategy built (and restored when resuming)."""
+        cfg = self.cfg
         if resume is not None and resume != "auto":
             self.run_dir = Path(resume) if (Path(resume) / CONFIG_FILE).exists() else self.run_dir
             self.ckpt_dir = self.run_dir / "checkpoints"
@@ -179,9 +274,7 @@ class Trainer:
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
 
         data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
-        vocab = data.vocab
-
-        strategy = build_strategy(cfg, vocab, self.device, data.source)
+        strategy = build_strategy(cfg, data.vocab, self.device, data.source)
         data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
         sampler = data.sampler(strategy.rank, strategy.world_size)
@@ -200,96 +293,45 @@ class Trainer:
             self.console.print(f"resumed from {ref.path} at step {start}")
         if strategy.is_main:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-            metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start if ref is not None else None)
+            metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / "metrics.jsonl",
+                                                           resume_step=start if ref is not None else None)
         else:
             metrics = NullMetrics()
+        return Prepared(
+            strategy=strategy, sampler=sampler, evals=evals, start=start, ref=ref, metrics=metrics, unigram=data.unigram,
+            tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
+            flops_per_token=strategy.unwrapped().flops_per_token(cfg.data.seq_len),
+            peak_flops=matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size)
 
-        model = strategy.unwrapped()
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        flops_per_token = model.flops_per_token(cfg.data.seq_len)
-        peak_flops = matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size
-        device_memory(self.device, reset=True)  # the run's peak starts here, not at import
-        unigram = data.unigram
+    def _optimizer_step(self, sampler: BatchSampler, lr: float, count: bool,
+                        measure_comm: bool) -> tuple[torch.Tensor, StepResult, int | None, CommStats | None]:
+        """One optimizer step over `train.grad_accum` micro-steps: the mean loss (on the device: no
+        sync), the strategy's result, and when asked the first micro-step's saved-activation
+        bytes and the step's measured collectives (the meter costs nothing when off)."""
+        accum = self.cfg.train.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        counted = None
+        with CommMeter(self.strategy.world_size, enabled=measure_comm) as meter:
+            for m in range(accum):
+                x, y = (self._to_device(t) for t in sampler.next_batch())
+                with SavedActivationCounter() if count and m == 0 else nullcontext() as counter:
+                    loss = self.strategy.forward_backward(x, y, 1.0 / accum, m == accum - 1)
+                if counter is not None:
+                    counted = counter.bytes
+                loss_sum += loss.float()
+            result = self.strategy.step(lr)
+        return loss_sum / accum, result, counted, meter.stats if meter.enabled else None
 
-        saved_act_bytes = 0
-        comm = CommStats()
-        pending: list[tuple[int, torch.Tensor, float, torch.Tensor, bool]] = []
-        nan_skips = 0
-        last_val: float | None = None
-        t_log = time.perf_counter()
-        t_run = t_log
-        tokens_run = 0
-        last_ref = ref
-        step = start
-
-        with self.stop.installed(), self._progress(start) as progress:
-            task = progress.add_task("train", total=cfg.train.steps, completed=start, loss=float("nan"), tps=0.0)
-            stopping = self._stopping()
-            while step < cfg.train.steps and not stopping:
-                lr = lr_at(step, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
-                           total_steps=cfg.train.steps, min_lr_ratio=cfg.train.min_lr_ratio)
-                loss_sum = torch.zeros((), device=self.device)
-                # The third step of a multi-rank run is profiled for its collectives (the first two
-                # carry one-off set-up traffic, e.g. DDP's bucket rebuild); the meter costs nothing
-                # on the other steps.
-                with CommMeter(strategy.world_size, enabled=step == start + 2) as meter:
-                    for m in range(cfg.train.grad_accum):
-                        x, y = (self._to_device(t) for t in sampler.next_batch())
-                        counting = step == start and m == 0  # the run's first micro-step is counted
-                        with SavedActivationCounter() if counting else nullcontext() as counter:
-                            loss = strategy.forward_backward(x, y, 1.0 / cfg.train.grad_accum, m == cfg.train.grad_accum - 1)
-                        if counting:
-                            saved_act_bytes = counter.bytes
-                        loss_sum += loss.float()
-                    result = strategy.step(lr)
-                if meter.enabled:
-                    comm = meter.stats
-                if result.skipped and not strategy.policy.uses_loss_scaling:
-                    nan_skips += 1
-                    if cfg.train.nan_policy == "stop" or nan_skips > cfg.train.max_nan_skips:
-                        kept = f"last good checkpoint: {last_ref.path}" if last_ref else "no checkpoint was saved yet"
-                        raise RunError(f"non-finite loss/gradients at step {step} (update skipped, weights unchanged); {kept}",
-                                       "lower train.lr, use precision bf16/fp32, or set train.nan_policy = 'skip'")
-                pending.append((step, loss_sum / cfg.train.grad_accum, lr, result.grad_norm, result.skipped))
-                step += 1
-                tokens_run += tokens_per_step
-                if self.after_step is not None:
-                    self.after_step(self, step - 1)
-                stopping = self._stopping()
-
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopping:
-                    now = time.perf_counter()
-                    tps = len(pending) * tokens_per_step / (now - t_log)
-                    mem = {**strategy.memory(), "activations_saved": saved_act_bytes,
-                           "device_peak": device_memory(self.device)["peak"]}
-                    # Loss averaged over ranks (each saw its share of the batch); the norm is global.
-                    values = dist.mean(torch.stack([torch.stack([l.float(), g.float()]) for _, l, _, g, _ in pending])).tolist()
-                    for (s, _, lr_s, _, skipped), (loss_v, gnorm) in zip(pending, values):
-                        metrics.write({"step": s, "loss": loss_v, "lr": lr_s, "grad_norm": gnorm, "skipped": skipped,
-                                       "tokens_per_s": tps, "mfu": tps * flops_per_token / peak_flops, "memory": mem})
-                    progress.update(task, completed=step, loss=values[-1][0], tps=tps)
-                    pending.clear()
-                    t_log = now
-
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    last_val = self._evaluate(strategy, evals)
-                    metrics.write({"step": step - 1, "val_loss": last_val})
-                    progress.console.print(f"step {step}: val loss {last_val:.4f} (unigram baseline {unigram:.4f})")
-
-                save_due = cfg.run.save_every and step % cfg.run.save_every == 0
-                if save_due or step == cfg.train.steps or stopping:
-                    last_ref = self._save(strategy, sampler, step)
-            wall = time.perf_counter() - t_run
-        metrics.close()
-
-        if stopping and step < cfg.train.steps:
-            self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
-                               f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto")
-        summary = self._summary(strategy, step - start, wall, tokens_run, flops_per_token, peak_flops,
-                                saved_act_bytes, comm, last_val, unigram)
-        if strategy.is_main:
-            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        return summary
+    def _log(self, run: Prepared, pending: list[Logged], tps: float, saved_act_bytes: int) -> float:
+        """Write the pending steps' records (one sync for all of them); the last loss."""
+        mem = {**run.strategy.memory(), "activations_saved": saved_act_bytes,
+               "device_peak": device_memory(self.device)["peak"]}
+        # Loss averaged over ranks (each saw its share of the batch); the norm is global.
+        values = dist.mean(torch.stack([torch.stack([p.loss.float(), p.grad_norm.float()]) for p in pending])).tolist()
+        for p, (loss, grad_norm) in zip(pending, values):
+            run.metrics.write({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "skipped": p.skipped,
+                               "tokens_per_s": tps, "mfu": tps * run.flops_per_token / run.peak_flops, "memory": mem})
+        return values[-1][0]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host batch -> device without a sync: a copy from pinned memory is asynchronous on
@@ -329,9 +371,8 @@ class Trainer:
         return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last,
                                     write_extra=strategy.save)
 
-    def _summary(self, strategy: Strategy, steps: int, wall: float, tokens: int, flops_per_token: float,
-                 peak_flops: float, saved_act_bytes: int, comm: CommStats, val_loss: float | None,
-                 unigram: float) -> dict[str, Any]:
+    def _summary(self, run: Prepared, steps: int, wall: float, tokens: int, saved_act_bytes: int, comm: CommStats,
+                 val_loss: float | None) -> dict[str, Any]:
         price, price_source = (self.cfg.run.price_per_hour, "config run.price_per_hour")
         if price is None:
             price, price_source = default_price(self.device)
@@ -343,6 +384,7 @@ class Trainer:
             if "loss" in record:
                 last_loss = record["loss"]
                 break
+        strategy = run.strategy
         devices = strategy.world_size
         peak = device_memory(self.device)["peak"]
         return {
@@ -350,7 +392,7 @@ class Trainer:
             "tokens": tokens,
             "wall_s": wall,
             "tokens_per_s": tps,
-            "mfu": tps * flops_per_token / peak_flops if peak_flops else None,
+            "mfu": tps * run.flops_per_token / run.peak_flops if run.peak_flops else None,
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
                              "device_peak": peak, "device_peak_max_rank": dist.maximum(peak)},
             # Measured on one step (bytes this rank sent; collective time, hidden or not).
@@ -358,7 +400,7 @@ class Trainer:
                               "bytes_sent_by_collective": comm.by_collective},
             "final_train_loss": last_loss,
             "final_val_loss": val_loss,
-            "unigram_val_loss": unigram,
+            "unigram_val_loss": run.unigram,
             "device": str(self.device),
             "devices": devices,
             "cost_usd": wall / 3600 * devices * price,
