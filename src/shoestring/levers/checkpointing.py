@@ -30,7 +30,7 @@ unfused), and selective checkpointing routes every op of a region through two Py
 costs about as much time as `full` (+15-20%), and `every:2` is the better half-way point. Under
 `torch.compile` (the compile lever, applied after this one) the policy is applied by the
 partitioner instead, with no per-op dispatch: `selective` and `full` cost ~0-3% there. Under
-compile the saved tensors also differ (fusion saves fewer), so the estimate describes eager mode.
+compile the saved tensors also differ (fusion saves fewer): the estimate takes `compiled=True`.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def _fused_rms_norm(device_type: str) -> bool:
 
 
 def block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, precision: str | int = "fp32",
-                        device_type: str = "cpu") -> dict[str, list[tuple[str, int]]]:
+                        device_type: str = "cpu", compiled: bool = False) -> dict[str, list[tuple[str, int]]]:
     """What one block keeps for backward, tensor by tensor: {"none": [(name, bytes), ...],
     "input": [...], "saved_ops": [...]} — `none` mode's saved tensors, the block input a
     checkpointed region retains, and the outputs the selective policy caches.
@@ -348,12 +348,23 @@ def block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, precision: st
       (batch x heads x seq). o_proj's input is a view of that output.
     * SiLU saves its input (gate), the SwiGLU product saves silu(gate) and up, down_proj its
       input. The residual adds save nothing.
+
+    `compiled`: the block runs as one `torch.compile`d graph (the compile lever), whose
+    partitioner saves its own set (counted with the trainer's counter, small preset, CPU, torch
+    2.13): the block input and the two rstd; each normed x once in the matmul dtype (the casts
+    are fused, so q/k/v and gate/up share one copy); q, k, v, attention out and its logsumexp;
+    o_proj's input as its own contiguous copy; gate, up and their product (silu(gate) is
+    recomputed); RoPE's cos/sin casts twice, not four times. Checkpointed blocks keep their input
+    (`full`) or the matmul and attention outputs but down_proj's, which backward does not need
+    (`selective`).
     """
     autocast, r, c = _precision(precision)
     d, f, h = args.dim, args.ffn_dim, args.n_heads
     q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     bt = batch * seq_len
     fused = _fused_rms_norm(device_type)
+    if compiled:
+        return _compiled_block_saved_tensors(args, batch, seq_len, r, c)
 
     def norm(name: str, consumers: int) -> list[tuple[str, int]]:
         if fused:
@@ -384,8 +395,26 @@ def block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, precision: st
     return {"none": none, "input": [("block.input", bt * d * r)], "saved_ops": saved_ops}
 
 
+def _compiled_block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, r: int, c: int) -> dict[str, list[tuple[str, int]]]:
+    d, f = args.dim, args.ffn_dim
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    bt = batch * seq_len
+    attn = [("attn.q_rope", bt * q_dim * c), ("attn.k_rope", bt * kv_dim * c), ("attn.v", bt * kv_dim * c),
+            ("attn.out", bt * q_dim * c), ("attn.logsumexp", batch * args.n_heads * seq_len * 4)]
+    none = [("block.input", bt * d * r), ("norms.rstd[0]", bt * 4), ("norms.rstd[1]", bt * 4),
+            ("input_layernorm.out", bt * d * c), *attn, ("o_proj.input", bt * q_dim * c),
+            ("post_attention_layernorm.out", bt * d * c),
+            ("mlp.gate", bt * f * c), ("mlp.up", bt * f * c), ("mlp.hidden", bt * f * c)]
+    if c == 2:  # RoPE tables cast to the matmul dtype (fp32: views of the model's buffers)
+        none += [(f"rope.cos_sin_cast[{i}]", seq_len * args.head_dim * c) for i in range(2)]
+    saved_ops = [("q_proj.out", bt * q_dim * c), ("k_proj.out", bt * kv_dim * c), ("v_proj.out", bt * kv_dim * c),
+                 ("sdpa.out", bt * q_dim * c), ("sdpa.logsumexp", batch * args.n_heads * seq_len * 4),
+                 ("o_proj.out", bt * d * c), ("gate_proj.out", bt * f * c), ("up_proj.out", bt * f * c)]
+    return {"none": none, "input": [("block.input", bt * d * r)], "saved_ops": saved_ops}
+
+
 def estimate_saved_activation_bytes(args: ModelArgs, mode: str, batch: int, seq_len: int,
-                                    precision: str | int = "fp32", device_type: str = "cpu") -> int:
+                                    precision: str | int = "fp32", device_type: str = "cpu", compiled: bool = False) -> int:
     """Bytes autograd keeps alive between forward and backward for the transformer blocks
     (not the embedding, final norm or loss), summed over blocks, for `mode`.
 
@@ -394,16 +423,15 @@ def estimate_saved_activation_bytes(args: ModelArgs, mode: str, batch: int, seq_
     and the norms' saved tensors stay fp32 while matmul inputs are bf16; the estimate follows
     each tensor's own dtype (see `block_saved_tensors`).
 
-    Eager mode. Under `torch.compile` the compiled graph saves its own (smaller) set: for the
-    tiny preset on CPU `none` kept 135 MiB instead of 215, `full` the same block inputs, and
-    `selective` 91 MiB instead of 99.
+    `compiled`: blocks under `torch.compile` (the compile lever), whose graph saves its own,
+    smaller set (`block_saved_tensors`).
 
     `offload` returns the device-resident bytes (0: everything but weights goes to the host);
     the host then holds `estimate(..., "none")` in pinned memory and each step copies that much
     out and back.
     """
     kind, _ = parse_mode(mode)
-    per = block_saved_tensors(args, batch, seq_len, precision, device_type)
+    per = block_saved_tensors(args, batch, seq_len, precision, device_type, compiled)
     none = sum(n for _, n in per["none"])
     inp = sum(n for _, n in per["input"])
     ops = sum(n for _, n in per["saved_ops"])

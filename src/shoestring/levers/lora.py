@@ -178,14 +178,17 @@ def estimate(args: ModelArgs, settings: LoRASettings, precision: str = "fp32") -
     )
 
 
-def saved_activation_bytes(args: ModelArgs, settings: LoRASettings, tokens: int, precision: str) -> int:
+def saved_activation_bytes(args: ModelArgs, settings: LoRASettings, tokens: int, precision: str,
+                           compiled: bool = False) -> int:
     """Bytes one block's adapters save for backward beyond the base linears' own, for `tokens`
     tokens. Each adapter saves A's output (tokens x rank) for B; under autocast (`bf16`/`fp16`)
     A also casts its input to the low dtype separately from the base matmul (autocast caches
     weight casts only), so every target keeps one more copy of its input; dropout keeps its
     output and mask. Measured on `small` (benchmarks/planner_accuracy.py): ~150 MiB for 7
-    targets at 2048 tokens in bf16, which these terms account for."""
-    autocast = precision in ("bf16", "fp16")
+    targets at 2048 tokens in bf16, which these terms account for. Under `torch.compile`
+    (`compiled`) the block's graph casts each input once for the base matmul and the adapter
+    together: only A's outputs remain (counted, same case: 3.5 MiB for the 56 adapters)."""
+    autocast = precision in ("bf16", "fp16") and not compiled
     elem = 4 if precision == "fp32" else 2
     total = 0
     for name, (fan_in, _) in target_shapes(args).items():

@@ -51,7 +51,7 @@ def plan_for(cfg: Config, ranks: int) -> Plan:
     req = Request(cfg.model.preset, tokens=float(cfg.train.steps * batch * seq), hardware=(f"local:{ranks}",),
                   mode="lora" if lora.enabled else "pretrain", seq_len=seq, global_batch_tokens=batch * seq,
                   lora_rank=lora.rank, lora_targets=tuple(lora.targets), lora_base_dtype=lora.base_dtype,
-                  fixed=tuple(_fixed(cfg, ranks).items()), ranks=ranks)
+                  fixed=tuple(_fixed(cfg, ranks).items()), ranks=ranks, compile=cfg.train.compile)
     result = search(req)
     result.plans = [p for p in result.plans if p.levers.strategy in RUNNABLE or "strategy" in dict(req.fixed)]
     require_fit(result)

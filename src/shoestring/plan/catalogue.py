@@ -53,6 +53,7 @@ class Device:
     overhead_bytes: int
     fragmentation: float
     kind: str = "cuda"  # "cuda" or "cpu": which device class's calibration applies
+    compile_overhead_bytes: int = 0  # what compiled blocks' runtime adds to `overhead_bytes` (calibrated)
     sources: dict[str, str] = field(default_factory=dict)
 
     def peak_flops(self, dtype: str) -> float:
@@ -122,18 +123,33 @@ def local_hardware(ranks: int | None = None) -> tuple[Device, int]:
         count = ranks or torch.cuda.device_count()
         return replace(entry, key="local", memory_bytes=total, tflops={**entry.tflops, **measured}), count
     count = ranks or 1
-    cpu = devices()["cpu"]
-    cal = calibration("cpu")
+    return cpu_device(probe_cpu(count)), count
+
+
+def probe_cpu(ranks: int) -> dict[str, Any]:
+    """What the CPU split into `ranks` processes measures: each rank gets cores/ranks threads
+    and, since a training step's element-wise work scales with threads, that many times the
+    one-thread matmul peak; the gloo all-reduce bandwidth between the ranks; host memory per rank."""
+    from shoestring.plan import probe
+
     cores = probe.cpu_cores()
-    threads = max(1, cores // count)
-    # Ranks share the cores: each gets `threads` of them. A training step's element-wise work
-    # scales with threads, so the peak is threads x the one-thread matmul rate.
-    measured = {d: threads * probe.matmul_peak_flops(torch.device("cpu"), probe.DTYPES[d], 1) / 1e12 for d in ("fp32", "bf16")}
-    link = probe.allreduce_bandwidth(count) / GB if count > 1 else cpu.intra_gbs
-    memory = probe.host_memory_bytes() // count
-    return replace(cpu, key="local", name=f"{probe.device_name(torch.device('cpu'))} ({threads} of {cores} core(s) per rank)",
-                   memory_bytes=memory, tflops={**measured, "fp16": 0.0, "fp8": 0.0}, intra_gbs=link,
-                   inter_gbs=link, per_node=max(count, 1), overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB)), count
+    threads = max(1, cores // ranks)
+    return {"name": f"{probe.device_name(torch.device('cpu'))} ({threads} of {cores} core(s) per rank)",
+            "tflops": {d: threads * probe.matmul_peak_flops(torch.device("cpu"), probe.DTYPES[d], 1) / 1e12
+                       for d in ("fp32", "bf16")},
+            "link_gbs": probe.allreduce_bandwidth(ranks) / GB if ranks > 1 else devices()["cpu"].intra_gbs,
+            "memory_bytes": probe.host_memory_bytes() // ranks, "ranks": ranks}
+
+
+def cpu_device(probed: dict[str, Any]) -> Device:
+    """The local CPU as a device, from what `probe_cpu` measured (now, or saved with a benchmark
+    row) and the current calibration's non-tensor memory."""
+    link, cal = probed["link_gbs"], calibration("cpu")
+    return replace(devices()["cpu"], key="local", name=probed["name"], memory_bytes=probed["memory_bytes"],
+                   tflops={**probed["tflops"], "fp16": 0.0, "fp8": 0.0}, intra_gbs=link, inter_gbs=link,
+                   per_node=max(probed["ranks"], 1), overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB),
+                   compile_overhead_bytes=int(cal.get("compiled", {}).get("rss_compile_gb", 0.0) * GB))
+
 
 def catalogue_key(device: torch.device) -> str:
     """Best catalogue entry for a local device: the entry whose key prefix is in the device

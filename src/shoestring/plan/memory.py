@@ -5,18 +5,24 @@ Composes what each lever knows about itself:
 * model state (params, grads, fp32 masters, optimizer): the strategy's layout, computed here
   exactly from parameter shapes (`state_bytes`), so that it equals what
   `shoestring.train.memory.model_state_bytes` counts after a step (tests/test_plan_memory.py);
-* saved activations: the checkpointing lever (`estimate_saved_activation_bytes`), plus the
-  embedding output and final norm outside the blocks;
-* the working set of backward: one block's activations (recomputed, for checkpointed blocks)
-  and their gradients, alive while that block runs backward;
+* saved activations: the checkpointing lever (`estimate_saved_activation_bytes`, eager or
+  compiled blocks), plus the embedding output and final norm outside the blocks;
 * loss buffers: the chunked cross-entropy keeps grad_hidden (tokens x dim) and grad_weight
   (vocab x dim) from forward to backward, and one chunk's fp32 logits while it runs;
+* the working set of backward: one block's activations (recomputed, for checkpointed blocks)
+  and their gradients, alive while that block runs backward, after the loss's chunk buffers
+  are freed: only what exceeds those counts;
 * autocast's weight casts (bf16/fp16 autocast keeps a low-precision copy of every weight while
   the step runs; under FSDP2 / ZeRO-3 only a block's worth at a time);
 * communication buffers: DDP buckets, FSDP2 / ZeRO-3 gathered blocks and unsharded gradients,
   ZeRO reduce buckets, the YaFSDP engine's preallocated buffers (its own `buffer_bytes`);
 * framework overhead: measured per device class (CUDA context and workspaces from the
-  catalogue; the CPU process's non-tensor RSS, calibrated by benchmarks/planner_accuracy.py).
+  catalogue; the CPU process's non-tensor RSS, calibrated by benchmarks/planner_accuracy.py),
+  and for compiled blocks the compiled runtime's own (inductor, its kernels and caches; CPU:
+  calibrated the same way).
+
+Gradients and saved activations are not both at full size at once: the peak counts the larger
+(`estimate_memory`); `state_bytes` still gives the exact gradient bytes after a step.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Levers:
     offload: bool = False  # fsdp2 cpu_offload / deepspeed offload_optimizer (CUDA only)
     micro_batch: int = 1
     grad_accum: int = 1
+    compiled: bool = False  # blocks under torch.compile (the compile lever's rule: `compile_wanted`)
 
     @property
     def sharded_params(self) -> bool:
@@ -122,18 +129,20 @@ def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_
     residual = 2 if levers.precision == "bf16-pure" else 4
     compute = 4 if levers.precision == "fp32" else 2
     tokens = b * seq_len
-    blocks = estimate_saved_activation_bytes(a, mode, b, seq_len, levers.precision, device_type)
-    per_block = block_saved_tensors(a, b, seq_len, levers.precision, device_type)
+    blocks = estimate_saved_activation_bytes(a, mode, b, seq_len, levers.precision, device_type, levers.compiled)
+    per_block = block_saved_tensors(a, b, seq_len, levers.precision, device_type, levers.compiled)
     working = sum(n for _, n in per_block["none"])  # one block's full set, live during its backward
     outside = tokens * a.dim * residual * 2 + tokens * 4  # embedding output, final norm input/rstd
-    loss = tokens * a.dim * compute + a.vocab_size * a.dim * 4 + 3 * min(LOSS_CHUNK, tokens) * a.vocab_size * 4
+    kept = tokens * a.dim * compute + a.vocab_size * a.dim * 4  # grad_hidden, grad_weight: into backward
+    loss = kept + 3 * min(LOSS_CHUNK, tokens) * a.vocab_size * 4  # + one chunk's logits, while it runs
     if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
         kind = parse_mode(mode)[0]
-        extra = trainable.block_activation_bytes(tokens, levers.precision)
+        extra = trainable.block_activation_bytes(tokens, levers.precision, levers.compiled)
         kept = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
         blocks += kept * extra
         working += extra
-    return {"activations": blocks + outside, "backward_working": 2 * working, "loss": loss}
+    # the chunk buffers are gone before the blocks' backward starts: count what exceeds them
+    return {"activations": blocks + outside, "backward_working": max(0, 2 * working + kept - loss), "loss": loss}
 
 
 def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, device_type: str) -> dict[str, int]:
@@ -187,7 +196,14 @@ def estimate_memory(info: ModelInfo, trainable: Trainable, levers: Levers, world
         state = {k: (0 if k in moved else v) for k, v in state.items()}
     parts = {**state, **activation_bytes(info, trainable, levers, seq_len, device.kind),
              **comm_and_cast_bytes(info, trainable, levers, world, device.kind)}
+    if levers.strategy != "deepspeed":
+        # Gradients are freed after each step (zero_grad(set_to_none)) and written during backward
+        # as it frees the saved activations, block by block: at any moment the two together are
+        # at most the larger of them (measured on CPU: the peak is at the end of forward).
+        parts["grads"] = max(0, parts["grads"] - parts["activations"])
     allocated = sum(parts.values())
     parts["fragmentation"] = int(allocated * device.fragmentation)
     parts["framework"] = device.overhead_bytes
+    if levers.compiled:
+        parts["compile_runtime"] = device.compile_overhead_bytes
     return MemoryEstimate({k: int(v) for k, v in parts.items()}, host)

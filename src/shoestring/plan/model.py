@@ -50,8 +50,8 @@ class Trainable:
     shapes: tuple[Shape, ...]
     frozen_params: int = 0
     frozen_bytes: int = 2
-    # bytes one block's trainable add to saved activations: (tokens, precision) -> bytes
-    block_activation_bytes: Callable[[int, str], int] | None = None
+    # bytes one block's trainable add to saved activations: (tokens, precision, compiled) -> bytes
+    block_activation_bytes: Callable[[int, str, bool], int] | None = None
 
     @cached_property
     def n_params(self) -> int:

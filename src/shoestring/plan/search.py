@@ -39,6 +39,7 @@ class Request:
     lora_base_dtype: str = "bf16"  # the frozen base's dtype (config lora.base_dtype)
     fixed: tuple[tuple[str, object], ...] = ()  # levers the user set (train --auto): name -> value
     ranks: int | None = None  # local hardware: processes to split this machine into
+    compile: bool | str = "auto"  # train.compile: whether blocks run compiled is the compile lever's rule
 
 
 @dataclass
@@ -160,14 +161,39 @@ def _validate(req: Request, info: ModelInfo) -> int:
     return seq_len
 
 
+def compiled(setting: bool | str, device: Device, precision: str) -> bool:
+    """Whether the trainer compiles the blocks: the compile lever's own rule (`train.compile`,
+    SHOESTRING_COMPILE) for this device class and precision."""
+    import torch
+
+    from shoestring.levers.compile import wanted
+    from shoestring.levers.precision import PrecisionPolicy
+
+    return wanted(setting, torch.device(device.kind), PrecisionPolicy(precision))
+
+
+def trainable_for(req: Request, info: ModelInfo, seq_len: int) -> tuple[Trainable, float]:
+    """What trains, and the FLOPs per token that costs."""
+    if req.mode == "lora":
+        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 2 if req.lora_base_dtype == "bf16" else 4)
+        return trainable, lora_flops_per_token(info, trainable, seq_len)
+    return full_trainable(info), info.flops_per_token(seq_len)
+
+
+def plan_exactly(req: Request, device: Device, count: int, levers: Levers) -> Plan:
+    """The plan for levers fixed in full (micro-batch and accumulation included) on a given
+    device: what the accuracy benchmark compares with what it measured on that device."""
+    info = model_info(req.model)
+    seq_len = _validate(req, info)
+    trainable, flops = trainable_for(req, info, seq_len)
+    levers = replace(levers, compiled=compiled(req.compile, device, levers.precision))
+    return _plan(info, trainable, levers, device, count, seq_len, flops, req)
+
+
 def search(req: Request) -> Result:
     info = model_info(req.model)
     seq_len = _validate(req, info)
-    if req.mode == "lora":
-        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 2 if req.lora_base_dtype == "bf16" else 4)
-        flops = lora_flops_per_token(info, trainable, seq_len)
-    else:
-        trainable, flops = full_trainable(info), info.flops_per_token(seq_len)
+    trainable, flops = trainable_for(req, info, seq_len)
     global_seqs = max(1, min(req.global_batch_tokens, int(req.tokens)) // seq_len)
     fixed = dict(req.fixed)
     plans: list[Plan] = []
@@ -177,9 +203,10 @@ def search(req: Request) -> Result:
         for precision in _precisions(device, req.mode, fixed, trainable.frozen_bytes == 4):
             if not device.supports(compute_dtype(precision)):
                 continue
+            blocks_compiled = compiled(req.compile, device, precision)
             for strat in _strategies(device, count, precision, trainable.frozen_params > 0):
                 for mode in CHECKPOINTING if "checkpointing" not in fixed else (str(fixed["checkpointing"]),):
-                    levers = replace(strat, checkpointing=mode)
+                    levers = replace(strat, checkpointing=mode, compiled=blocks_compiled)
                     if not _matches(levers, {k: v for k, v in fixed.items() if k not in ("micro_batch", "grad_accum")}):
                         continue
                     plan = _best_micro_batch(info, trainable, levers, device, count, per_device, seq_len, flops, req, fixed)
@@ -285,4 +312,5 @@ def candidates_count(result: Result) -> int:
     return len(result.plans) + len(result.misses)
 
 
-__all__: Iterable[str] = ["Plan", "Request", "Result", "cheapest_misses", "describe", "one_per_option", "leanest", "require_fit", "search"]
+__all__: Iterable[str] = ["Plan", "Request", "Result", "cheapest_misses", "compiled", "describe", "one_per_option", "leanest",
+                         "plan_exactly", "require_fit", "search"]

@@ -1,15 +1,21 @@
 """Step time of one candidate plan: compute, recompute, communication and offload.
 
-    compute   = tokens per device per step x FLOPs per token / (peak[dtype] x achievable MFU)
+    compute   = tokens per device per step x FLOPs per token / (peak[dtype] x achievable MFU);
+                for LoRA the removed FLOPs save only their matmul time (`compute_seconds`)
     recompute = checkpointing's extra time: its matmul FLOP fraction on GPUs (`full`, `every:K`);
                 the device class's measured multiplier where element-wise work dominates (CPU)
     comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
                 behind compute (`OVERLAP`; on the CPU, gloo runs on the cores that compute, so
-                the calibrated `comm_overlap` applies instead)
+                the calibrated `comm_overlap` applies instead), plus a fixed cost per collective
+                (`collective_s`, calibrated: on gloo each FSDP2 / YaFSDP group's gather or
+                reduce costs milliseconds of hooks, copies and synchronisation besides its bytes)
     offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
 
 Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
-machine's measurement for the CPU: see docs/planner.md).
+machine's measurement for the CPU: see docs/planner.md). Compiled blocks (the compile lever,
+`Levers.compiled`) fuse the element-wise work between matmuls, which on the CPU is most of a
+bf16 step: the CPU calibration has a `compiled` table (MFU and checkpointing multipliers) that
+applies to compiled plans over the eager constants.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from shoestring.levers.checkpointing import checkpointed_blocks, estimate_recomp
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.parallel.yafsdp import YaFSDP
 from shoestring.plan.catalogue import Device, calibration
-from shoestring.plan.memory import Levers
+from shoestring.plan.memory import DS_BUCKET_ELEMENTS, Levers
 from shoestring.plan.model import ModelInfo, Trainable
 
 # Fraction of communication time hidden behind compute. DDP all-reduces buckets during
@@ -48,9 +54,15 @@ def compute_dtype(precision: str) -> str:
     return "fp32" if precision == "fp32" else ("fp16" if precision == "fp16" else "bf16")
 
 
-def achievable_mfu(device: Device, precision: str) -> float:
+def device_calibration(device: Device, compiled: bool) -> dict:
+    """The device class's calibration; for compiled blocks, its `compiled` table over it."""
+    cal = calibration("cpu" if device.kind == "cpu" else "gpu")
+    return {**cal, **cal.get("compiled", {})} if compiled else cal
+
+
+def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> float:
     if device.kind == "cpu":
-        return calibration("cpu").get("mfu", {}).get(precision, device.mfu)
+        return device_calibration(device, compiled).get("mfu", {}).get(precision, device.mfu)
     return device.mfu
 
 
@@ -60,12 +72,28 @@ def overlap(device: Device, levers: Levers) -> float:
     return OVERLAP.get(levers.strategy_label().split("+")[0].split("(")[0], 0.7)
 
 
-def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: int) -> float:
+def collectives(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> int:
+    """Collective calls per optimizer step: DDP's gradient buckets (25 MB) once; the sharded
+    strategies' per-group gathers (twice when resharding after forward) and reduce-scatter on
+    every micro-step, one group per block plus the root; ZeRO-1/2's buckets, reduced and
+    gathered once."""
+    if world <= 1:
+        return 0
+    if levers.strategy == "ddp":
+        grad = 2 if levers.precision == "bf16-pure" else 4
+        return -(-trainable.n_params * grad // (25 * 2**20))
+    if levers.strategy == "deepspeed" and levers.zero_stage < 3:
+        return 2 * -(-trainable.n_params // DS_BUCKET_ELEMENTS)
+    gathers = 2 if levers.reshard_after_forward or levers.strategy == "yafsdp" else 1
+    return (info.args.n_layers + 1) * (gathers + 1) * levers.grad_accum
+
+
+def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: int, compiled: bool = False) -> float:
     """Step-time multiplier of a checkpointing mode (1.0 = no extra time)."""
     kind, _ = parse_mode(mode)
     if kind in ("none", "offload"):
         return 1.0
-    cal = calibration("cpu" if device.kind == "cpu" else "gpu")
+    cal = device_calibration(device, compiled)
     share = len(checkpointed_blocks(info.args.n_layers, mode)) / info.args.n_layers
     if kind == "selective":
         return 1.0 + share * (cal.get("time_selective", 1.03) - 1.0)
@@ -98,15 +126,27 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
     return per_micro * levers.grad_accum
 
 
+def compute_seconds(at_peak: float, full_at_peak: float, mfu: float) -> float:
+    """A step's compute: its matmul FLOPs at the peak (`at_peak`), plus the rest of the work,
+    which the MFU calibration measures as (1/MFU - 1) times the matmul time of the full model's
+    step (`full_at_peak`). A parameter-efficient lever (LoRA: no weight gradients for the frozen
+    base) removes matmul FLOPs but not the element-wise work between them; with every weight
+    training the two are the same and this is `at_peak / mfu`."""
+    return at_peak + full_at_peak * (1 / mfu - 1)
+
+
 def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, world: int, seq_len: int,
               flops_per_token: float) -> StepTime:
     tokens = levers.micro_batch * levers.grad_accum * seq_len
     peak = device.peak_flops(compute_dtype(levers.precision))
-    compute = tokens * flops_per_token / (peak * achievable_mfu(device, levers.precision))
-    recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len) - 1.0)
+    cal = device_calibration(device, levers.compiled)
+    compute = compute_seconds(tokens * flops_per_token / peak, tokens * info.flops_per_token(seq_len) / peak,
+                              achievable_mfu(device, levers.precision, levers.compiled))
+    recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len, levers.compiled) - 1.0)
     comm = comm_bytes(info, trainable, levers, world) / (device.link_gbs(world) * 1e9)
     hidden = overlap(device, levers) * (compute + recompute)
     exposed = max(comm - hidden, comm * 0.1) if comm else 0.0
+    exposed += collectives(info, trainable, levers, world) * cal.get("collective_s", 0.0)
     offload = 0.0
     if levers.offload:
         shard = trainable.n_params / world
