@@ -232,8 +232,8 @@ def fit(rows: list[dict]) -> dict[str, Any]:
       pre-training rows without checkpointing (FLOPs at the peak / measured step);
     * `time_full` / `time_selective`: the step-time multiplier of those modes, from the
       single-device rows with them, against the compute the fitted MFU gives;
-    * `collective_s`: the fixed cost of one collective, from the 2-rank rows: the measured step
-      less the predicted compute, recompute and bytes / bandwidth, per collective call;
+    * `collective_s.<strategy>`: the fixed cost of one collective call, from the 2-rank rows:
+      the measured step less the predicted compute, recompute and bytes / bandwidth, per call;
     * `rss_base_gb`: the process memory that is not tensors, the median residual of memory on
       the eager rows; `compiled.rss_compile_gb`: what the compiled runtime adds, on the others.
 
@@ -264,7 +264,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
                       if r["case"]["checkpointing"] == mode and r["case"]["precision"] in mfu]
             if ratios:
                 group[f"time_{mode}"] = round(statistics.median(ratios), 3)
-    per_call = []
+    per_call: dict[str, list[float]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
             g = {**out, **out["compiled"]} if t["compiled"] else out
@@ -272,9 +272,10 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
             compute = compute_seconds(t["at_peak"], t["full_at_peak"], g["mfu"][prec]) * (
                 1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
-            per_call.append((_measured_step(r) - compute - t["comm_bw"]) / t["collectives"])
+            per_call.setdefault(r["case"]["strategy"], []).append((_measured_step(r) - compute - t["comm_bw"]) / t["collectives"])
     if per_call:
-        out["collective_s"] = round(max(0.0, statistics.median(per_call)), 4)
+        out["collective_s"] = {**out.get("collective_s", {}),
+                               **{k: round(max(0.0, statistics.median(v)), 4) for k, v in sorted(per_call.items())}}
     # memory: the eager rows give the process's own, the compiled rows what compiling adds to it
     residual = {c: [r["memory_measured"] - r["memory_predicted"] for r, t in zip(rows, terms) if t["compiled"] == c]
                 for c in (False, True)}

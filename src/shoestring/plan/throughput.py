@@ -7,8 +7,9 @@
     comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
                 behind compute (`OVERLAP`; on the CPU, gloo runs on the cores that compute, so
                 the calibrated `comm_overlap` applies instead), plus a fixed cost per collective
-                (`collective_s`, calibrated: on gloo each FSDP2 / YaFSDP group's gather or
-                reduce costs milliseconds of hooks, copies and synchronisation besides its bytes)
+                call, per strategy (`collective_s`, calibrated: on gloo each FSDP2 group's gather
+                or reduce-scatter costs ~9 ms of hooks, copies and synchronisation besides its
+                bytes, YaFSDP's flat buffers ~4 ms, DDP's bucketed all-reduce nothing measurable)
     offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
 
 Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
@@ -88,6 +89,13 @@ def collectives(info: ModelInfo, trainable: Trainable, levers: Levers, world: in
     return (info.args.n_layers + 1) * (gathers + 1) * levers.grad_accum
 
 
+def collective_seconds(cal: dict, strategy: str) -> float:
+    """The calibrated fixed cost of one collective call of `strategy` (its hooks, copies and
+    synchronisation around the bytes); a strategy not calibrated takes the largest measured."""
+    per = cal.get("collective_s", {})
+    return per.get(strategy, max(per.values(), default=0.0))
+
+
 def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: int, compiled: bool = False) -> float:
     """Step-time multiplier of a checkpointing mode (1.0 = no extra time)."""
     kind, _ = parse_mode(mode)
@@ -146,7 +154,7 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
     comm = comm_bytes(info, trainable, levers, world) / (device.link_gbs(world) * 1e9)
     hidden = overlap(device, levers) * (compute + recompute)
     exposed = max(comm - hidden, comm * 0.1) if comm else 0.0
-    exposed += collectives(info, trainable, levers, world) * cal.get("collective_s", 0.0)
+    exposed += collectives(info, trainable, levers, world) * collective_seconds(cal, levers.strategy)
     offload = 0.0
     if levers.offload:
         shard = trainable.n_params / world
