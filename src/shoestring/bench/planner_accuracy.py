@@ -238,9 +238,9 @@ def fit(rows: list[dict]) -> dict[str, Any]:
       the eager rows; `compiled.rss_compile_gb`: what the compiled runtime adds, on the others.
 
     A constant with no row to fit it keeps its current value. Check a fit on another run's rows
-    (`--from-json OTHER` after pasting), not on the rows it came from."""
+    (`--from-json OTHER` after `--write-calibration`), not on the rows it came from."""
     from shoestring.plan.catalogue import calibration
-    from shoestring.plan.throughput import compute_dtype, compute_seconds
+    from shoestring.plan.throughput import compute_dtype, compute_seconds, with_compiled
 
     cal = calibration("cpu")
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
@@ -267,7 +267,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     per_call: dict[str, list[float]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
-            g = {**out, **out["compiled"]} if t["compiled"] else out
+            g = with_compiled(out, t["compiled"])
             prec, mode = r["case"]["precision"], r["case"]["checkpointing"]
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
             compute = compute_seconds(t["at_peak"], t["full_at_peak"], g["mfu"][prec]) * (

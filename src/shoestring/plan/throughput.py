@@ -56,9 +56,17 @@ def compute_dtype(precision: str) -> str:
 
 
 def device_calibration(device: Device, compiled: bool) -> dict:
-    """The device class's calibration; for compiled blocks, its `compiled` table over it."""
-    cal = calibration("cpu" if device.kind == "cpu" else "gpu")
-    return {**cal, **cal.get("compiled", {})} if compiled else cal
+    return with_compiled(calibration("cpu" if device.kind == "cpu" else "gpu"), compiled)
+
+
+def with_compiled(cal: dict, compiled: bool) -> dict:
+    """A calibration; for compiled blocks, its `compiled` table over it (a table in both, such
+    as `mfu`, merged key by key: what compiled runs did not measure stays)."""
+    if not compiled:
+        return cal
+    over = cal.get("compiled", {})
+    return {**cal, **{k: {**cal[k], **v} if isinstance(v, dict) and isinstance(cal.get(k), dict) else v
+                      for k, v in over.items()}}
 
 
 def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> float:
