@@ -63,3 +63,32 @@ def test_compiled_plans_save_less_and_carry_the_flag(monkeypatch):
     assert comp.memory.components["activations"] < eager.memory.components["activations"]
     per = block_saved_tensors(PRESETS["small"], 1, 256, "bf16", "cuda", compiled=True)
     assert {n for n, _ in per["input"]} == {"block.input"} and "down_proj.out" not in {n for n, _ in per["saved_ops"]}
+
+
+def test_recorded_run_repredicts_within_the_goals_and_the_fit_writes_toml(tmp_path, monkeypatch):
+    """The committed calibration and model reproduce the recorded run (benchmarks/
+    planner_accuracy_raw.json, the rows it was fitted to) within the issue's goals, and the fit
+    comes out as a `[calibration.cpu]` block that `write_calibration` puts in place."""
+    import json
+    import shutil
+    import tomllib
+    from pathlib import Path
+
+    from shoestring.bench import planner_accuracy as pa
+    from shoestring.plan import catalogue
+
+    raw = json.loads((Path(__file__).parents[1] / "benchmarks" / "planner_accuracy_raw.json").read_text())
+    rows = pa.predict_rows(raw)
+    assert all(abs(r["memory_error"]) <= 0.10 and abs(r["tokens_per_s_error"]) <= 0.20 for r in rows)
+    fitted = pa.fit(rows)
+    parsed = tomllib.loads(pa.calibration_toml(fitted, "test"))["calibration"]["cpu"]
+    assert parsed["compiled"]["mfu"] == fitted["compiled"]["mfu"] and parsed["collective_s"] == fitted["collective_s"]
+    copy = tmp_path / "hardware.toml"
+    shutil.copy(catalogue.CATALOGUE_PATH, copy)
+    monkeypatch.setattr(catalogue, "CATALOGUE_PATH", copy)
+    try:
+        pa.write_calibration(fitted, "test")
+        assert catalogue.calibration("cpu")["compiled"]["mfu"] == fitted["compiled"]["mfu"]
+        assert "t4" in tomllib.loads(copy.read_text())  # the devices are untouched
+    finally:
+        catalogue.calibration.cache_clear()
