@@ -67,7 +67,9 @@ class Case:
 
 
 # Every precision, checkpointing mode and strategy at least once, each lever beside a row that
-# differs only in it where the time allows: 13 rows, about 2.5 minutes on 2 cores.
+# differs only in it where the time allows: 13 rows. Estimated ~2.5 minutes on 2 idle cores with
+# inductor's on-disk cache warm (~50 s of steps, ~4 s per process start, ~4 s per compile); each
+# compiled row whose graph is not cached yet adds 10-30 s of C++ compilation.
 _SMALL = [
     Case("small", "single", "fp32", "none", 8, 256),
     Case("small", "single", "bf16", "none", 8, 256),
@@ -176,7 +178,7 @@ def _row(case: Case, runs: list[dict], probed: dict[str, Any]) -> dict[str, Any]
 
 def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = lambda s: None,
          only: str = "") -> list[dict]:
-    """Measure every case of `size` ("smoke": seconds; "small": ~2.5 minutes on 2 cores; "full":
+    """Measure every case of `size` ("smoke": seconds; "small": minutes on 2 cores; "full":
     a larger model) whose label contains `only`, `rounds` fresh-process rounds interleaved, and
     predict each."""
     from shoestring.plan import probe
