@@ -66,9 +66,9 @@ class FakeCollectives:
         out.fill_(float("nan"))
         return _Work(lambda: out.copy_(shard))
 
-    def reduce_scatter(self, shard, full):
-        shard.fill_(float("nan"))
-        return _Work(lambda: shard.copy_(full))
+    def reduce_scatter(self, recv, full):
+        recv.fill_(float("nan"))
+        return _Work(lambda: recv[: full.numel()].copy_(full))
 
     def all_reduce(self, t):
         pass

@@ -169,6 +169,9 @@ class ParallelSection(Section):
     # dtype gradients are reduce-scattered in (they are accumulated in fp32 either way).
     async_collectives: bool = True
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    # yafsdp on gloo: all-gather and reduce-scatter made of isend/irecv pairs (p2p: a ring's bytes,
+    # no temporaries) or torch's collectives (native: gloo's reduce-scatter is an all-reduce).
+    gloo_collectives: Literal["p2p", "native"] = "p2p"
     # deepspeed: ZeRO stage, and offload of optimizer state / parameters to host memory (CUDA).
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False

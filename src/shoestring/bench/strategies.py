@@ -5,6 +5,9 @@ Per configuration: step time (median over the run's steps after warm-up, then me
 rounds), tokens/s, model-state bytes each rank owns (counted), the process peak of the largest
 rank and its growth from step 2 to the last step, and what one rank sends per step with the time
 collectives ran (measured by `shoestring.parallel.comm.CommMeter` on the run's third step).
+
+Runs use the trainer's default precision (bf16 autocast) with `train.compile = false`: every run
+is a fresh process, and compiling the blocks in each would take longer than the steps measured.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ MiB = 2**20
 # name -> (overrides of the run's config, ranks). The sharded engines run twice more with full
 # activation checkpointing (a recomputed block re-gathers its weights), and each overlap
 # mechanism is also switched off on its own: FSDP2's explicit prefetch, YaFSDP's async collectives.
+# YaFSDP also runs once with torch's gloo collectives instead of its point-to-point ones
+# (`parallel.gloo_collectives`): the effect of those alone.
 FULL = {"checkpointing.mode": "full"}
 CASES: dict[str, tuple[dict, int]] = {
     "single": ({"parallel.strategy": "single"}, 1),
@@ -34,6 +39,7 @@ CASES: dict[str, tuple[dict, int]] = {
     "zero3": ({"parallel.strategy": "deepspeed", "parallel.zero_stage": 3}, 2),
     "yafsdp sync": ({"parallel.strategy": "yafsdp", "parallel.async_collectives": False}, 2),
     "yafsdp async": ({"parallel.strategy": "yafsdp"}, 2),
+    "yafsdp async native": ({"parallel.strategy": "yafsdp", "parallel.gloo_collectives": "native"}, 2),
     "fsdp2 reshard + full ckpt": ({"parallel.strategy": "fsdp2", **FULL}, 2),
     "zero3 + full ckpt": ({"parallel.strategy": "deepspeed", "parallel.zero_stage": 3, **FULL}, 2),
     "yafsdp async + full ckpt": ({"parallel.strategy": "yafsdp", **FULL}, 2),
@@ -78,12 +84,13 @@ def train_once(name: str, overrides: dict, ranks: int, base: dict, run_dir: Path
 
 
 def run(size: str = "small", rounds: int | None = None, only: list[str] | None = None,
-        config: str = "configs/tiny.toml", precision: str = "fp32",
+        config: str = "configs/tiny.toml", precision: str = "bf16",
         progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """One row per case: the round with the median step time, plus every round's step time."""
     preset, batch, seq, steps, default_rounds = SIZES[size]
     base = {"model.preset": preset, "train.steps": steps, "train.batch_size": batch, "data.seq_len": seq,
-            "train.eval_every": 10 * steps, "train.log_every": 1, "run.save_every": 0, "precision.mode": precision}
+            "train.eval_every": 10 * steps, "train.log_every": 1, "run.save_every": 0, "precision.mode": precision,
+            "train.compile": False}
     names = only or [c for c in CASES if size == "full" or c not in FULL_ONLY]
     results: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:

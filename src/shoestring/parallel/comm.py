@@ -5,8 +5,9 @@ The profiler records each collective the backend executes (`gloo:all_reduce`,
 `nccl:all_gather`, ...) with the shapes and dtypes of its tensors, on the backend's own threads.
 From the payload, the bytes one rank *sends* follow from the algorithm's traffic (ring):
 all-reduce 2(N-1)/N of the buffer, all-gather (N-1) times its input chunk, reduce-scatter and
-all-to-all (N-1)/N of the input, broadcast the buffer. Gloo has no native reduce-scatter: torch
-runs an all-reduce of the full input there, which this meter sees (and counts) as such.
+all-to-all (N-1)/N of the input, broadcast the buffer, a point-to-point send its tensor (a
+receive nothing). Gloo has no native reduce-scatter: torch runs an all-reduce of the full input
+there, which this meter sees (and counts) as such.
 
 `busy_s` is the time collectives were running on the backend's threads (overlapping calls
 counted once): communication time, whether or not compute hid it.
@@ -29,6 +30,10 @@ _ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long 
 def sent_fraction(collective: str, world: int) -> float:
     """Bytes one rank sends per byte of the collective's input tensor (ring algorithms)."""
     f = (world - 1) / world
+    if collective.endswith(":recv"):  # point-to-point: the sender counts the bytes
+        return 0.0
+    if collective.endswith(":send"):
+        return 1.0
     if "all_reduce" in collective or "allreduce" in collective:
         return 2 * f
     if "all_gather" in collective or "allgather" in collective:
