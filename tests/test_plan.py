@@ -96,10 +96,11 @@ def test_fsdp2_state_bytes_exact(preset):
 
 
 class _Ranks:
-    """The yafsdp engine's collectives as seen by rank 0 of `world_size`: building it calls none."""
+    """The yafsdp engine's collectives as seen by rank 0 of `world_size` on gloo (point-to-point,
+    as the planner assumes on a CPU): building it calls none."""
 
     def __init__(self, world_size: int):
-        self.rank, self.world_size = 0, world_size
+        self.rank, self.world_size, self.p2p = 0, world_size, world_size > 1
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)

@@ -31,7 +31,7 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama, ModelArgs
 from shoestring.parallel.base import OptimizerSettings
 from shoestring.parallel.single import SingleDevice
-from shoestring.parallel.yafsdp import YaFSDP
+from shoestring.parallel.yafsdp import FrozenBase, YaFSDP
 
 ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512, max_seq_len=32,
                  tie_embeddings=True)
@@ -60,7 +60,7 @@ class FakeCollectives:
     """World of one whose collectives complete only at `wait()`; until then a gather's output is
     NaN (a block computing with it would poison the loss)."""
 
-    rank, world_size = 0, 1
+    rank, world_size, p2p = 0, 1, False
 
     def all_gather(self, out, shard):
         out.fill_(float("nan"))
@@ -336,7 +336,7 @@ def test_state_is_a_shard_plus_the_buffers(two_ranks):
     assert sum(ddp.values()) / 2 <= state <= sum(ddp.values()) / 2 + padding + 8
     estimate = YaFSDP.state_bytes(n, 2, policy, options)
     assert all(0 <= counted[k] - estimate[k] <= 64 for k in estimate)
-    assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options)
+    assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options, p2p=True)
     assert comm["all_gather_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["all_gather_bytes"]
     assert comm["reduce_scatter_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["reduce_scatter_bytes"]
 
@@ -350,10 +350,24 @@ def test_lora_state_is_the_adapters_plus_a_frozen_shard(two_ranks):
     policy, options = PrecisionPolicy("bf16"), ParallelSection(strategy="yafsdp")
     estimate = YaFSDP.state_bytes(trained, 2, policy, options, frozen_bytes=frozen)
     assert all(0 <= counted[k] - estimate[k] <= 64 for k in estimate), (counted, estimate)
-    assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options, LORA_BF16)
-    expected = YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM, LORA_BF16)
+    assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options, FrozenBase.of(ARGS, LORA_BF16), p2p=True)
+    expected = YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM, FrozenBase.of(ARGS, LORA_BF16))
     assert {k: comm[k] for k in expected} == expected
     assert counted["optimizer"] < 0.1 * two_ranks["memory"][0]["optimizer"]
+
+
+def test_the_planner_predicts_the_lora_state_and_buffers(two_ranks):
+    """What `shoestring plan` predicts for yafsdp + LoRA on 2 CPU ranks is what the engine holds."""
+    from shoestring.plan.memory import Levers, comm_and_cast_bytes, state_bytes
+    from shoestring.plan.model import ModelInfo, lora_trainable
+
+    counted, _ = two_ranks["lora memory"]
+    info = ModelInfo("test", ARGS, tuple(tuple(p.shape) for p in Llama(ARGS).parameters()))
+    trainable = lora_trainable(info, LORA_BF16.rank, LORA_BF16.targets, frozen_bytes=2)
+    levers = Levers("bf16", "none", "yafsdp")
+    predicted = state_bytes(trainable, levers, 2)
+    assert all(abs(counted[k] - predicted[k]) <= 64 for k in predicted), (counted, predicted)  # padding, step counters
+    assert comm_and_cast_bytes(info, trainable, levers, 2, "cpu")["buffers"] == counted["buffers"]
 
 
 @pytest.mark.parametrize("mode", ["none", "full"])

@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as tdist
@@ -80,9 +80,9 @@ class Collectives:
     """The collectives the engine uses, as async work handles (tests pass a fake).
 
     `reduce_scatter(recv, full)` leaves this rank's reduced chunk in `recv[:chunk]`; `recv` has
-    room for max(N - 1, 1) chunks (the point-to-point version receives every peer's there).
-    `p2p`: build the all-gather and the reduce-scatter from isend/irecv (`p2p_all_gather`,
-    `p2p_reduce_scatter`), for gloo; otherwise torch's collectives (NCCL's are native)."""
+    room for `recv_chunks(p2p, N)` chunks. `p2p` (gloo only): build the all-gather and the
+    reduce-scatter from isend/irecv (`p2p_all_gather`, `p2p_reduce_scatter`); otherwise torch's
+    collectives (NCCL's are native)."""
 
     def __init__(self, p2p: bool = False) -> None:
         self.rank, self.world_size = dist.rank(), dist.world_size()
@@ -116,6 +116,11 @@ class _Posted:
         if self.works:
             self.works = []
             self.then()
+
+
+def recv_chunks(p2p: bool, world: int) -> int:
+    """Chunks a reduce-scatter receives into: every peer's with `p2p`, else the result only."""
+    return max(world - 1, 1) if p2p else 1
 
 
 _GATHER_TAG, _REDUCE_TAG = 1, 2  # each kind matched in issue order (the same on every rank)
@@ -335,7 +340,7 @@ class YaFSDP(Strategy):
 
     def _recv_size(self, padded: int) -> int:
         """Elements a reduce-scatter of `padded` receives into (`Collectives.reduce_scatter`)."""
-        return max(self.world_size - 1, 1) * padded // self.world_size
+        return recv_chunks(self.comm.p2p, self.world_size) * padded // self.world_size
 
     def _reduce_scatter(self, recv: torch.Tensor, full: torch.Tensor) -> Any:
         self.reduced_bytes += full.numel() * full.element_size()
@@ -562,19 +567,25 @@ class YaFSDP(Strategy):
 
     @staticmethod
     def buffer_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
-                     lora: LoRASettings | None = None) -> int:
+                     base: FrozenBase | None = None, p2p: bool = False) -> int:
         """The preallocated buffers: two gather buffers of the largest block, and for trained
-        blocks two gradient buffers with their reduce-scatter outputs; the resident units, with a
-        gradient buffer for the trained ones."""
-        block, trains, resident = _unit_sizes(args, lora)
+        blocks two gradient buffers with what their reduce-scatters receive into (`p2p`: on gloo,
+        `uses_p2p`); the resident units, with a gradient buffer for the trained ones."""
+        block, trains, resident = _unit_sizes(args, base)
         blk = _padded(block, world_size)
-        p, r, f = _itemsizes(policy, options, lora)
-        out = 2 * blk * (p if trains else f) + (2 * blk * r + 2 * blk // world_size * r if trains else 0)
+        p, r, f = _itemsizes(policy, options, base)
+        recv = recv_chunks(p2p, world_size) * blk // world_size
+        out = 2 * blk * (p if trains else f) + (2 * (blk + recv) * r if trains else 0)
         return out + sum(_padded(n, world_size) * (p + r if t else f) for n, t in resident)
 
     @staticmethod
+    def uses_p2p(options: ParallelSection, device_type: str) -> bool:
+        """Whether the engine's collectives are point-to-point ones (gloo: CPU)."""
+        return options.gloo_collectives == "p2p" and device_type == "cpu"
+
+    @staticmethod
     def communication_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
-                            grad_accum: int, lora: LoRASettings | None = None) -> dict[str, int]:
+                            grad_accum: int, base: FrozenBase | None = None) -> dict[str, int]:
         """Bytes of gathered and reduced (full, unsharded) tensors per optimizer step, as the
         engine counts them in `comm_stats`. Forward gathers every block, backward re-gathers all
         but the last two (still resident from forward), and a later micro-step's forward finds
@@ -582,11 +593,11 @@ class YaFSDP(Strategy):
         each micro-step, root and small once per step. Frozen units (LoRA) are never reduced and,
         as they never change, blocks 0 and 1 stay resident into the next step too: this is the
         steady state, after a first step that also gathers them and the frozen resident units. A
-        ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank; gloo's
-        reduce-scatter is an all-reduce (twice that)."""
-        block, trains, resident = _unit_sizes(args, lora)
+        ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank, and so do the
+        point-to-point ones on gloo (gloo's own reduce-scatter is an all-reduce: twice that)."""
+        block, trains, resident = _unit_sizes(args, base)
         blk = _padded(block, world_size)
-        p, r, f = _itemsizes(policy, options, lora)
+        p, r, f = _itemsizes(policy, options, base)
         n = args.n_layers
         regathered = n - min(n, 2)
         gathers = grad_accum * 2 * regathered + (min(n, 2) if trains else 0)
@@ -613,22 +624,39 @@ def _padded(n: int, world_size: int) -> int:
     return -(-n // world_size) * world_size
 
 
-def _unit_sizes(args: ModelArgs, lora: LoRASettings | None) -> tuple[int, bool, list[tuple[int, bool]]]:
+class FrozenBase(NamedTuple):
+    """A frozen base (LoRA) as the static estimates need it: the trained (adapter) parameters
+    beside it and the bytes per element the base is stored in."""
+
+    adapters: int
+    itemsize: int
+
+    @staticmethod
+    def of(args: ModelArgs, lora: LoRASettings) -> "FrozenBase":
+        return FrozenBase(estimate(args, lora).trainable_params, lora.base_dtype.itemsize)
+
+    @staticmethod
+    def counted(trained: int, frozen: int, itemsize: int) -> "FrozenBase | None":
+        """From parameter counts (the planner's): None when nothing is frozen."""
+        return FrozenBase(trained, itemsize) if frozen else None
+
+
+def _unit_sizes(args: ModelArgs, base: FrozenBase | None) -> tuple[int, bool, list[tuple[int, bool]]]:
     """Elements of one block's matrices, whether they train, and (elements, trains) of each
     resident unit (the order of `_units`)."""
     d, q, kv = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     block = d * (q + 2 * kv) + q * d + 3 * d * args.ffn_dim
     root = args.vocab_size * d * (1 if args.tie_embeddings else 2)
     small = (2 * args.n_layers + 1) * d
-    if lora is None:
+    if base is None:
         return block, True, [(root, True), (small, True)]
-    return block, False, [(root, False), (estimate(args, lora).trainable_params, True), (small, False)]
+    return block, False, [(root, False), (base.adapters, True), (small, False)]
 
 
-def _itemsizes(policy: PrecisionPolicy, options: ParallelSection, lora: LoRASettings | None) -> tuple[int, int, int]:
+def _itemsizes(policy: PrecisionPolicy, options: ParallelSection, base: FrozenBase | None) -> tuple[int, int, int]:
     """Element sizes of trained gathered weights, of reduced gradients, of frozen weights."""
-    frozen = _held_dtype(policy, lora.base_dtype if lora else torch.float32)
-    return policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize, frozen.itemsize
+    frozen = (base.itemsize if base else 4) if policy.param_dtype == torch.float32 else policy.param_dtype.itemsize
+    return policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize, frozen
 
 
 def _rank_files(directory: Path) -> list[dict]:

@@ -34,7 +34,7 @@ from shoestring.config import ParallelSection
 from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.parallel import strategy_class
-from shoestring.parallel.yafsdp import REDUCE_DTYPES, YaFSDP
+from shoestring.parallel.yafsdp import REDUCE_DTYPES, FrozenBase, YaFSDP
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
 
@@ -105,9 +105,13 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
     """Exact model-state bytes per rank after an optimizer step (the steady state)."""
     policy = PrecisionPolicy(levers.precision)
     if levers.strategy in ("deepspeed", "yafsdp"):  # flat partitions: the engine's own estimate
-        est = strategy_class(levers.strategy).state_bytes(trainable.n_params, world, policy, levers.parallel_options())
+        frozen = trainable.frozen_params * trainable.frozen_bytes
+        if levers.strategy == "yafsdp":  # the frozen base (LoRA) is sharded with the rest
+            est = YaFSDP.state_bytes(trainable.n_params, world, policy, levers.parallel_options(), frozen)
+        else:  # ZeRO replicates it
+            est = strategy_class(levers.strategy).state_bytes(trainable.n_params, world, policy, levers.parallel_options())
+            est["params"] += frozen
         est["optimizer"] += 2 * STEP_COUNTER_BYTES  # one flat tensor per param group (decay, no-decay)
-        est["params"] += trainable.frozen_params * trainable.frozen_bytes  # ZeRO's replicated base (yafsdp: no LoRA)
         return est
     fsdp = levers.strategy == "fsdp2"
     local = _local_total(trainable, world, fsdp)
@@ -159,15 +163,18 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
     freed per block, so the same bytes on CPU as on CUDA, at any world size): its `buffer_bytes`.
     On gloo, measured, each block's all-gather and reduce-scatter leaves a temporary of one block
     (the larger of the two dtypes) resident on gloo's threads: the freed-buffer effect again, all
-    blocks count (the engine's tensors alone account for the whole peak with a fake collective)."""
+    blocks count (the engine's tensors alone account for the whole peak with a fake collective);
+    its default point-to-point collectives allocate nothing."""
     a = info.args
     low = levers.precision in ("bf16", "fp16")
     cast = trainable.n_params + (trainable.frozen_params if trainable.frozen_bytes == 4 else 0)
     out: dict[str, int] = {"autocast_casts": 2 * cast if low else 0}
     if levers.strategy == "yafsdp":
         policy, options = PrecisionPolicy(levers.precision), levers.parallel_options()
-        out["buffers"] = YaFSDP.buffer_bytes(a, world, policy, options)
-        if device_type == "cpu" and world > 1:
+        base = FrozenBase.counted(trainable.n_params, trainable.frozen_params, trainable.frozen_bytes)
+        p2p = YaFSDP.uses_p2p(options, device_type)
+        out["buffers"] = YaFSDP.buffer_bytes(a, world, policy, options, base, p2p)
+        if device_type == "cpu" and world > 1 and not p2p:
             size = max(policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize)
             out["gloo_temporaries"] = a.n_layers * info.block_params * size
     elif levers.sharded_params and world > 1:

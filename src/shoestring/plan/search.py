@@ -118,9 +118,8 @@ def _precisions(device: Device, mode: str, fixed: dict[str, object], frozen_fp32
     return ["fp16"]
 
 
-def _strategies(device: Device, count: int, precision: str, frozen: bool) -> list[Levers]:
-    """Candidate strategies. `frozen`: part of the model does not train (LoRA), which yafsdp's
-    flat shards do not support yet (build.check_parallel refuses it)."""
+def _strategies(device: Device, count: int, precision: str) -> list[Levers]:
+    """Candidate strategies."""
     base = Levers(precision, "none", "single")
     if count == 1:
         out = [base]
@@ -130,9 +129,8 @@ def _strategies(device: Device, count: int, precision: str, frozen: bool) -> lis
     out = [replace(base, strategy="ddp")]
     if precision == "fp16":  # loss scaling is not wired through sharded gradients
         return out
-    out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False)]
-    if not frozen:
-        out.append(replace(base, strategy="yafsdp"))
+    out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False),
+            replace(base, strategy="yafsdp")]
     out += [replace(base, strategy="deepspeed", zero_stage=z) for z in (1, 2, 3)]
     if device.kind == "cuda":
         out += [replace(base, strategy="fsdp2", offload=True), replace(base, strategy="deepspeed", zero_stage=3, offload=True)]
@@ -204,7 +202,7 @@ def search(req: Request) -> Result:
             if not device.supports(compute_dtype(precision)):
                 continue
             blocks_compiled = compiled(req.compile, device, precision)
-            for strat in _strategies(device, count, precision, trainable.frozen_params > 0):
+            for strat in _strategies(device, count, precision):
                 for mode in CHECKPOINTING if "checkpointing" not in fixed else (str(fixed["checkpointing"]),):
                     levers = replace(strat, checkpointing=mode, compiled=blocks_compiled)
                     if not _matches(levers, {k: v for k, v in fixed.items() if k not in ("micro_batch", "grad_accum")}):

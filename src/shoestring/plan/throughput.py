@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from shoestring.levers.checkpointing import checkpointed_blocks, estimate_recompute_flops_fraction, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
-from shoestring.parallel.yafsdp import YaFSDP
+from shoestring.parallel.yafsdp import FrozenBase, YaFSDP
 from shoestring.plan.catalogue import Device, calibration
 from shoestring.plan.memory import DS_BUCKET_ELEMENTS, Levers
 from shoestring.plan.model import ModelInfo, Trainable
@@ -131,8 +131,9 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
     if levers.strategy == "deepspeed" and levers.zero_stage < 3:
         return 2 * f * n * grad  # reduce-scatter grads + all-gather params
     if levers.strategy == "yafsdp":  # the engine's own count of the full tensors it moves
+        base = FrozenBase.counted(n, trainable.frozen_params, trainable.frozen_bytes)
         moved = YaFSDP.communication_bytes(info.args, world, PrecisionPolicy(levers.precision), levers.parallel_options(),
-                                           levers.grad_accum)
+                                           levers.grad_accum, base)
         return f * sum(moved.values())
     # fsdp2 / zero-3: all-gather params in forward (+ again in backward when resharded) and
     # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too.
