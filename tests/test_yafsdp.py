@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 import os
 import pickle
@@ -75,9 +76,9 @@ class FakeCollectives:
 
 
 def _pair(mode: str, precision: str = "fp32", async_collectives: bool = True, reduce_dtype: str = "fp32",
-          lora: LoRASettings | None = None):
+          lora: LoRASettings | None = None, args: ModelArgs = ARGS):
     torch.manual_seed(0)
-    model = Llama(ARGS)
+    model = Llama(args)
     if lora:
         apply_lora(model, lora)
     policy = PrecisionPolicy(precision)
@@ -110,9 +111,11 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(x) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("mode, async_collectives", [(m, True) for m in MODES] + [("full", False)])
-def test_no_buffer_is_read_in_flight(mode, async_collectives):
-    ref, ya = _pair(mode, async_collectives=async_collectives)
+@pytest.mark.parametrize("mode, async_collectives, tie", [(m, True, True) for m in MODES] + [("full", False, True),
+                                                           ("none", True, False), ("full", False, False)])
+def test_no_buffer_is_read_in_flight(mode, async_collectives, tie):
+    """Also with an untied head: embed and head then take turns in their buffer."""
+    ref, ya = _pair(mode, async_collectives=async_collectives, args=replace(ARGS, tie_embeddings=tie))
     batches = _batches(2 * ACCUM)
     assert _rel(_train(ref, batches, 2), _train(ya, batches, 2)) < 1e-5
     weights = _engine_weights(ya)
@@ -159,9 +162,9 @@ def test_the_next_gather_and_the_last_reduce_scatter_are_in_flight_while_a_block
 
 def test_overwriting_a_buffer_in_use_raises():
     _, ya = _pair("none")
-    ya._gather_resident()
+    ya._start_forward()
     ya._acquire(0)
-    with pytest.raises(RuntimeError, match="while block 0 still reads it"):
+    with pytest.raises(RuntimeError, match="while unit 0 still reads it"):
         ya._gather(2)
 
 
@@ -268,9 +271,10 @@ def _worker(rank: int, port: int, queue) -> None:
             s = cls(model, PrecisionPolicy(precision), SETTINGS, torch.device("cpu"), options)
             losses = [dist.mean(torch.tensor(x)).item() for x in _train(s, batches, STEPS)]
             out[(mode, precision, name, overlap)] = (losses, _full_weights(s))
-        ya = YaFSDP(Llama(ARGS), PrecisionPolicy("fp32"), SETTINGS, torch.device("cpu"), ParallelSection(strategy="yafsdp"))
-        _train(ya, batches, 1)
-        out["memory"] = (ya.memory(), ya.comm_stats)
+        for key, args in (("memory", ARGS), ("untied memory", replace(ARGS, tie_embeddings=False))):
+            ya = YaFSDP(Llama(args), PrecisionPolicy("fp32"), SETTINGS, torch.device("cpu"), ParallelSection(strategy="yafsdp"))
+            _train(ya, batches, 1)
+            out[key] = (ya.memory(), ya.comm_stats)
         model = Llama(ARGS)
         apply_lora(model, LORA_BF16)
         ya = YaFSDP(model, PrecisionPolicy("bf16"), SETTINGS, torch.device("cpu"), ParallelSection(strategy="yafsdp"))
@@ -325,20 +329,22 @@ def test_two_ranks_bf16_within_the_tolerance_fsdp2_meets(two_ranks, mode, precis
         assert _rel(ref_losses, two_ranks[(mode, precision, "fsdp2", True)][0]) < BF16_REL
 
 
-def test_state_is_a_shard_plus_the_buffers(two_ranks):
-    counted, comm = two_ranks["memory"]
-    model = Llama(ARGS)
+@pytest.mark.parametrize("tie", [True, False])
+def test_state_is_a_shard_plus_the_buffers(two_ranks, tie):
+    args = replace(ARGS, tie_embeddings=tie)
+    counted, comm = two_ranks["memory" if tie else "untied memory"]
+    model = Llama(args)
     n = model.num_params()
     policy, options = PrecisionPolicy("fp32"), ParallelSection(strategy="yafsdp")
     ddp = SingleDevice.state_bytes(n, 1, policy, options)
     state = sum(v for k, v in counted.items() if k != "buffers")
-    padding = 16 * 2 * (2 + ARGS.n_layers)  # at most one padded element per unit, 16 bytes each
+    padding = 16 * 2 * (3 + args.n_layers)  # at most one padded element per unit, 16 bytes each
     assert sum(ddp.values()) / 2 <= state <= sum(ddp.values()) / 2 + padding + 8
     estimate = YaFSDP.state_bytes(n, 2, policy, options)
     assert all(0 <= counted[k] - estimate[k] <= 64 for k in estimate)
-    assert counted["buffers"] == YaFSDP.buffer_bytes(ARGS, 2, policy, options, p2p=True)
-    assert comm["all_gather_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["all_gather_bytes"]
-    assert comm["reduce_scatter_bytes"] == YaFSDP.communication_bytes(ARGS, 2, policy, options, ACCUM)["reduce_scatter_bytes"]
+    assert counted["buffers"] == YaFSDP.buffer_bytes(args, 2, policy, options, p2p=True)
+    expected = YaFSDP.communication_bytes(args, 2, policy, options, ACCUM)
+    assert {k: comm[k] for k in expected} == expected
 
 
 def test_lora_state_is_the_adapters_plus_a_frozen_shard(two_ranks):

@@ -2,28 +2,35 @@
 and two reused gradient buffers, communication overlapped with compute in an explicit order.
 
 Units. Each transformer block's matrices form one flat padded unit (`flat.FlatLayout`), sharded
-evenly: rank r owns a contiguous 1/N slice. The other matrices (embedding, and the head unless it
-is tied to the embedding) form the `root` unit, and every small parameter (norm weights) the
-`small` unit. Those two are *resident*: gathered once per optimizer step (the step's first
-forward), kept for the whole step like FSDP2 keeps its root, their gradients accumulated in place
-and reduce-scattered once, in `step`.
+evenly: rank r owns a contiguous 1/N slice. The embedding is one more unit, `embed`, and the head
+another, `head`, unless it is tied to the embedding. Every small parameter (norm weights) forms
+the `small` unit, which is *resident*: gathered once per optimizer step (the step's first
+forward), kept for the whole step, its gradients accumulated in place and reduce-scattered once,
+in `step`.
 
 LoRA. A unit is trained or frozen as a whole. With a frozen base the block and root units hold
-the frozen matrices, and the adapters (tiny) form one more resident unit, `adapters`; the frozen
-norm weights form `frozen_small`. A frozen unit has a shard in the dtype `cast_model` would hold
+the frozen matrices (embed and head too), and the adapters (tiny) form one more resident unit,
+`adapters`; the frozen norm weights form `frozen_small`. A frozen unit has a shard in the dtype `cast_model` would hold
 it in (bf16 under bf16-pure or `lora.base_dtype = "bf16"`) and nothing else: no master, gradient
 buffer, reduce-scatter or optimizer state. It never changes, so it is gathered only when its
-buffer held something else: the frozen resident units once per run, blocks 0 and 1 stay resident
-from one step's backward into the next step's forward.
+buffer held something else: the frozen resident units once per run, blocks 0 and 1 (and a tied
+embedding) stay resident from one step's backward into the next step's forward.
 
 Buffers. Two gather buffers (the size of the largest block) hold the block being computed and the
 next one; block i always uses buffer i % 2, and its parameters are permanent views into it (set
 once at start-up: the gather writes straight into the weights, no copy-out, no per-step
 allocation). Two gradient buffers in the reduce dtype take each block's gradients (the
 post-accumulate hook copies them in and drops autograd's tensor) and are reduce-scattered from.
+Embed and head share a third gather buffer and a third gradient buffer (the larger's size): the
+embedding's backward reads no weight, so its buffer takes the head as soon as the lookup is done,
+and the head's gradient (first in backward) is reduce-scattered while the blocks' backward runs,
+before the embedding's (last) lands in the same buffer. A tied embedding stays in its buffer for
+the whole step; autograd sums its two gradients, which arrive once, at the end of backward.
 
-Schedule (async, the default). Forward: entering block i waits for its gather and issues block
-i+1's into the other buffer. Backward: an identity autograd node on block i's output runs before
+Schedule (async, the default). Forward: the model's forward issues the embedding's gather and
+block 0's, and waits for the first; the end of the lookup issues the head's. Entering block i
+waits for its gather and issues block i+1's into the other buffer; the head waits for its gather
+and holds its buffer until its backward is over (an identity node on the final hidden states). Backward: an identity autograd node on block i's output runs before
 any of the block's backward (and before a checkpointed block's recompute, which reads the same
 views): it waits for block i's gather (usually still resident from forward for the last two
 blocks, or issued by block i+1) and issues block i-1's. An identity node on the block's input
@@ -176,14 +183,15 @@ class _Gate(torch.autograd.Function):
         return grad, None
 
 
-def _units(model: Llama, world: int) -> tuple[list[FlatLayout], list[FlatLayout]]:
-    """(blocks, resident) layouts, each parameter once (tied weights keep all their names).
+def _units(model: Llama, world: int) -> tuple[list[FlatLayout], list[FlatLayout], list[FlatLayout]]:
+    """(blocks, outer, resident) layouts, each parameter once (tied weights keep all their names).
 
-    Trained and frozen parameters never share a unit. The large units (one per block, and `root`)
-    hold the bulk's matrices: the frozen base when there is one (LoRA), else every matrix. The rest
-    is resident, one unit per kind: `adapters` (trained matrices beside a frozen base), `small`
-    (trained vectors), `frozen_small` (frozen vectors); empty ones are left out. In this order the
-    trained matrices come first: one decayed range of the master."""
+    Trained and frozen parameters never share a unit. The large units (one per block, `embed`
+    and `head`, the latter absent when tied to the embedding) hold the bulk's matrices: the
+    frozen base when there is one (LoRA), else every matrix. The rest is resident, one unit per
+    kind: `adapters` (trained matrices beside a frozen base), `small` (trained vectors),
+    `frozen_small` (frozen vectors); empty ones are left out. In this order the trained matrices
+    come first: one decayed range of the master."""
     names: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -201,11 +209,12 @@ def _units(model: Llama, world: int) -> tuple[list[FlatLayout], list[FlatLayout]
 
     blocks = [layout(f"layers.{b}", bulk, lambda n, p, b=b: large(p) and n.startswith(f"layers.{b}."))
               for b in range(len(model.layers))]
-    resident = [layout("root", bulk, lambda n, p: large(p) and not n.startswith("layers.")),
-                layout("adapters", True, lambda n, p: p.dim() >= 2 and not large(p)),
+    outer = [layout("embed", bulk, lambda n, p: large(p) and n.startswith("embed_tokens.")),
+             layout("head", bulk, lambda n, p: large(p) and n.startswith("lm_head."))]
+    resident = [layout("adapters", True, lambda n, p: p.dim() >= 2 and not large(p)),
                 layout("small", True, lambda n, p: p.dim() < 2),
                 layout("frozen_small", False, lambda n, p: p.dim() < 2)]
-    return blocks, [u for u in resident if u.numel]
+    return blocks, [u for u in outer if u.numel], [u for u in resident if u.numel]
 
 
 def _held_dtype(policy: PrecisionPolicy, dtype: torch.dtype) -> torch.dtype:
@@ -233,8 +242,11 @@ class YaFSDP(Strategy):
         self.reduce_dtype = REDUCE_DTYPES[options.reduce_dtype]
         self.module = WithLoss(model)
         by_name = dict(model.named_parameters())
-        self.blocks, resident = _units(model, self.world_size)
-        self.units = [*self.blocks, *resident]  # block i is unit i
+        self.blocks, outer, resident = _units(model, self.world_size)
+        self.units = [*self.blocks, *outer, *resident]  # block i is unit i, then embed and head
+        self.embed = len(self.blocks)
+        self.head = self.embed + len(outer) - 1  # the embedding's unit when tied
+        self.streamed = range(self.head + 1)  # units that go through the gather buffers
         self.at = _storage_offsets(self.units)
         trained = [u for u in self.units if u.trainable]
         total = sum(u.shard for u in trained)
@@ -265,39 +277,44 @@ class YaFSDP(Strategy):
         lowp = policy.param_dtype != torch.float32
         self.send = self.master.to(policy.param_dtype) if lowp else self.master
 
-        # Resident units and the two gather + two gradient buffers, allocated once (the gradient
-        # buffers are empty when the blocks are frozen).
+        # Resident units, and three gather + three gradient buffers allocated once: two for the
+        # blocks, one for embed and head (a gradient buffer is empty when its units are frozen).
         pdt, rdt = policy.param_dtype, self.reduce_dtype
 
         def dtype(u: FlatLayout) -> torch.dtype:
             return pdt if u.trainable else frozen_dtype
 
-        largest = max((u.padded for u in self.blocks), default=0)
-        trained_largest = max((u.padded for u in self.blocks if u.trainable), default=0)
         self.resident = {k: torch.empty(u.padded, dtype=dtype(u), device=device)
-                         for k, u in enumerate(resident, start=len(self.blocks))}
+                         for k, u in enumerate(resident, start=self.head + 1)}
         self.resident_grad = {k: torch.zeros(buf.numel(), dtype=rdt, device=device)
                               for k, buf in self.resident.items() if self.units[k].trainable}
-        block_dtype = dtype(self.blocks[0]) if self.blocks else pdt
-        self.gather_buf = [torch.zeros(largest, dtype=block_dtype, device=device) for _ in range(2)]
-        self.grad_buf = [torch.zeros(trained_largest, dtype=rdt, device=device) for _ in range(2)]
-        self.rs_out = [torch.zeros(self._recv_size(trained_largest), dtype=rdt, device=device) for _ in range(2)]
+        self.gather_buf, self.grad_buf, self.rs_out = [], [], []
+        for group in (self.blocks, self.blocks, outer):
+            largest = max((u.padded for u in group), default=0)
+            trained = max((u.padded for u in group if u.trainable), default=0)
+            self.gather_buf.append(torch.zeros(largest, dtype=dtype(group[0]) if group else pdt, device=device))
+            self.grad_buf.append(torch.zeros(trained, dtype=rdt, device=device))
+            self.rs_out.append(torch.zeros(self._recv_size(trained), dtype=rdt, device=device))
 
         # Parameters become views into their buffers; trained ones' gradients leave through hooks.
         for k, buf in self.resident.items():
             self._bind(self.units[k], buf, self.resident_grad.get(k), by_name, self._resident_grad)
-        for i, u in enumerate(self.blocks):
-            self._bind(u, self.gather_buf[i % 2], self.grad_buf[i % 2], by_name, functools.partial(self._block_grad, i))
-            model.layers[i].register_forward_pre_hook(functools.partial(self._enter, i))
-            model.layers[i].register_forward_hook(functools.partial(self._leave, i))
-        model.register_forward_pre_hook(lambda *_: self._gather_resident())
+        for k in self.streamed:
+            s = self._slot(k)
+            self._bind(self.units[k], self.gather_buf[s], self.grad_buf[s], by_name, functools.partial(self._unit_grad, k))
+        for i, block in enumerate(model.layers):
+            block.register_forward_pre_hook(functools.partial(self._enter, i))
+            block.register_forward_hook(functools.partial(self._leave, i))
+        model.register_forward_pre_hook(self._start_forward)
+        model.embed_tokens.register_forward_hook(self._embedded)
+        model.register_forward_hook(self._to_head)
 
         # Schedule state (see the module docstring's invariant).
-        self.slot_unit: list[int | None] = [None, None]  # block whose weights a gather buffer holds
-        self.slot_work: list[Any] = [None, None]  # its gather, while in flight
-        self.slot_reader: list[int | None] = [None, None]  # block computing with it now
-        self.rs_pending: list[tuple[int, Any] | None] = [None, None]  # (block, reduce-scatter) per grad buffer
-        self.grads_seen = [0] * len(self.blocks)
+        self.slot_unit: list[int | None] = [None] * 3  # unit whose weights a gather buffer holds
+        self.slot_work: list[Any] = [None] * 3  # its gather, while in flight
+        self.slot_reader: list[int | None] = [None] * 3  # unit computing with it now
+        self.rs_pending: list[tuple[int, Any] | None] = [None] * 3  # (unit, reduce-scatter) per grad buffer
+        self.grads_seen = [0] * len(self.streamed)
         self.input_gated = [False] * len(self.blocks)  # a gradient reaches the block's input
         self.gathered: set[int] = set()  # resident units whose gathered copy is current
         self.loss_scale = 1.0
@@ -349,34 +366,56 @@ class YaFSDP(Strategy):
     def _accumulate(self, k: int, shard: torch.Tensor) -> None:
         self.grad[self._range(k)].add_(shard)
 
-    # ---- resident units -----------------------------------------------------------------------
-    def _gather_resident(self) -> None:
-        stale = [k for k in self.resident if k not in self.gathered]
-        if not stale:
-            return
-        works = [self._all_gather(self.resident[k], k) for k in stale]
+    # ---- resident units, embed and head -------------------------------------------------------
+    def _start_forward(self, *_) -> None:
+        """Gather the embedding (and block 0, which lands while the embedding runs) and whatever
+        resident unit is stale."""
+        if torch.is_grad_enabled():
+            for k in range(self.embed, self.head + 1):
+                self.grads_seen[k] = 0
+        self._gather(self.embed)
         if self.overlap and self.blocks:
-            self._gather(0)  # block 0 lands while the embedding runs
-        for w in works:
+            self._gather(0)
+        stale = [k for k in self.resident if k not in self.gathered]
+        for w in [self._all_gather(self.resident[k], k) for k in stale]:
             self._wait(w)
         self.gathered.update(stale)
+        self._acquire(self.embed)
+
+    def _embedded(self, *_) -> None:
+        """The embedding's backward needs no weight: its buffer can take the head now."""
+        self._release(self.embed)
+        if self.overlap:
+            self._gather(self.head)
+
+    def _to_head(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The head reads its buffer from the loss's forward to the end of its backward."""
+        self._acquire(self.head)
+        if not torch.is_grad_enabled():  # the loss follows at once and nothing is gathered meanwhile
+            self._release(self.head)
+            return out
+        return _Gate.apply(out, functools.partial(self._release, self.head))
 
     def _resident_grad(self, dest: torch.Tensor, p: nn.Parameter) -> None:
         dest.add_(p.grad)
         p.grad = None
 
-    # ---- block gather buffers -----------------------------------------------------------------
+    # ---- gather buffers -----------------------------------------------------------------------
+    def _slot(self, k: int) -> int:
+        """The buffers of streamed unit k: block i's are i % 2, embed's and head's the third."""
+        return k % 2 if k < self.embed else 2
+
     def _gather(self, i: int) -> None:
-        """Start block i's gather into buffer i % 2 (nothing when the buffer already holds it)."""
-        s = i % 2
+        """Start unit i's gather into its buffer (nothing when the buffer already holds it)."""
+        s = self._slot(i)
         if self.slot_unit[s] == i:
             return
         if self.slot_reader[s] is not None:
-            raise RuntimeError(f"yafsdp: gather of block {i} would overwrite buffer {s} while block "
+            raise RuntimeError(f"yafsdp: gather of unit {i} would overwrite buffer {s} while unit "
                                f"{self.slot_reader[s]} still reads it")
         if self.slot_work[s] is not None:
-            raise RuntimeError(f"yafsdp: buffer {s} still receives block {self.slot_unit[s]}")
-        work = self._all_gather(self.gather_buf[s][: self.blocks[i].padded], i)
+            raise RuntimeError(f"yafsdp: buffer {s} still receives unit {self.slot_unit[s]}")
+        work = self._all_gather(self.gather_buf[s][: self.units[i].padded], i)
         self.slot_unit[s], self.slot_work[s] = i, work
         if not self.overlap:
             self._landed(s)
@@ -387,16 +426,16 @@ class YaFSDP(Strategy):
             self.slot_work[s] = None
 
     def _acquire(self, i: int) -> None:
-        """Block i is about to compute (forward, or backward with its recompute)."""
+        """Unit i is about to compute (forward, or backward with a block's recompute)."""
         self._gather(i)
-        s = i % 2
+        s = self._slot(i)
         self._landed(s)
         self.slot_reader[s] = i
 
     def _release(self, i: int) -> None:
-        s = i % 2
+        s = self._slot(i)
         if self.slot_reader[s] != i:
-            raise RuntimeError(f"yafsdp: block {i} releases buffer {s}, read by {self.slot_reader[s]}")
+            raise RuntimeError(f"yafsdp: unit {i} releases buffer {s}, read by {self.slot_reader[s]}")
         self.slot_reader[s] = None
 
     def _enter(self, i: int, module: nn.Module, args: tuple) -> tuple:
@@ -421,22 +460,29 @@ class YaFSDP(Strategy):
 
     def _backward_starts(self, i: int) -> None:
         self._acquire(i)
-        unit, s = self.blocks[i], i % 2
-        if unit.trainable:
-            self._reduced(s)  # the gradient buffer block i + 2 used is free again
-            self.grad_buf[s][unit.numel : unit.padded].zero_()
+        if self.blocks[i].trainable:
+            self._claim_grad(i)  # the gradient buffer block i + 2 used is free again
             self.grads_seen[i] = 0
         if self.overlap and i > 0 and self.input_gated[i]:  # block i - 1 has a backward
             self._gather(i - 1)
 
-    # ---- block gradients ----------------------------------------------------------------------
-    def _block_grad(self, i: int, dest: torch.Tensor, p: nn.Parameter) -> None:
+    # ---- gradients ----------------------------------------------------------------------------
+    def _claim_grad(self, k: int) -> None:
+        """Unit k's gradients are about to land in its gradient buffer: the reduce-scatter from
+        it must be over, and the padding is zeroed."""
+        s, unit = self._slot(k), self.units[k]
+        self._reduced(s)
+        self.grad_buf[s][unit.numel : unit.padded].zero_()
+
+    def _unit_grad(self, k: int, dest: torch.Tensor, p: nn.Parameter) -> None:
+        if k >= self.embed and self.grads_seen[k] == 0:  # embed and head share a gradient buffer
+            self._claim_grad(k)
         dest.copy_(p.grad)
         p.grad = None
-        self.grads_seen[i] += 1
-        if self.grads_seen[i] == len(self.blocks[i].names):
-            s, unit = i % 2, self.blocks[i]
-            self.rs_pending[s] = (i, self._reduce_scatter(self.rs_out[s], self.grad_buf[s][: unit.padded]))
+        self.grads_seen[k] += 1
+        if self.grads_seen[k] == len(self.units[k].names):
+            s = self._slot(k)
+            self.rs_pending[s] = (k, self._reduce_scatter(self.rs_out[s], self.grad_buf[s][: self.units[k].padded]))
             if not self.overlap:
                 self._reduced(s)
 
@@ -444,9 +490,9 @@ class YaFSDP(Strategy):
         """Finish the reduce-scatter from gradient buffer s, add it to the shard gradient."""
         if self.rs_pending[s] is None:
             return
-        i, work = self.rs_pending[s]
+        k, work = self.rs_pending[s]
         self._wait(work)
-        self._accumulate(i, self.rs_out[s][: self.blocks[i].shard])
+        self._accumulate(k, self.rs_out[s][: self.units[k].shard])
         self.rs_pending[s] = None
 
     # ---- the Strategy interface ---------------------------------------------------------------
@@ -454,16 +500,16 @@ class YaFSDP(Strategy):
         self.loss_scale = loss_scale  # applied once, in step (the same for every micro-step)
         loss = self._loss(x, y)
         loss.backward()
-        for s in (0, 1):
+        for s in (0, 1, 2):
             self._reduced(s)
             i = self.slot_reader[s]
-            if i is not None:  # backward is over: only a block without input gate may still hold its buffer
-                if self.input_gated[i]:
+            if i is not None:  # backward is over: only a unit no gradient passed may still hold its buffer
+                if i < self.embed and self.input_gated[i]:
                     raise RuntimeError(f"yafsdp: block {i} still holds buffer {s} after backward")
                 self._release(i)
-        missing = [i for i, u in enumerate(self.blocks) if u.trainable and self.grads_seen[i] != len(u.names)]
+        missing = [k for k in self.streamed if self.units[k].trainable and self.grads_seen[k] != len(self.units[k].names)]
         if missing:
-            raise RuntimeError(f"yafsdp: blocks {missing} did not receive a gradient for every parameter")
+            raise RuntimeError(f"yafsdp: units {missing} did not receive a gradient for every parameter")
         return loss.detach()
 
     def _reduce_resident(self) -> None:
@@ -568,14 +614,18 @@ class YaFSDP(Strategy):
     @staticmethod
     def buffer_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
                      base: FrozenBase | None = None, p2p: bool = False) -> int:
-        """The preallocated buffers: two gather buffers of the largest block, and for trained
-        blocks two gradient buffers with what their reduce-scatters receive into (`p2p`: on gloo,
-        `uses_p2p`); the resident units, with a gradient buffer for the trained ones."""
-        block, trains, resident = _unit_sizes(args, base)
-        blk = _padded(block, world_size)
+        """The preallocated buffers: two gather buffers of the largest block and one of the larger
+        of embed and head, and when those train a gradient buffer for each with what its
+        reduce-scatter receives into (`p2p`: on gloo, `uses_p2p`); the resident units, with a
+        gradient buffer for the trained ones."""
+        block, outer, trains, resident = _unit_sizes(args, base)
         p, r, f = _itemsizes(policy, options, base)
-        recv = recv_chunks(p2p, world_size) * blk // world_size
-        out = 2 * blk * (p if trains else f) + (2 * (blk + recv) * r if trains else 0)
+
+        def streamed(n: int) -> int:
+            n = _padded(n, world_size)
+            return n * (p if trains else f) + ((n + recv_chunks(p2p, world_size) * n // world_size) * r if trains else 0)
+
+        out = 2 * streamed(block) + streamed(max(outer))
         return out + sum(_padded(n, world_size) * (p + r if t else f) for n, t in resident)
 
     @staticmethod
@@ -589,21 +639,25 @@ class YaFSDP(Strategy):
         """Bytes of gathered and reduced (full, unsharded) tensors per optimizer step, as the
         engine counts them in `comm_stats`. Forward gathers every block, backward re-gathers all
         but the last two (still resident from forward), and a later micro-step's forward finds
-        blocks 0 and 1 still resident from the backward before; every block is reduce-scattered
-        each micro-step, root and small once per step. Frozen units (LoRA) are never reduced and,
-        as they never change, blocks 0 and 1 stay resident into the next step too: this is the
-        steady state, after a first step that also gathers them and the frozen resident units. A
+        blocks 0 and 1 still resident from the backward before. Embed and head take turns in
+        their buffer, both gathered every micro-step; tied, the one unit stays there until the
+        step changes it. Every block, embed and head is reduce-scattered each micro-step, the
+        resident units once per step. Frozen units (LoRA) are never reduced and, as they never
+        change, blocks 0 and 1 (and a tied embedding) stay resident into the next step too: this
+        is the steady state, after a first step that also gathers them and the frozen resident
+        units. A
         ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank, and so do the
         point-to-point ones on gloo (gloo's own reduce-scatter is an all-reduce: twice that)."""
-        block, trains, resident = _unit_sizes(args, base)
-        blk = _padded(block, world_size)
+        block, outer, trains, resident = _unit_sizes(args, base)
+        blk, out = _padded(block, world_size), sum(_padded(k, world_size) for k in outer)
         p, r, f = _itemsizes(policy, options, base)
         n = args.n_layers
         regathered = n - min(n, 2)
-        gathers = grad_accum * 2 * regathered + (min(n, 2) if trains else 0)
+        gathers = (grad_accum * 2 * regathered + (min(n, 2) if trains else 0)) * blk
+        gathers += grad_accum * out if len(outer) > 1 else (out if trains else 0)
         trained = sum(_padded(k, world_size) for k, t in resident if t)
-        return {"all_gather_bytes": gathers * blk * (p if trains else f) + trained * p,
-                "reduce_scatter_bytes": (grad_accum * n * blk if trains else 0) * r + trained * r}
+        return {"all_gather_bytes": gathers * (p if trains else f) + trained * p,
+                "reduce_scatter_bytes": (grad_accum * (n * blk + out) if trains else 0) * r + trained * r}
 
     def memory(self) -> dict[str, int]:
         buffers = [*self.gather_buf, *self.grad_buf, *self.rs_out, *self.resident.values(), *self.resident_grad.values()]
@@ -641,16 +695,16 @@ class FrozenBase(NamedTuple):
         return FrozenBase(trained, itemsize) if frozen else None
 
 
-def _unit_sizes(args: ModelArgs, base: FrozenBase | None) -> tuple[int, bool, list[tuple[int, bool]]]:
-    """Elements of one block's matrices, whether they train, and (elements, trains) of each
-    resident unit (the order of `_units`)."""
+def _unit_sizes(args: ModelArgs, base: FrozenBase | None) -> tuple[int, list[int], bool, list[tuple[int, bool]]]:
+    """Elements of one block's matrices, of embed (and head unless tied), whether those train,
+    and (elements, trains) of each resident unit (the order of `_units`)."""
     d, q, kv = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     block = d * (q + 2 * kv) + q * d + 3 * d * args.ffn_dim
-    root = args.vocab_size * d * (1 if args.tie_embeddings else 2)
+    outer = [args.vocab_size * d] * (1 if args.tie_embeddings else 2)
     small = (2 * args.n_layers + 1) * d
     if base is None:
-        return block, True, [(root, True), (small, True)]
-    return block, False, [(root, False), (base.adapters, True), (small, False)]
+        return block, outer, True, [(small, True)]
+    return block, outer, False, [(base.adapters, True), (small, False)]
 
 
 def _itemsizes(policy: PrecisionPolicy, options: ParallelSection, base: FrozenBase | None) -> tuple[int, int, int]:
