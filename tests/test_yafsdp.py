@@ -168,10 +168,10 @@ def test_overwriting_a_buffer_in_use_raises():
         ya._gather(2)
 
 
-@pytest.mark.parametrize("mode, precision, lora", [("none", "fp32", LORA), ("full", "bf16", LORA_BF16),
-                                                  ("every:2", "bf16-pure", LORA)])
-def test_lora_trains_only_the_adapters_and_holds_state_for_them_only(mode, precision, lora):
-    ref, ya = _pair(mode, precision, lora=lora)
+@pytest.mark.parametrize("mode, precision, lora, tie", [("none", "fp32", LORA, True), ("full", "bf16", LORA_BF16, True),
+                                                       ("every:2", "bf16-pure", LORA, True), ("none", "fp32", LORA, False)])
+def test_lora_trains_only_the_adapters_and_holds_state_for_them_only(mode, precision, lora, tie):
+    ref, ya = _pair(mode, precision, lora=lora, args=replace(ARGS, tie_embeddings=tie))
     base = {k: v.clone() for k, v in _engine_weights(ya).items() if not is_adapter_key(k)}
     batches = _batches(3 * ACCUM)
     assert _rel(_train(ref, batches, 3), _train(ya, batches, 3)) < (1e-5 if precision == "fp32" else BF16_REL)

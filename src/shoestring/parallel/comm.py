@@ -10,7 +10,8 @@ receive nothing). Gloo has no native reduce-scatter: torch runs an all-reduce of
 there, which this meter sees (and counts) as such.
 
 `busy_s` is the time collectives were running on the backend's threads (overlapping calls
-counted once): communication time, whether or not compute hid it.
+counted once): communication time, whether or not compute hid it. A point-to-point receive runs
+from when it is posted, so one posted ahead (a prefetch) counts its wait for the peer's send.
 """
 
 from __future__ import annotations
