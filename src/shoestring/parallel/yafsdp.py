@@ -645,9 +645,8 @@ class YaFSDP(Strategy):
         resident units once per step. Frozen units (LoRA) are never reduced and, as they never
         change, blocks 0 and 1 (and a tied embedding) stay resident into the next step too: this
         is the steady state, after a first step that also gathers them and the frozen resident
-        units. A
-        ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank, and so do the
-        point-to-point ones on gloo (gloo's own reduce-scatter is an all-reduce: twice that)."""
+        units. A ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank, and so
+        do the point-to-point ones on gloo (gloo's own reduce-scatter is an all-reduce: twice)."""
         block, outer, trains, resident = _unit_sizes(args, base)
         blk, out = _padded(block, world_size), sum(_padded(k, world_size) for k in outer)
         p, r, f = _itemsizes(policy, options, base)
