@@ -34,7 +34,7 @@ from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.plan.catalogue import default_price
 from shoestring.plan.probe import matmul_peak_flops
 from shoestring.train import checkpoint as ckpt
-from shoestring.train.memory import SavedActivationCounter, device_memory
+from shoestring.train.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
 from shoestring.train.schedule import lr_at
 
@@ -199,7 +199,7 @@ class Trainer:
         cfg = self.cfg
         run = self._prepare(resume, overwrite)
         strategy, start = run.strategy, run.start
-        device_memory(self.device, reset=True)  # the run's peak starts here, not at import
+        self.peak = RunPeak(self.device)
 
         saved_act_bytes = 0
         comm = CommStats()
@@ -307,11 +307,12 @@ class Trainer:
                         measure_comm: bool) -> tuple[torch.Tensor, StepResult, int | None, CommStats | None]:
         """One optimizer step over `train.grad_accum` micro-steps: the mean loss (on the device: no
         sync), the strategy's result, and when asked the first micro-step's saved-activation
-        bytes and the step's measured collectives (the meter costs nothing when off)."""
+        bytes and the step's measured collectives (the meter costs nothing when off; the
+        profiler's own memory on the measured step is left out of the run's peak)."""
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         counted = None
-        with CommMeter(self.strategy.world_size, enabled=measure_comm) as meter:
+        with self.peak.excluding(measure_comm), CommMeter(self.strategy.world_size, enabled=measure_comm) as meter:
             for m in range(accum):
                 x, y = (self._to_device(t) for t in sampler.next_batch())
                 with SavedActivationCounter() if count and m == 0 else nullcontext() as counter:
@@ -325,7 +326,7 @@ class Trainer:
     def _log(self, run: Prepared, pending: list[Logged], tps: float, saved_act_bytes: int) -> float:
         """Write the pending steps' records (one sync for all of them); the last loss."""
         mem = {**run.strategy.memory(), "activations_saved": saved_act_bytes,
-               "device_peak": device_memory(self.device)["peak"]}
+               "device_peak": self.peak.bytes()}
         # Loss averaged over ranks (each saw its share of the batch); the norm is global.
         values = dist.mean(torch.stack([torch.stack([p.loss.float(), p.grad_norm.float()]) for p in pending])).tolist()
         for p, (loss, grad_norm) in zip(pending, values):
@@ -386,7 +387,7 @@ class Trainer:
                 break
         strategy = run.strategy
         devices = strategy.world_size
-        peak = device_memory(self.device)["peak"]
+        peak = self.peak.bytes()
         return {
             "steps_run": steps,
             "tokens": tokens,
