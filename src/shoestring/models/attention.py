@@ -17,8 +17,10 @@ between those matmuls fuses into a few kernels. Grouped-query attention is nativ
 heads of a group are stacked along the rows, so one matmul per group serves them all and dK, dV
 sum over the group for free.
 
-Elsewhere (CUDA, whose flash/efficient kernels have fast backwards; the meta device) this is
-plain `F.scaled_dot_product_attention`.
+It is used on CPU inside `torch.compile` (the compile lever compiles each block; the default for
+bf16 on CPU). Eagerly, its element-wise steps would be separate passes over the probabilities,
+costing more than the flash backward saves; there, and on CUDA (whose flash / efficient kernels
+have fast backwards) and the meta device, this is plain `F.scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -37,11 +39,8 @@ BLOCK_ELEMENTS = 1 << 22
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (batch, heads, seq, head_dim); k, v (batch, kv_heads, seq, head_dim), kv_heads dividing
-    heads -> (batch, heads, seq, head_dim). Causal, scale 1/sqrt(head_dim), no dropout.
-
-    The dense backward is used on CPU inside `torch.compile` (the compile lever compiles each
-    block). Eagerly its element-wise steps are separate passes over the probabilities, which cost
-    more than the flash backward they replace, so eager code keeps plain SDPA."""
+    heads -> (batch, heads, seq, head_dim). Causal, scale 1/sqrt(head_dim), no dropout. The
+    dense backward on CPU when compiling, SDPA otherwise (see the module docstring)."""
     if q.device.type == "cpu" and torch.compiler.is_compiling():
         return CpuCausalAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
@@ -70,8 +69,8 @@ class CpuCausalAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(d)
         d_out = d_out.to(q.dtype)
         # Rows of a group: (batch, kv_heads, group, seq, ...) so a query block folds into one matmul.
-        qg, dog = q.view(b, hkv, g, s, d), d_out.view(b, hkv, g, s, d)
-        lse_g = lse.view(b, hkv, g, s, 1)
+        qg, dog = q.reshape(b, hkv, g, s, d), d_out.reshape(b, hkv, g, s, d)
+        lse_g = lse.reshape(b, hkv, g, s, 1)
         delta = (d_out.float() * out.float()).sum(-1).view(b, hkv, g, s, 1)
         dq_blocks = []
         dk = torch.zeros(b, hkv, s, d, dtype=torch.float32, device=q.device)
