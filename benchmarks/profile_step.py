@@ -6,8 +6,8 @@ Prints the step time (median of the timed steps), tokens/s, MFU against the meas
 self CPU time per step (a markdown table, as pasted into docs/performance.md).
 
 On a machine shared with other jobs, wall-clock times are unreliable: `--threads 1` runs every kernel on this thread,
-and the step's CPU time (also printed, the minimum over the timed steps) then measures the work done, largely
-independent of what else runs (compare configurations by it, side by side).
+and the step's CPU time (also printed, the minimum over the timed steps) then measures the work done, far less
+disturbed by other jobs (not immune: they share caches and memory bandwidth). Compare configurations by it, side by side.
 """
 
 from __future__ import annotations
