@@ -4,6 +4,10 @@
 
 Prints the step time (median of the timed steps), tokens/s, MFU against the measured matmul peak, and the ops with the most
 self CPU time per step (a markdown table, as pasted into docs/performance.md).
+
+On a machine shared with other jobs, wall-clock times are unreliable: `--threads 1` runs every kernel on this thread,
+and the step's CPU time (also printed, the minimum over the timed steps) then measures the work done, far less
+disturbed by other jobs (not immune: they share caches and memory bandwidth). Compare configurations by it, side by side.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median) and profiled steps")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="as train.compile")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,13 +58,14 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(3):  # warm-up (and compilation)
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(a.steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.thread_time() - c0)
     step_s = statistics.median(times)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -71,7 +79,8 @@ def main() -> None:
     mfu = tps * model.flops_per_token(a.seq) / peak
     print(f"preset {a.preset}, {a.precision}, batch {a.batch} x {a.seq}, blocks compiled {compiled}, "
           f"threads {torch.get_num_threads()}: step {step_s * 1e3:.0f} ms, {tps:,.0f} tok/s, "
-          f"MFU {mfu:.1%} of the measured {peak / 1e12:.2f} TFLOP/s matmul peak\n")
+          f"MFU {mfu:.1%} of the measured {peak / 1e12:.2f} TFLOP/s matmul peak; "
+          f"CPU time of this thread per step {min(cpu_times) * 1e3:.0f} ms\n")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events)

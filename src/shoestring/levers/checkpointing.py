@@ -91,8 +91,9 @@ def _aten_ops(*names: str) -> frozenset:
 
 
 # Outputs kept by `selective`: the matmuls, and attention (on CPU `F.scaled_dot_product_attention`
-# dispatches to `_scaled_dot_product_flash_attention_for_cpu`; on CUDA to the flash / efficient /
-# cuDNN kernels, or to the math path, which is made of bmm's). These are the ops whose recompute
+# dispatches to `_scaled_dot_product_flash_attention_for_cpu`, and so does the forward of
+# `models/attention.py`'s compiled-CPU attention; on CUDA to the flash / efficient / cuDNN
+# kernels, or to the math path, which is made of bmm's). These are the ops whose recompute
 # costs FLOPs; everything else in a block (RMSNorm, RoPE, SiLU, the SwiGLU product, dtype casts,
 # views) is element-wise and cheap to recompute, so it is PREFER_RECOMPUTE.
 SAVE_OPS = _aten_ops(

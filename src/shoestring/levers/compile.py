@@ -4,7 +4,9 @@ All blocks share one architecture, so dynamo compiles the first and reuses the c
 rest: compile time is that of one block (~15-40 s on 2 CPU cores), not of the whole model.
 What it buys is fusion of the elementwise work between matmuls (RMSNorm, RoPE, SwiGLU, the
 residual adds and autocast's casts): on the small preset in bf16 on CPU that is most of the
-non-matmul time (docs/performance.md).
+non-matmul time (docs/performance.md). Inside a compiled block on CPU, attention also takes a
+faster backward (`models/attention.py`: dense matmuls over query blocks instead of the slow CPU
+flash-attention backward), whose element-wise steps only pay once fused.
 
 `train.compile = "auto"` (the default) compiles where that pays: on CUDA, and on CPU when the
 matmuls run in bf16. fp32 on CPU gains little for the compile time. Where compile cannot run
