@@ -251,12 +251,12 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     for group, compiled in ((out, False), (out["compiled"], True)):
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
         plain = [(r, t) for r, t in mine if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"]
-        mfu = dict(group.get("mfu", {}))
-        for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
-            mfu[prec] = round(statistics.median(t["at_peak"] / _measured_step(r) for r, t in plain
+        fitted = {prec: round(statistics.median(t["at_peak"] / _measured_step(r) for r, t in plain
                                                 if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"), 3)
-        for prec in {r["case"]["precision"] for r, _ in mine} - set(mfu):  # no plain row: its compute dtype's
-            same = [v for k, v in mfu.items() if compute_dtype(k) == compute_dtype(prec)]
+                  for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"})}
+        mfu = {**group.get("mfu", {}), **fitted}
+        for prec in {r["case"]["precision"] for r, _ in mine} - set(fitted):  # no plain row: this run's figure
+            same = [v for k, v in fitted.items() if compute_dtype(k) == compute_dtype(prec)]  # for its compute dtype
             if same:
                 mfu[prec] = same[0]
         if mfu:

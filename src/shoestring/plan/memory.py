@@ -126,8 +126,10 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
             "optimizer": per["optimizer"] * local + STEP_COUNTER_BYTES * len(trainable.shapes)}
 
 
-def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_len: int, device_type: str) -> dict[str, int]:
-    """Activations of one micro-batch on one rank, by part."""
+def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_len: int,
+                     device_type: str) -> tuple[dict[str, int], int]:
+    """Activations of one micro-batch on one rank, by part, and the working set of one block's
+    backward (its saved tensors and their gradients, plus what flows between blocks)."""
     a, b = info.args, levers.micro_batch
     mode = "none" if parse_mode(levers.checkpointing)[0] == "offload" and device_type != "cuda" else levers.checkpointing
     residual = 2 if levers.precision == "bf16-pure" else 4
@@ -146,7 +148,8 @@ def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_
         blocks += kept * extra
         working += extra
     # the chunk buffers are gone before the blocks' backward starts: count what exceeds them
-    return {"activations": blocks + outside, "backward_working": max(0, 2 * working + kept - loss), "loss": loss}
+    backward = 2 * working + kept
+    return {"activations": blocks + outside, "backward_working": max(0, backward - loss), "loss": loss}, backward
 
 
 def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, device_type: str) -> dict[str, int]:
@@ -201,13 +204,15 @@ def estimate_memory(info: ModelInfo, trainable: Trainable, levers: Levers, world
         moved = ("optimizer", "master", "params", "grads") if levers.strategy == "fsdp2" else ("optimizer", "master")
         host = sum(state[k] for k in moved)
         state = {k: (0 if k in moved else v) for k, v in state.items()}
-    parts = {**state, **activation_bytes(info, trainable, levers, seq_len, device.kind),
-             **comm_and_cast_bytes(info, trainable, levers, world, device.kind)}
+    activations, backward = activation_bytes(info, trainable, levers, seq_len, device.kind)
+    parts = {**state, **activations, **comm_and_cast_bytes(info, trainable, levers, world, device.kind)}
     if levers.strategy != "deepspeed":
         # Gradients are freed after each step (zero_grad(set_to_none)) and written during backward
-        # as it frees the saved activations, block by block: at any moment the two together are
-        # at most the larger of them (measured on CPU: the peak is at the end of forward).
-        parts["grads"] = max(0, parts["grads"] - parts["activations"])
+        # as it frees the saved activations, block by block, after the loss's chunk buffers are
+        # gone: they count only where the last block's backward (all gradients and one block's
+        # working set) would top the end of forward (measured on CPU: usually the peak).
+        forward_end = parts["activations"] + parts["loss"] + parts["backward_working"]
+        parts["grads"] = max(0, parts["grads"] + backward - forward_end)
     allocated = sum(parts.values())
     parts["fragmentation"] = int(allocated * device.fragmentation)
     parts["framework"] = device.overhead_bytes
