@@ -47,13 +47,13 @@ CASES: dict[str, tuple[dict, int]] = {
 
 # The cases `--size small` leaves out to fit its time budget of 5 minutes (ZeRO-1/2 and FSDP2
 # without resharding trade memory for speed in ways ddp and fsdp2 already bracket; ddp stands
-# for the unsharded baseline). A 2-rank run takes ~9.5 s idle, ~6 s of it start-up: 10 cases x 3
-# rounds fit, 5 rounds would not.
+# for the unsharded baseline). A 2-rank run of 8 steps takes ~9 s idle, ~6 s of it start-up:
+# 10 cases x 3 rounds fit (5 timed steps each), 5 rounds would not.
 FULL_ONLY = ("single", "fsdp2 no-reshard", "zero1", "zero2")
 # size -> (preset, global batch, seq len, steps, rounds)
 SIZES = {
     "smoke": ("micro", 4, 32, 4, 1),
-    "small": ("tiny", 16, 256, 10, 3),
+    "small": ("tiny", 16, 256, 8, 3),
     "full": ("tiny", 16, 256, 40, 5),
 }
 
