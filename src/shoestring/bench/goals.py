@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from shoestring.bench import levers
+
 Rows = list[dict]
 Judged = tuple[str, bool | None]  # (what was measured, with the margin; met, or None: not judged)
 
@@ -50,8 +52,7 @@ def _best(rows: Rows, names: tuple[str, ...]) -> dict:
 
 def _lever(rows: Rows, precision: str, mode: str = "none") -> dict:
     """An eager lever row: each lever's effect on its own."""
-    return next(r for r in rows if r["precision"] == precision and r["checkpointing"] == mode
-                and not r["spec"].get("compile", False))
+    return levers.row(rows, precision, mode, compiled=False)
 
 
 def _bf16_speedup(rows: Rows) -> Judged:
@@ -77,8 +78,10 @@ def _ckpt_time(mode: str, limit: float) -> Callable[[Rows], Judged]:
 
 def _mfu(rows: Rows) -> Judged:
     """Judged on the trainer's default (blocks compiled) where the run has it: what a user gets."""
-    r = next((r for r in rows if r["precision"] == "bf16" and r["checkpointing"] == "none"
-              and r["spec"].get("compile", False)), None) or _lever(rows, "bf16")
+    try:
+        r = levers.row(rows, "bf16", compiled=True)
+    except StopIteration:  # a run without the default's row: the eager one
+        r = _lever(rows, "bf16")
     how = "blocks compiled" if r["spec"].get("compile", False) else "eager"
     shown = f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s, `{r['spec']['preset']}` preset, {how}"
     if r["spec"]["preset"] != "small":
