@@ -7,9 +7,10 @@
     comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
                 behind compute (`OVERLAP`; on the CPU, gloo runs on the cores that compute, so
                 the calibrated `comm_overlap` applies instead), plus a fixed cost per collective
-                call, per strategy (`collective_s`, calibrated: on gloo each FSDP2 group's gather
-                or reduce-scatter costs ~9 ms of hooks, copies and synchronisation besides its
-                bytes, YaFSDP's flat buffers ~4 ms, DDP's bucketed all-reduce nothing measurable)
+                call, per strategy (`collective_s` in hardware.toml, calibrated: on gloo each FSDP2
+                group's gather or reduce-scatter costs hooks, copies and synchronisation besides
+                its bytes, YaFSDP's flat buffers about a third of that, DDP's bucketed all-reduce
+                next to nothing)
     offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
 
 Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
