@@ -1,6 +1,8 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to `min_lr_ratio * lr`.
+"""Learning-rate schedule: linear warmup, then cosine decay to `min_lr_ratio * lr` at the last step.
 
 A pure function of the step, so a resumed run gets exactly the LR an uninterrupted one would.
+The warmup part does not depend on `total_steps`: a run whose length is decided during warm-up
+(`train.budget`, shoestring.train.budget) trains on the same LRs before and after deciding.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
+    decay_steps = max(1, total_steps - 1 - warmup_steps)  # the last step, total_steps - 1, runs at min_lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     min_lr = lr * min_lr_ratio
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
