@@ -12,8 +12,8 @@ from rich.console import Console
 
 from shoestring.config import Budget, load_config, parse_budget
 from shoestring.errors import UserError
-from shoestring.train.budget import BUDGET_FILE, BudgetClock, Costs, budget_seconds, count_due, planned_seconds, steady_interval, \
-    steps_that_fit
+from shoestring.train.budget import (BUDGET_FILE, BudgetClock, Costs, budget_seconds, count_due, planned_seconds,
+                                     steady_interval, steps_that_fit)
 from shoestring.train.metrics import read_metrics
 from shoestring.train.schedule import lr_at
 from shoestring.train.trainer import Trainer
