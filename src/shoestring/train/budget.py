@@ -37,7 +37,7 @@ from shoestring.train.checkpoint import write_atomically
 BUDGET_FILE = "budget.json"
 SKIP = 1  # an attempt's first step compiles and warms the allocator: left out of the step time
 TIMED = 5  # steps timed after it; their median is the step time
-EARLY = 0.25  # on a slow machine, resolve as soon as a step is timed once this share of the budget is spent
+EARLY = 0.25  # timing the rest of TIMED may take at most this share of what is left of the budget
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,14 @@ class BudgetClock:
 
     def ready(self, step: int, warmup_steps: int) -> bool:
         """Whether to resolve now, after `step` steps: enough steps timed, the next step's LR
-        would depend on the step count, or a slow machine has spent a good part of the budget.
-        (A run resumed late in its warmup before resolving may time a step past it, its LR
-        then planned for train.steps: a small, rare deviation.)"""
+        would depend on the step count, or steps so slow that timing more of them would eat
+        into the budget left to plan. (A run resumed late in its warmup before resolving may
+        time a step past it, its LR then planned for train.steps: a small, rare deviation.)"""
         timed = len(self.step_laps) - 1 - SKIP
-        return timed >= 1 and (timed >= TIMED or step >= warmup_steps or self.spent() >= EARLY * self.seconds)
+        if timed < 1:
+            return False
+        still = (TIMED - timed) * steady_interval(self.step_laps)
+        return timed >= TIMED or step >= warmup_steps or still > EARLY * (self.seconds - self.spent())
 
     def resolve(self, step: int, cap: int, save_s: float, eval_every: int, save_every: int) -> int:
         """Plan the step count from the timed steps, the timed eval (per batch, its first batch
