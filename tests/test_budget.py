@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -15,6 +16,7 @@ from shoestring.errors import UserError
 from shoestring.train.budget import (BUDGET_FILE, BudgetClock, Costs, budget_seconds, count_due, planned_seconds,
                                      steady_interval, steps_that_fit)
 from shoestring.train.metrics import read_metrics
+from shoestring.train.report import print_summary
 from shoestring.train.schedule import lr_at
 from shoestring.train.trainer import Trainer
 
@@ -178,3 +180,20 @@ def test_resumed_budget_run_keeps_its_step_count(make_config, tmp_path, step_clo
     assert resumed["budget"]["spent_s"] > first["budget"]["spent_s"]  # earlier attempts count
     lrs = _lrs(tmp_path / "run")
     assert len(lrs) == n and math.isclose(lrs[-1], cfg.train.lr * cfg.train.min_lr_ratio)
+
+
+def test_stopped_before_planning_plans_on_resume(make_config, tmp_path, step_clock):
+    cfg = make_config(**BUDGET_RUN)
+
+    def stop_at_once(trainer, step):
+        trainer.stop.requested = True
+
+    _, first = _train(cfg, step_clock, after_step=stop_at_once)
+    assert first["steps_run"] == 1 and first["budget"]["steps"] is None
+    out = io.StringIO()
+    print_summary(Console(file=out, width=200), first, tmp_path / "run")
+    assert "not planned yet" in out.getvalue()
+    _, resumed = _train(cfg, step_clock, resume="auto")
+    budget = resumed["budget"]
+    assert 1 + resumed["steps_run"] == budget["steps"] and budget["resolved_at_step"] > 1
+    assert budget["spent_s"] > first["budget"]["spent_s"]

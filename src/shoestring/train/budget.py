@@ -152,7 +152,7 @@ class BudgetClock:
         else:
             worth = ""
         if self.steps is not None:
-            return f"budget {self.requested}{worth}: the {self.steps} steps planned at step {self.at_step}"
+            return f"budget {self.requested}{worth}: resuming with the {self.steps} steps planned at step {self.at_step}"
         return f"budget {self.requested}{worth}: timing the first warm-up steps"
 
     def describe(self, cap: int) -> str:
