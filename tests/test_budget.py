@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 
 import pytest
@@ -133,12 +132,13 @@ def test_budget_run_is_the_plain_run_of_its_resolved_length(make_config, tmp_pat
     assert budget["spent_s"] > 0 and budget["spent_usd"] == pytest.approx(budget["spent_s"] / 3600 * 0.09)
     saved = json.loads((run / "summary.json").read_text())["budget"]
     assert saved["steps"] == n and saved["spent_s"] == budget["spent_s"]
-    # The schedule is planned for the resolved length: warmup, cosine, min LR at the last step.
-    cfg = make_config()
+    # The schedule is planned for the resolved length: warmup, then a cosine that ends on its floor
+    # right after the last step (not cut off mid-decay, as a run planned for train.steps would be).
+    t = make_config().train
     lrs = _lrs(run)
-    assert lrs == [lr_at(s, lr=cfg.train.lr, warmup_steps=4, total_steps=n, min_lr_ratio=cfg.train.min_lr_ratio)
-                   for s in range(n)]
-    assert lrs[-1] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    planned = [lr_at(s, lr=t.lr, warmup_steps=4, total_steps=n, min_lr_ratio=t.min_lr_ratio) for s in range(n + 1)]
+    assert lrs == planned[:n] and planned[n] == pytest.approx(t.lr * t.min_lr_ratio)
+    assert lrs[-1] < lrs[-2] and lrs[-1] - planned[n] < 0.05 * (t.lr - planned[n])
     # The timed warm-up steps were real training: the same curve as a plain run of n steps.
     plain = tmp_path / "plain"
     _train(make_config(run__dir=str(plain), **{**BUDGET_RUN, "train__budget": None, "train__steps": n}), step_clock)
@@ -178,8 +178,9 @@ def test_resumed_budget_run_keeps_its_step_count(make_config, tmp_path, step_clo
     assert first["steps_run"] + resumed["steps_run"] == n == resumed["budget"]["steps"]
     assert json.loads((tmp_path / "run" / BUDGET_FILE).read_text()) == planned
     assert resumed["budget"]["spent_s"] > first["budget"]["spent_s"]  # earlier attempts count
-    lrs = _lrs(tmp_path / "run")
-    assert len(lrs) == n and math.isclose(lrs[-1], cfg.train.lr * cfg.train.min_lr_ratio)
+    t = cfg.train
+    assert _lrs(tmp_path / "run") == [lr_at(s, lr=t.lr, warmup_steps=4, total_steps=n, min_lr_ratio=t.min_lr_ratio)
+                                      for s in range(n)]
 
 
 def test_stopped_before_planning_plans_on_resume(make_config, tmp_path, step_clock):
