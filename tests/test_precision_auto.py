@@ -99,6 +99,20 @@ def test_probe_caches_per_instruction_set(tmp_path, monkeypatch):
     assert all("|isa=" in key for key in json.loads(probe.cache_path().read_text()))
 
 
+def test_a_contended_many_thread_probe_falls_back_to_one_threads_and_is_not_cached(tmp_path, monkeypatch):
+    """Other work on the cores makes a 2-thread matmul wait for a descheduled thread: it comes out
+    below one thread's peak, which an idle machine never does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    one = {"fp32": probe.Peak(100 * G, 512), "bf16": probe.Peak(200 * G, 512), "fp16": probe.Peak(G, 256, True)}
+    runs = {1: [one], 2: [{d: probe.Peak(0.7 * G, 256) for d in probe.DTYPES},  # contended
+                          {"fp32": probe.Peak(190 * G, 1024), "bf16": probe.Peak(390 * G, 1024), "fp16": probe.Peak(G, 256, True)}]}
+    monkeypatch.setattr(probe, "_measure_peaks", lambda device: runs[torch.get_num_threads()].pop(0))
+    assert probe.matmul_peaks(torch.device("cpu"), 2) == one  # the floor, for this run only
+    assert probe.matmul_peaks(torch.device("cpu"), 2)["bf16"] == probe.Peak(390 * G, 1024)  # measured again
+    assert probe.matmul_peaks(torch.device("cpu"), 2)["fp32"] == probe.Peak(190 * G, 1024)  # now cached
+    assert probe.device_facts(torch.device("cpu"), 1).matmul_flops["bf16"] == 200 * G
+
+
 def test_an_mfu_above_one_is_an_error_not_a_figure():
     assert probe.mfu(50 * G, 100 * G) == 0.5 and probe.mfu_error(50 * G, 100 * G) is None
     assert probe.mfu(242 * G, 100 * G) is None
@@ -178,3 +192,40 @@ def test_an_impossible_mfu_is_reported_never_printed(make_config, tmp_path, monk
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] is None and r["peak_flops"] == 1e3 for r in records if "loss" in r)
     assert console.export_text().count("is wrong") == 1
+
+
+# ---- the planner picks by the same rule -------------------------------------------------------
+
+def _local_cpu(monkeypatch, facts: DeviceFacts) -> None:
+    """The local CPU as the planner probes it, with `facts`' rates."""
+    peaks = {d: probe.Peak(facts.matmul_flops[d], 512) for d in probe.DTYPES}
+    monkeypatch.setattr(probe, "matmul_peaks", lambda device, threads=None: peaks)
+
+
+@pytest.mark.parametrize("hardware, precisions", [("t4:1", {"fp16"}), ("a100-80gb:1", {"bf16", "bf16-pure"})])
+def test_the_planner_offers_what_a_catalogue_gpu_runs_fast(hardware, precisions):
+    from shoestring.plan.search import Request, search
+
+    plans = search(Request("tiny", 1e6, hardware=(hardware,), seq_len=256)).plans
+    assert {p.levers.precision for p in plans} == precisions
+
+
+@pytest.mark.parametrize("facts, mode", [(FAST_BF16_CPU, "bf16"), (SLOW_BF16_CPU, "fp32")])
+def test_the_planner_picks_the_local_cpus_precision_by_the_trainers_rule(monkeypatch, facts, mode):
+    from shoestring.plan.search import Request, search
+
+    _local_cpu(monkeypatch, facts)
+    plans = search(Request("micro", 1e5, hardware=("local:1",), seq_len=64)).plans
+    assert {p.levers.precision.removesuffix("-pure") for p in plans} == {mode}
+    lora = search(Request("micro", 1e5, hardware=("local:1",), seq_len=64, mode="lora", lora_base_dtype="bf16")).plans
+    assert {p.levers.precision for p in lora} == {"bf16"}  # a bf16-held base needs bf16 compute
+
+
+def test_train_auto_treats_an_auto_precision_as_unset(monkeypatch):
+    from shoestring.plan.auto import auto_overrides
+
+    _local_cpu(monkeypatch, SLOW_BF16_CPU)
+    cfg = build_config({"model": {"preset": "micro"}, "data": {"seq_len": 64}, "precision": {"mode": "auto"},
+                        "train": {"batch_size": 8}})
+    chosen, plan = auto_overrides(cfg, 1)
+    assert "precision.mode=fp32" in chosen and plan.levers.precision == "fp32"

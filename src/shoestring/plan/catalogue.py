@@ -136,8 +136,9 @@ def local_hardware(ranks: int | None = None) -> tuple[Device, int]:
 
 def probe_cpu(ranks: int) -> dict[str, Any]:
     """What the CPU split into `ranks` processes measures: each rank gets cores/ranks threads,
-    and its peak is the probe's at that many threads (the yardstick the trainer's MFU uses for
-    a rank running them); the gloo all-reduce bandwidth between the ranks; host memory per rank."""
+    and its peak is the probe's on that many threads (the yardstick the trainer's MFU uses for a
+    rank running them; probe.py says why not one thread's times their number); the gloo
+    all-reduce bandwidth between the ranks; host memory per rank."""
     from shoestring.plan import probe
 
     cores = probe.cpu_cores()
