@@ -213,7 +213,7 @@ class Config(Section):
             raise ValueError("data.format = 'instruct' and model.source go together: instruction data needs the "
                              "source's tokenizer, and raw-text training of a source model is not supported yet")
         if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("auto", "bf16", "bf16-pure"):
-            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode bf16 or bf16-pure, not {self.precision.mode!r}")
+            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode auto, bf16 or bf16-pure, not {self.precision.mode!r}")
         return self
 
     @model_validator(mode="after")

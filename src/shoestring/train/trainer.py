@@ -29,11 +29,11 @@ from shoestring.config import Config
 from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
 from shoestring.finetune import instruct_data, text_data
+from shoestring.levers.precision import DeviceFacts
 from shoestring.parallel import StepResult, Strategy, dist
 from shoestring.parallel.comm import CommMeter, CommStats
-from shoestring.plan.catalogue import default_price
-from shoestring.levers.precision import DeviceFacts
 from shoestring.plan import probe
+from shoestring.plan.catalogue import default_price
 from shoestring.train import checkpoint as ckpt
 from shoestring.train.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
