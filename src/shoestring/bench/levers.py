@@ -67,7 +67,7 @@ def run(size: str = "small", rounds: int | None = None, progress: Callable[[str]
                            rounds or default_rounds, progress)
     rows = []
     for name, r in results.items():
-        precision, mode = r["spec"]["precision"], r["spec"]["checkpointing"]
+        precision, mode = r["precision"], r["spec"]["checkpointing"]
         peak, flops = facts.rate(precision), r["tokens_per_s"] * r["flops_per_token"]
         rows.append({**r, "config": name, "precision": precision, "checkpointing": mode, "mfu": probe.mfu(flops, peak),
                      "mfu_error": probe.mfu_error(flops, peak), "matmul_peak_flops": peak,
