@@ -80,8 +80,8 @@ class TrainSection(Section):
     eval_batches: int = Field(default=8, gt=0)
     log_every: int = Field(default=10, gt=0)
     seed: int = 1337
-    # Regional torch.compile of the blocks: true | false | "auto" (on where it pays: CUDA, and
-    # CPU in bf16; see shoestring.levers.compile).
+    # Regional torch.compile of the blocks: true | false | "auto" (on where it pays: CUDA, and a
+    # CPU whose half-precision matmuls are fast, when the run uses them; see shoestring.levers.compile).
     compile: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
@@ -98,11 +98,14 @@ class TrainSection(Section):
         return self
 
 
-PrecisionMode = Literal["fp32", "bf16", "fp16", "bf16-pure"]
+PrecisionMode = Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"]
 
 
 class PrecisionSection(Section):
-    mode: PrecisionMode = "bf16"
+    # "auto": chosen at start-up from what this device measured (shoestring.levers.precision:
+    # bf16 on CUDA with bf16 tensor cores, else fp16; on a CPU, bf16 where its matmuls run
+    # >= 1.5x fp32's, else fp32), written into the run's config.json and kept on resume.
+    mode: PrecisionMode = "auto"
     # fp16 dynamic loss scaling (torch.amp.GradScaler).
     init_scale: float = Field(default=2.0**16, gt=0)
     growth_interval: int = Field(default=2000, gt=0)
@@ -209,8 +212,8 @@ class Config(Section):
         if (self.data.format == "instruct") != bool(self.model.source):
             raise ValueError("data.format = 'instruct' and model.source go together: instruction data needs the "
                              "source's tokenizer, and raw-text training of a source model is not supported yet")
-        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("bf16", "bf16-pure"):
-            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode bf16 or bf16-pure, not {self.precision.mode!r}")
+        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("auto", "bf16", "bf16-pure"):
+            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode auto, bf16 or bf16-pure, not {self.precision.mode!r}")
         return self
 
     @model_validator(mode="after")

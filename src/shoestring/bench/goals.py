@@ -62,7 +62,8 @@ def _bf16_speedup(rows: Rows) -> Judged:
 
 def _ckpt_cut(mode: str, goal: float) -> Callable[[Rows], Judged]:
     def judge(rows: Rows) -> Judged:
-        c = 1 - _lever(rows, "bf16", mode)["saved_activation_bytes"] / _lever(rows, "bf16")["saved_activation_bytes"]
+        base = levers.base_precision(rows)
+        c = 1 - _lever(rows, base, mode)["saved_activation_bytes"] / _lever(rows, base)["saved_activation_bytes"]
         return at_least(c, goal, f"{c:.1%} fewer")
 
     return judge
@@ -70,7 +71,8 @@ def _ckpt_cut(mode: str, goal: float) -> Callable[[Rows], Judged]:
 
 def _ckpt_time(mode: str, limit: float) -> Callable[[Rows], Judged]:
     def judge(rows: Rows) -> Judged:
-        e = _lever(rows, "bf16", mode)["step_s"] / _lever(rows, "bf16")["step_s"] - 1
+        base = levers.base_precision(rows)
+        e = _lever(rows, base, mode)["step_s"] / _lever(rows, base)["step_s"] - 1
         return at_most(e, limit, f"{e:+.1%}")
 
     return judge
@@ -83,6 +85,8 @@ def _mfu(rows: Rows) -> Judged:
     except StopIteration:  # a run without the default's row: the eager one
         r = _lever(rows, "bf16")
     how = "blocks compiled" if r["spec"].get("compile", False) else "eager"
+    if r["mfu"] is None:
+        return f"a measuring error: {r.get('mfu_error')}", None
     shown = f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s, `{r['spec']['preset']}` preset, {how}"
     if r["spec"]["preset"] != "small":
         return shown + ": the goal is for `small`", None
