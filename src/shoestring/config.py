@@ -225,15 +225,6 @@ class Config(Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _precision_fits_strategy(self) -> "Config":
-        if self.precision.mode == "fp16" and self.parallel.strategy in ("fsdp2", "yafsdp", "deepspeed"):
-            raise ValueError(
-                f"precision.mode = 'fp16' is not supported with parallel.strategy = '{self.parallel.strategy}' "
-                "(dynamic loss scaling is not wired through sharded gradients here); use bf16 or bf16-pure"
-            )
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
