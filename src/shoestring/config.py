@@ -132,7 +132,7 @@ class LoRASection(Section):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    # dtype the frozen base weights are held in; bf16 halves them (needs bf16 compute).
+    # dtype the frozen base weights are held in; bf16 halves them (needs autocast: bf16, fp16 or bf16-pure).
     base_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("targets")
@@ -209,8 +209,9 @@ class Config(Section):
         if (self.data.format == "instruct") != bool(self.model.source):
             raise ValueError("data.format = 'instruct' and model.source go together: instruction data needs the "
                              "source's tokenizer, and raw-text training of a source model is not supported yet")
-        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("bf16", "bf16-pure"):
-            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode bf16 or bf16-pure, not {self.precision.mode!r}")
+        # A bf16 base needs autocast (or bf16-pure) to meet the activations: fp16's casts it per use.
+        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode == "fp32":
+            raise ValueError("lora.base_dtype = 'bf16' needs precision.mode bf16, bf16-pure or fp16, not 'fp32'")
         return self
 
     @model_validator(mode="after")

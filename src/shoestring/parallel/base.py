@@ -169,6 +169,13 @@ class Strategy(abc.ABC):
         """The full model state dict from a checkpoint this strategy wrote (one process, CPU)."""
 
     @staticmethod
+    def weight_dtype(policy: PrecisionPolicy) -> torch.dtype:
+        """The dtype this strategy holds the trained weights (and their gradients) in, and
+        gathers them in when it shards them: the policy's, unless the strategy has its own
+        modes (DeepSpeed's fp16 and bf16). Autocast casts weights held in fp32 only."""
+        return policy.param_dtype
+
+    @staticmethod
     @abc.abstractmethod
     def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
         """Estimated model-state bytes per rank (params, grads, master, optimizer), for the

@@ -58,12 +58,6 @@ def import_deepspeed(device_type: str) -> Any:
     return deepspeed
 
 
-def weight_dtype(policy: PrecisionPolicy) -> torch.dtype:
-    """The dtype DeepSpeed holds the weights (and gradients) in: bf16 and fp16 in its modes of
-    those names (bf16-pure and fp16 here), fp32 otherwise."""
-    return {"bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(policy.mode, torch.float32)
-
-
 def check_fp16(deepspeed: Any, policy: PrecisionPolicy) -> None:
     """Refuse fp16 where DeepSpeed's accelerator does (it would raise deep inside `initialize`),
     and an initial loss scale its config cannot express."""
@@ -164,13 +158,19 @@ class DeepSpeed(Strategy):
         return {k.removeprefix("model."): v for k, v in state.items()}
 
     @staticmethod
+    def weight_dtype(policy: PrecisionPolicy) -> torch.dtype:
+        """bf16 and fp16 in DeepSpeed's modes of those names (bf16-pure and fp16 here), which
+        cast every parameter, a frozen base too; fp32 otherwise."""
+        return {"bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(policy.mode, torch.float32)
+
+    @staticmethod
     def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
         """ZeRO partitions optimizer state and the fp32 master copy (which DeepSpeed keeps even
         in fp32: a second copy of the weights); ZeRO-3 also the parameters. Gradients: DeepSpeed
         0.19 reduces each bucket into this rank's partition as backward goes, at stage 1 as at
         stage 2 (measured), so both hold a gradient partition plus a bucket; stage 2 differs from
         1 in what it may free, not in this steady state. Alignment padding is ignored."""
-        w, shard = weight_dtype(policy).itemsize, n_params // world_size
+        w, shard = DeepSpeed.weight_dtype(policy).itemsize, n_params // world_size
         return {"params": w * (shard if options.zero_stage == 3 else n_params), "grads": w * shard,
                 "master": 4 * shard, "optimizer": 8 * shard}
 

@@ -46,12 +46,14 @@ buffer is never overwritten before its reduce-scatter has completed. Violations 
 Precision. One flat fp32 master shard per rank is what fused AdamW steps on (two parameters over
 it: matrices with weight decay, norm weights without). fp32 and bf16 (autocast) gather the fp32
 shard itself; bf16-pure gathers a bf16 copy of it, made with one copy after each step. The loss
-is backpropagated unscaled and the shard gradients (fp32, accumulated across micro-steps) are
-multiplied once, in `step`, by loss_scale / world size. fp16 is autocast like bf16, with dynamic
-loss scaling: the loss is backpropagated times the scale, and `step` unscales the reduced shard
-gradients and checks them for inf/nan with a `RankAgreedGradScaler`, whose flag is summed over
-ranks: every rank skips the same step and halves (or, after `growth_interval` clean steps,
-doubles) its scale alike. Clipping sees the unscaled gradients. The scale is saved per rank.
+is backpropagated times the micro-step's share (1 / accumulation steps), as on one device, and
+the shard gradients (fp32, accumulated across micro-steps) are divided once, in `step`, by the
+world size. fp16 is autocast like bf16, with dynamic loss scaling: the loss is backpropagated
+times the scale too (so a backward overflows where the single-device one would), and `step`
+unscales the reduced shard gradients and checks them for inf/nan with a `RankAgreedGradScaler`,
+whose flag is summed over ranks: every rank skips the same step and halves (or, after
+`growth_interval` clean steps, doubles) its scale alike. Clipping sees the unscaled gradients.
+The scale is saved per rank.
 
 On CUDA the collectives run on c10d's communication stream, which waits for the compute stream at
 issue time, and `wait()` makes the compute stream wait for them: the buffer ordering above is
@@ -323,7 +325,6 @@ class YaFSDP(Strategy):
         self.grads_seen = [0] * len(self.streamed)
         self.input_gated = [False] * len(self.blocks)  # a gradient reaches the block's input
         self.gathered: set[int] = set()  # resident units whose gathered copy is current
-        self.loss_scale = 1.0
         # Communication of the last completed optimizer step, for the trainer or a benchmark to
         # log: seconds blocked in wait(), bytes of full tensors gathered and reduced (an eval
         # forward since the previous step is counted in the next step).
@@ -503,9 +504,8 @@ class YaFSDP(Strategy):
 
     # ---- the Strategy interface ---------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
-        self.loss_scale = loss_scale  # applied once, in step (the same for every micro-step)
         loss = self._loss(x, y)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * loss_scale).backward()
         for s in (0, 1, 2):
             self._reduced(s)
             i = self.slot_reader[s]
@@ -529,7 +529,7 @@ class YaFSDP(Strategy):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._reduce_resident()
-        self.grad.mul_(self.loss_scale / self.world_size)
+        self.grad.div_(self.world_size)
         grad_norm, skipped = scaled_step(self.optimizer, self.scaler, self._clip)
         if not skipped:
             self._refresh()
