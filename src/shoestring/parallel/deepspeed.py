@@ -12,8 +12,9 @@ dynamic loss scaler: it checks this rank's gradient partition for inf/nan and al
 flag, so every rank skips the same step. Its settings come from ours: the initial scale (a power
 of two), `loss_scale_window` = growth_interval, hysteresis 1 (halve on every overflow, as
 `torch.amp.GradScaler` does). Unlike GradScaler it doubles the scale after growth_interval + 1
-clean steps, and stops the run when an overflow comes at its minimum scale (1). Its CPU accelerator runs fp16 only on CPUs with native fp16
-(AVX512-FP16 / AMX-FP16): elsewhere fp16 with DeepSpeed is refused at start.
+clean steps, and stops the run when an overflow comes at its minimum scale (1). Its CPU
+accelerator runs fp16 only on CPUs with native fp16 (AVX512-FP16 / AMX-FP16): elsewhere fp16
+with DeepSpeed is refused at start.
 
 ZeRO checkpoints are per rank and resume on the same number of ranks only (DeepSpeed's
 universal-checkpoint conversion would lift that; not wired here); `consolidated_weights` uses
