@@ -56,6 +56,7 @@ def test_resolve_auto_keeps_a_resumed_runs_mode_unless_the_config_names_one():
     assert resolve_auto(forced, FAST_BF16_CPU, saved).cfg.precision.mode == "fp32"
     lora = build_config({"model": {"preset": "micro"}, "data": {"seq_len": 64}, "lora": {"enabled": True, "base_dtype": "bf16"}})
     assert resolve_auto(lora, SLOW_BF16_CPU).cfg.precision.mode == "bf16"  # the base's dtype needs it
+    assert resolve_auto(lora, T4).cfg.precision.mode == "fp16"  # fp16 autocast meets a bf16 base too
 
 
 def test_a_bad_mode_is_one_line_and_exit_2(capsys):

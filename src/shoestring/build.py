@@ -50,17 +50,17 @@ class Resolved:
 def resolve_auto(cfg: Config, facts: DeviceFacts, saved: dict[str, Any] | None = None) -> Resolved:
     """`precision.mode` and `train.compile` decided on `facts`: "auto" by the levers' rules, a
     resumed run (`saved`: the config it ran with) keeping the precision it started with unless
-    the config names one, LoRA's bf16-held base keeping bf16 compute."""
+    the config names one, LoRA's bf16-held base getting bf16 where the rule says fp32."""
     mode = cfg.precision.mode
     saved_mode = (saved or {}).get("precision", {}).get("mode", "auto")
     if mode != "auto":
         precision = Choice(mode, "set in the config")
     elif saved_mode != "auto":
         precision = Choice(saved_mode, "the mode the resumed run started with")
-    elif cfg.lora.enabled and cfg.lora.base_dtype == "bf16":
-        precision = Choice("bf16", "lora.base_dtype = 'bf16' needs bf16 compute")
     else:
         precision = resolve_precision(facts)
+        if precision.value == "fp32" and cfg.lora.enabled and cfg.lora.base_dtype == "bf16":
+            precision = Choice("bf16", "lora.base_dtype = 'bf16' needs low-precision compute")
     policy = PrecisionPolicy(str(precision.value))
     compiled = compile_lever.decide(cfg.train.compile, facts, policy)
     tree = cfg.to_dict()

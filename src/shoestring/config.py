@@ -135,7 +135,7 @@ class LoRASection(Section):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    # dtype the frozen base weights are held in; bf16 halves them (needs bf16 compute).
+    # dtype the frozen base weights are held in; bf16 halves them (needs autocast: bf16, fp16 or bf16-pure).
     base_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("targets")
@@ -212,8 +212,10 @@ class Config(Section):
         if (self.data.format == "instruct") != bool(self.model.source):
             raise ValueError("data.format = 'instruct' and model.source go together: instruction data needs the "
                              "source's tokenizer, and raw-text training of a source model is not supported yet")
-        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("auto", "bf16", "bf16-pure"):
-            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode auto, bf16 or bf16-pure, not {self.precision.mode!r}")
+        # A bf16 base needs autocast (or bf16-pure) to meet the activations: fp16's casts it per use;
+        # "auto" resolves to a low precision for it (levers/precision.py).
+        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode == "fp32":
+            raise ValueError("lora.base_dtype = 'bf16' needs precision.mode auto, bf16, bf16-pure or fp16, not 'fp32'")
         return self
 
     @model_validator(mode="after")
@@ -225,15 +227,6 @@ class Config(Section):
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context ({ctx}); "
                 f"lower data.seq_len or raise model.max_seq_len"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _precision_fits_strategy(self) -> "Config":
-        if self.precision.mode == "fp16" and self.parallel.strategy in ("fsdp2", "yafsdp", "deepspeed"):
-            raise ValueError(
-                f"precision.mode = 'fp16' is not supported with parallel.strategy = '{self.parallel.strategy}' "
-                "(dynamic loss scaling is not wired through sharded gradients here); use bf16 or bf16-pure"
             )
         return self
 

@@ -128,12 +128,10 @@ def _strategies(device: Device, count: int, precision: str) -> list[Levers]:
     base = Levers(precision, "none", "single")
     if count == 1:
         out = [base]
-        if device.kind == "cuda" and precision != "fp16":
+        if device.kind == "cuda":
             out.append(replace(base, strategy="deepspeed", zero_stage=2, offload=True))
         return out
     out = [replace(base, strategy="ddp")]
-    if precision == "fp16":  # loss scaling is not wired through sharded gradients
-        return out
     out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False),
             replace(base, strategy="yafsdp")]
     out += [replace(base, strategy="deepspeed", zero_stage=z) for z in (1, 2, 3)]
@@ -296,10 +294,25 @@ def require_fit(result: Result) -> None:
     enough = None if best.device.key == "local" else smallest_fitting_count(result.request, best.device.key)
     if enough is not None:
         fix += f"; {describe(enough)} would fit ({enough.memory.total / 1e9:.1f} GB per device, ${enough.cost:,.0f})"
-    else:
-        fix += "; try larger devices (--hardware), a shorter --seq-len, or --mode lora"
+    elif options := _untried_options(result):
+        fix += "; try " + (", ".join(options[:-1]) + " or " if len(options) > 1 else "") + options[-1]
     raise UserError(f"{result.model.name} fits nowhere: the leanest plan ({describe(best)}) overflows by "
                     f"{best.overflow / 1e9:.1f} GB per device", fix)
+
+
+def _untried_options(result: Result) -> list[str]:
+    """What else could fit, leaving out what the request already says: other devices when it
+    named some (the whole catalogue was searched otherwise), a shorter sequence, LoRA, and a
+    bf16 base under LoRA."""
+    req = result.request
+    options = ["larger devices (--hardware)"] if req.hardware else []
+    if result.seq_len > 256:
+        options.append(f"a --seq-len shorter than {result.seq_len}")
+    if req.mode != "lora":
+        options.append("--mode lora")
+    elif req.lora_base_dtype != "bf16":
+        options.append("--lora-base-dtype bf16")
+    return options
 
 
 def describe(p: Plan) -> str:
