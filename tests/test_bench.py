@@ -96,6 +96,16 @@ def test_bf16_speed_goals_are_not_applicable_where_bf16_is_slow():
     assert by_goal["`full` checkpointing keeps >= 70% fewer activation bytes"].status == goals.MET
 
 
+def test_speed_goals_measured_in_fp32_are_judged_where_bf16_is_slow():
+    """A levers run that trained in the machine's own precision (fp32 there) and left bf16 out."""
+    rows = [dict(r, precision="fp32", matmul_peak_flops=SLOW_BF16.fp32) for r in _lever_rows(SLOW_BF16)[::2]]
+    ckpt_time = next(g for g in goals.GOALS["levers"] if g.text == "`full` checkpointing costs < 30% extra step time")
+    assert SLOW_BF16.applies(ckpt_time, rows) and not SLOW_BF16.applies(ckpt_time, _lever_rows(SLOW_BF16))
+    by_goal = {v.goal: v for v in goals.verdicts("levers", rows, SLOW_BF16)}
+    speedup = by_goal["bf16 autocast >= 2x fp32 tokens/s"]  # no bf16 row, and bf16 is slow here
+    assert speedup.status == goals.NOT_APPLICABLE and speedup.measured == "no rows for it in this run"
+
+
 def test_sections_without_their_own_peaks_are_judged_on_the_machines():
     def case(name, step_s, precision):
         return {"case": name, "step_s": step_s, "peak_bytes": 1, "precision": precision}
@@ -108,6 +118,12 @@ def test_sections_without_their_own_peaks_are_judged_on_the_machines():
     # Rows that ran in fp32 (the precision a slow-bf16 machine trains in) are judged there too.
     fp32_rows = [dict(r, precision="fp32") for r in bf16_rows]
     assert {v.goal: v.status for v in goals.verdicts("strategies", fp32_rows, SLOW_BF16)}["yafsdp >= 1.1x fsdp2's tokens/s"] == goals.MET
+    # Incumbent rows say their precision in their work, or ran bf16 only.
+    incumbents = [{"case": "shoestring", "step_s": 1.0, "peak_bytes": 1}, {"case": "hf-trainer", "step_s": 1.5, "peak_bytes": 2}]
+    speedup = "single device bf16: >= 1.3x HF Trainer's tokens/s"
+    assert {v.goal: v.status for v in goals.verdicts("incumbents", incumbents, SLOW_BF16)}[speedup] == goals.NOT_APPLICABLE
+    in_fp32 = [dict(r, work={"precision": "fp32"}) for r in incumbents]
+    assert {v.goal: v.status for v in goals.verdicts("incumbents", in_fp32, SLOW_BF16)}[speedup] == goals.MET
 
 
 def test_the_threshold_is_the_precision_rules():

@@ -39,9 +39,6 @@ from shoestring.parallel import OptimizerSettings
 from shoestring.train.memory import PeakRSS
 from shoestring.train.schedule import lr_at
 
-# Every system runs bf16 autocast around fp32 weights (HF Trainer's `bf16=True`): rows record it, so
-# the speed goals are judged only where bf16 is fast (bench/goals.py).
-PRECISION = "bf16"
 SINGLE = (("shoestring", "none"), ("hf-trainer", "none"), ("shoestring", "full"), ("hf-trainer", "full"))
 RANKS = 2
 DISTRIBUTED = ("shoestring-fsdp2", "fsdp2-hf", "deepspeed-zero3-hf")
@@ -132,7 +129,7 @@ def _shoestring_config(work: Work, checkpointing: str, strategy: str = "single")
         "train": {"steps": work.steps, "batch_size": work.batch, "lr": work.lr, "warmup_steps": work.warmup_steps,
                   "weight_decay": work.weight_decay, "beta1": work.betas[0], "beta2": work.betas[1],
                   "grad_clip": work.grad_clip, "seed": work.seed, "compile": work.compile},
-        "precision": {"mode": PRECISION},
+        "precision": {"mode": "bf16"},
         "checkpointing": {"mode": checkpointing},
         "parallel": {"strategy": strategy},
     })
@@ -228,7 +225,7 @@ def run_fsdp2_hf(work: Work) -> dict[str, Any]:
         fully_shard(layer)
     fully_shard(model)
     opt = make_adamw([p for p in model.parameters() if p.requires_grad], work.settings, torch.device("cpu"))
-    policy = PrecisionPolicy(PRECISION)
+    policy = PrecisionPolicy("bf16")
 
     def step(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for group in opt.param_groups:
@@ -253,7 +250,7 @@ def run_deepspeed_hf(work: Work) -> dict[str, Any]:
     from shoestring.parallel.deepspeed import ds_config, import_deepspeed
 
     deepspeed = import_deepspeed("cpu")
-    policy = PrecisionPolicy(PRECISION)
+    policy = PrecisionPolicy("bf16")
     model = hf_model(work)
     opt = make_adamw([p for p in model.parameters() if p.requires_grad], work.settings, torch.device("cpu"))
     # Our adapter's config, buckets sized to one block (DeepSpeed's defaults suit billion-parameter models).
@@ -309,7 +306,7 @@ def _row(system: str, ranks: int, checkpointing: str, work: Work, result: dict[s
     losses = [statistics.fmean(step) for step in zip(*(r["losses"] for r in per_rank))]  # ranks saw halves
     tps, peak = statistics.median(r["tokens_per_s"] for r in per_rank), max(r["peak_rss_bytes"] for r in per_rank)
     return {"system": system, "case": CASES[system, checkpointing], "ranks": ranks, "checkpointing": checkpointing,
-            "precision": PRECISION, "work": asdict(work), "tokens_per_s": tps, "step_s": work.batch * work.seq_len / tps,
+            "work": asdict(work), "tokens_per_s": tps, "step_s": work.batch * work.seq_len / tps,
             "peak_rss_bytes": peak, "peak_bytes": peak,
             "losses": losses, "note": per_rank[0].get("note", "")}
 

@@ -23,16 +23,7 @@ import torch
 from torch import nn
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}
-
-# bf16 pays on a device whose bf16 matmul runs at least this many times its fp32 rate: below it
-# the casts and the rounding are not bought back (on a CPU without AVX-512-BF16 or AMX, bf16 is
-# ~100x *slower* than fp32). The precision rule and the bench's goal verdicts use this one figure.
-BF16_MIN_SPEEDUP = 1.5
-
-
-def bf16_pays(bf16_flops: float, fp32_flops: float) -> bool:
-    """Whether measured bf16 / fp32 matmul rates make bf16 worth running."""
-    return bf16_flops >= BF16_MIN_SPEEDUP * fp32_flops
+BF16_GAIN = 1.5  # bf16 pays where its matmuls beat fp32's by this much (the precision rule, the bench's goals)
 
 
 @dataclass(frozen=True)

@@ -22,35 +22,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-# The instruction sets that decide how fast a CPU runs each dtype's matmuls: without AVX-512-BF16
-# (or AMX) a bf16 matmul takes a slow path, ~100x slower than fp32 on an AVX2-only EPYC.
-# /proc/cpuinfo flag -> the name we print.
-ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16",
-             "amx_tile": "AMX-TILE"}
-
-
-def _cpuinfo_field(name: str) -> str | None:
-    """The first processor's `name` field in /proc/cpuinfo (None off Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(name):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpuinfo_field("model name") or platform.processor() or "cpu"
-
-
-def cpu_isa(flags: str | None = None) -> list[str]:
-    """The instruction sets of `ISA_FLAGS` this CPU has, from its /proc/cpuinfo `flags` (or the
-    given flags line); empty where the file does not say (not Linux)."""
-    have = set((flags if flags is not None else _cpuinfo_field("flags") or "").split())
-    return [name for flag, name in ISA_FLAGS.items() if flag in have]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def host_memory_bytes() -> int:
@@ -58,6 +39,26 @@ def host_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
+
+
+# The instruction sets that decide how fast a CPU runs each dtype's matmuls: without AVX-512-BF16
+# (or AMX) a bf16 matmul takes a slow path, ~100x slower than fp32 on an AVX2-only EPYC.
+# /proc/cpuinfo flag -> the name we print.
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16",
+             "amx_tile": "AMX-TILE"}
+
+
+def cpu_isa(flags: str | None = None) -> list[str]:
+    """The instruction sets of `ISA_FLAGS` this CPU has, from the `flags` line of /proc/cpuinfo
+    (or the `flags` given); empty where that file does not say (not Linux)."""
+    if flags is None:
+        try:
+            flags = next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+    have = set(flags.split())
+    return [name for flag, name in ISA_FLAGS.items() if flag in have]
 
 
 def cpu_cores() -> int:
