@@ -49,7 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
 CONFIG = "configs/tiny.toml"
 STEPS = 20
 WARMUP_STEPS = 3  # left out of the step time (allocator warm-up, compilation)
@@ -335,7 +336,7 @@ def run_case(case: Case, done: dict[str, Result], timeout_s: float, machine: Mac
     t0, rc = time.perf_counter(), 0
     with log_path.open("w") as log, answer_path.open("w") as answer:
         for args in case.commands:
-            cmd = [sys.executable, __file__, *args] if args[0] == "--inner" else [sys.executable, "-m", "shoestring", *args]
+            cmd = [sys.executable, str(SCRIPT), *args] if args[0] == "--inner" else [sys.executable, "-m", "shoestring", *args]
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             rc = _run(cmd, answer if case.kind == "json" else log, log, timeout_s - (time.perf_counter() - t0), env)
@@ -465,6 +466,21 @@ def install_wheels(wheels: Path, site: Path) -> None:
     env = {**os.environ, "DS_BUILD_OPS": "0"}  # DeepSpeed's sdist: its kernels are JIT-built when used
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
                     "--no-cache-dir", "--target", str(site), *files], check=True, env=env)
+
+
+def environment(work: Path, wheels: Path | None) -> dict[str, str]:
+    """The cases' environment: this checkout's source first on the path (no install needed), after
+    the wheels' packages where there are any (installed here first); `train.compile = "auto"`
+    meaning auto even where the caller switched compile off (the test suite does)."""
+    paths = [str(ROOT / "src")]
+    if wheels:
+        site = work / "site"
+        install_wheels(wheels, site)
+        sys.path.insert(0, str(site))
+        paths.insert(0, str(site))
+    env = {k: v for k, v in os.environ.items() if k != "SHOESTRING_COMPILE"}
+    paths += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+    return {**env, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
 
 def header(command: str) -> dict[str, str]:
@@ -627,16 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     work = args.work or Path(tempfile.mkdtemp(prefix="shoestring-gpu-check-"))
-    pythonpath = [str(ROOT / "src")]
-    if args.wheels:
-        site = work / "site"
-        install_wheels(args.wheels, site)
-        sys.path.insert(0, str(site))
-        pythonpath.insert(0, str(site))
-    env = {k: v for k, v in os.environ.items() if k != "SHOESTRING_COMPILE"}  # "auto" must mean auto here
-    env.update(PYTHONPATH=os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep), PYTHONUNBUFFERED="1")
-    os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # the inner probes run as this script too
-
+    env = environment(work, args.wheels)
     props = torch.cuda.get_device_properties(0)
     machine = Machine(work, props.total_memory, "bf16" if (props.major, props.minor) >= (8, 0) else "fp16")
     info = header(shlex.join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))
@@ -651,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         write(results, info, time.monotonic() - started, out)
 
     todo = [c for c in cases(machine) if not args.only or c.name in args.only]
+    unknown = set(args.only or ()) - {c.name for c in todo}
+    if unknown:
+        p.error(f"no case named {', '.join(sorted(unknown))}; the cases: {', '.join(c.name for c in cases(machine))}")
     record(prepare_data(machine, env))
     left = args.budget - (time.monotonic() - started)
     run_all(todo, lambda c, d, t: run_case(c, d, t, machine, env), left, report=record)
