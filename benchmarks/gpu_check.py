@@ -460,12 +460,27 @@ def write(results: list[Result], header: dict[str, str], seconds: float, out: Pa
 # ---- set-up ---------------------------------------------------------------------------------
 
 def install_wheels(wheels: Path, site: Path) -> None:
-    """What an offline CUDA image lacks, from `wheels` (wheels and sdists, `make gpu-wheels`),
-    into `site`, without touching the image's own packages (its torch stays)."""
-    files = sorted(str(p) for p in wheels.iterdir() if p.name.endswith((".whl", ".tar.gz")))
+    """What an offline CUDA image lacks, from `wheels` (wheels and sdists, `make gpu-wheels`: a
+    binary wheel for each Python version there may be), into `site`, without touching the image's
+    own packages (its torch stays). pip picks, of each package, the file that fits this Python."""
+    names = {_requirement(f.name) for f in wheels.iterdir() if f.name.endswith((".whl", ".tar.gz"))}
     env = {**os.environ, "DS_BUILD_OPS": "0"}  # DeepSpeed's sdist: its kernels are JIT-built when used
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
-                    "--no-cache-dir", "--target", str(site), *files], check=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+                           "--no-deps", "--no-build-isolation", "--no-cache-dir", "--target", str(site), *sorted(names)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        python = ".".join(map(str, sys.version_info[:2]))
+        raise SystemExit(f"gpu-check: installing {wheels} failed (pip exit {proc.returncode}; does it hold wheels for "
+                         f"Python {python}? make gpu-wheels GPU_PYVERS={python}):\n{proc.stderr[-2000:]}")
+
+
+def _requirement(filename: str) -> str:
+    """'pydantic_core-2.50.5-cp312-....whl' or 'deepspeed-0.19.8.tar.gz' -> 'name==version'."""
+    if filename.endswith(".whl"):
+        name, version = filename.split("-")[:2]
+    else:
+        name, version = filename.removesuffix(".tar.gz").rsplit("-", 1)
+    return f"{name}=={version}"
 
 
 def environment(work: Path, wheels: Path | None) -> dict[str, str]:

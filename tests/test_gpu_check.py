@@ -154,3 +154,9 @@ def test_a_hanging_case_is_ended_with_its_process_group(tmp_path):
 ])
 def test_a_failed_case_says_what_went_wrong(log, line):
     assert gc._last_error(log, 1).startswith(f"exit 1: {line}")
+
+
+def test_the_wheels_are_installed_by_name_so_pip_picks_this_pythons():
+    assert gc._requirement("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl") == \
+        "pydantic_core==2.50.5"
+    assert gc._requirement("deepspeed-0.19.8.tar.gz") == "deepspeed==0.19.8"
