@@ -31,7 +31,7 @@ from torch import nn
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-BF16_GAIN = 1.5  # a CPU's bf16 matmuls must beat fp32's by this much for `auto` to choose bf16
+BF16_GAIN = 1.5  # bf16 pays where its matmuls beat fp32's by this much (the precision rule, the bench's goals)
 SLOW = 2.0  # a precision whose matmuls are this much slower than fp32's here gets a warning
 
 

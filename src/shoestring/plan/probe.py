@@ -82,6 +82,26 @@ def host_memory_bytes() -> int:
         return 8 * 2**30
 
 
+# The instruction sets that decide how fast a CPU runs each dtype's matmuls: without AVX-512-BF16
+# (or AMX) a bf16 matmul takes a slow path, ~100x slower than fp32 on an AVX2-only EPYC.
+# /proc/cpuinfo flag -> the name we print.
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16",
+             "amx_tile": "AMX-TILE"}
+
+
+def cpu_isa(flags: str | None = None) -> list[str]:
+    """The instruction sets of `ISA_FLAGS` this CPU has, from the `flags` line of /proc/cpuinfo
+    (or the `flags` given); empty where that file does not say (not Linux)."""
+    if flags is None:
+        try:
+            flags = next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+    have = set(flags.split())
+    return [name for flag, name in ISA_FLAGS.items() if flag in have]
+
+
 def cpu_cores() -> int:
     """Cores this process may run on (a container's or taskset's limit, not the host's)."""
     try:
