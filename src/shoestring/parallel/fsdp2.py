@@ -5,8 +5,12 @@ all-gather/reduce-scatter unit, the root (embedding, final norm, tied head) anot
 Precision lever mapping: fp32 and bf16 (autocast) keep fp32 parameters and communicate in fp32;
 bf16-pure becomes `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the sharded fp32
 parameters are the master weights, gathered and computed in bf16, gradients reduced in fp32 (so
-no separate master copy, and no bf16 reduce-scatter, which gloo lacks). fp16 is refused by the
-config (loss scaling over sharded gradients is not wired here).
+no separate master copy, and no bf16 reduce-scatter, which gloo lacks). fp16 is autocast like
+bf16, with dynamic loss scaling by `torch.amp.GradScaler` over the sharded gradients: its inf/nan
+check (`_amp_foreach_non_finite_check_and_unscale_`) dispatches on DTensors to a handler that
+all-reduces the flag (max) over the mesh, so an overflow in any rank's shard skips the step and
+halves the scale on every rank alike. Clipping sees the unscaled gradients (`scaled_step`); the
+scaler's state is saved with the shards.
 
 Checkpoints go through `torch.distributed.checkpoint` (every rank writes its shards into the
 checkpoint's temporary directory), which reshards on load: a run saved on N ranks resumes on M.
@@ -28,7 +32,8 @@ from shoestring.config import ParallelSection
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel import dist
-from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
+from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
+                                      scaled_step)
 from shoestring.train.memory import model_state_bytes
 
 DCP_DIR = "dcp"
@@ -59,39 +64,46 @@ class FSDP2(Strategy):
                 block.set_modules_to_backward_prefetch(blocks[max(0, i - k) : i][::-1])
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, settings, device)
+        self.scaler = policy.make_scaler(device.type)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         # Gradients are reduce-scattered after every micro-step (not only the last): the
         # accumulated gradient then stays sharded, which is the point of FSDP.
         loss = self._loss(x, y)
-        (loss * loss_scale).backward()
+        self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
 
     def step(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        skipped = not bool(torch.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
+        grad_norm, skipped = scaled_step(self.optimizer, self.scaler, self._clip)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
 
-    def _sharded_state(self) -> dict:
+    def _clip(self) -> torch.Tensor:
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+    def _sharded_state(self, saved_keys: set[str] | None = None) -> dict:
+        """What a checkpoint holds: the shards, and the loss scaler's state when there is one
+        (left out on load when the checkpoint has none: a run resumed in another precision)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.scaler.is_enabled() and (saved_keys is None or any(k.startswith("scaler.") for k in saved_keys)):
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def save(self, directory: Path) -> None:
         dcp.save(self._sharded_state(), checkpoint_id=directory / DCP_DIR)
 
     def load(self, directory: Path) -> None:
-        require_file(directory, DCP_DIR)
-        state = self._sharded_state()
-        dcp.load(state, checkpoint_id=directory / DCP_DIR)
+        reader = dcp.FileSystemReader(require_file(directory, DCP_DIR))
+        state = self._sharded_state(set(reader.read_metadata().state_dict_metadata))
+        dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     @staticmethod
     def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:

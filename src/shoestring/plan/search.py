@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from shoestring.errors import UserError
+from shoestring.levers.precision import PrecisionPolicy, resolve_precision
 from shoestring.plan.catalogue import Device, devices, parse_hardware
 from shoestring.plan.memory import Levers, MemoryEstimate, estimate_memory
 from shoestring.plan.model import (LORA_TARGETS, ModelInfo, Trainable, full_trainable, lora_flops_per_token, lora_trainable,
@@ -108,14 +109,18 @@ def _hardware(req: Request) -> list[tuple[Device, int]]:
     return out
 
 
-def _precisions(device: Device, mode: str, fixed: dict[str, object], frozen_fp32: bool) -> list[str]:
+def _precisions(device: Device, mode: str, fixed: dict[str, object], bf16_base: bool) -> list[str]:
+    """The precision the trainer's `auto` rule picks on this device (levers/precision.py), with
+    bf16-pure beside bf16 as a memory lever; a half precision where LoRA's frozen base is held
+    in 16 bits (bf16 where the rule would compute in fp32)."""
     if "precision" in fixed:
         return [str(fixed["precision"])]
-    if device.kind == "cpu":
-        return ["bf16", "bf16-pure", "fp32"] if mode != "lora" else ["bf16"] + (["fp32"] if frozen_fp32 else [])
-    if device.supports("bf16"):
-        return ["bf16", "bf16-pure"] if mode != "lora" else ["bf16"]
-    return ["fp16"]
+    chosen = resolve_precision(device.facts()).value
+    if chosen == "fp32" and bf16_base:
+        chosen = "bf16"
+    if chosen == "bf16" and mode != "lora":
+        return ["bf16", "bf16-pure"]
+    return [str(chosen)]
 
 
 def _strategies(device: Device, count: int, precision: str) -> list[Levers]:
@@ -123,12 +128,10 @@ def _strategies(device: Device, count: int, precision: str) -> list[Levers]:
     base = Levers(precision, "none", "single")
     if count == 1:
         out = [base]
-        if device.kind == "cuda" and precision != "fp16":
+        if device.kind == "cuda":
             out.append(replace(base, strategy="deepspeed", zero_stage=2, offload=True))
         return out
     out = [replace(base, strategy="ddp")]
-    if precision == "fp16":  # loss scaling is not wired through sharded gradients
-        return out
     out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False),
             replace(base, strategy="yafsdp")]
     out += [replace(base, strategy="deepspeed", zero_stage=z) for z in (1, 2, 3)]
@@ -162,12 +165,9 @@ def _validate(req: Request, info: ModelInfo) -> int:
 def compiled(setting: bool | str, device: Device, precision: str) -> bool:
     """Whether the trainer compiles the blocks: the compile lever's own rule (`train.compile`,
     SHOESTRING_COMPILE) for this device class and precision."""
-    import torch
+    from shoestring.levers.compile import decide
 
-    from shoestring.levers.compile import wanted
-    from shoestring.levers.precision import PrecisionPolicy
-
-    return wanted(setting, torch.device(device.kind), PrecisionPolicy(precision))
+    return bool(decide(setting, device.facts(), PrecisionPolicy(precision)).value)
 
 
 def trainable_for(req: Request, info: ModelInfo, seq_len: int) -> tuple[Trainable, float]:
@@ -198,7 +198,7 @@ def search(req: Request) -> Result:
     misses: list[Plan] = []
     for device, count in _hardware(req):
         per_device = -(-global_seqs // count)
-        for precision in _precisions(device, req.mode, fixed, trainable.frozen_bytes == 4):
+        for precision in _precisions(device, req.mode, fixed, req.mode == "lora" and trainable.frozen_bytes == 2):
             if not device.supports(compute_dtype(precision)):
                 continue
             blocks_compiled = compiled(req.compile, device, precision)
@@ -294,10 +294,25 @@ def require_fit(result: Result) -> None:
     enough = None if best.device.key == "local" else smallest_fitting_count(result.request, best.device.key)
     if enough is not None:
         fix += f"; {describe(enough)} would fit ({enough.memory.total / 1e9:.1f} GB per device, ${enough.cost:,.0f})"
-    else:
-        fix += "; try larger devices (--hardware), a shorter --seq-len, or --mode lora"
+    elif options := _untried_options(result):
+        fix += "; try " + (", ".join(options[:-1]) + " or " if len(options) > 1 else "") + options[-1]
     raise UserError(f"{result.model.name} fits nowhere: the leanest plan ({describe(best)}) overflows by "
                     f"{best.overflow / 1e9:.1f} GB per device", fix)
+
+
+def _untried_options(result: Result) -> list[str]:
+    """What else could fit, leaving out what the request already says: other devices when it
+    named some (the whole catalogue was searched otherwise), a shorter sequence, LoRA, and a
+    bf16 base under LoRA."""
+    req = result.request
+    options = ["larger devices (--hardware)"] if req.hardware else []
+    if result.seq_len > 256:
+        options.append(f"a --seq-len shorter than {result.seq_len}")
+    if req.mode != "lora":
+        options.append("--mode lora")
+    elif req.lora_base_dtype != "bf16":
+        options.append("--lora-base-dtype bf16")
+    return options
 
 
 def describe(p: Plan) -> str:
