@@ -44,6 +44,8 @@ def cfg_file(make_config, tmp_path):
     ("train.steps=\"ten\"", "train.steps"),
     ("train.grad_accum=3", "divisible"),
     ("data.seq_len=4096", "longer than the model's context"),
+    ("train.budget=3 minutes", "train.budget: '3 minutes' is not a budget"),
+    ("train.budget=\"$0\"", "train.budget: '$0' is not a budget"),
 ])
 def test_bad_config_values(capsys, cfg_file, override, needle):
     assert_one_line_error(*run_cli(capsys, "train", str(cfg_file()), "--set", override), 2, needle)

@@ -115,6 +115,17 @@ def test_two_ranks_follow_the_single_process_run(runs, case):
     assert summary["devices"] == 2 and summary["tokens"] == 20 * 8 * 64
 
 
+def test_two_ranks_take_rank_0s_budget_plan(runs):
+    """Each rank times its own steps; all of them must stop at the step rank 0 planned (ranks
+    that disagreed would hang in a collective and time out)."""
+    cfg = runs.config("budget", parallel__strategy="ddp", train__budget="6s", train__steps=10_000,
+                      train__warmup_steps=4, run__save_every=0)
+    code, out = train_cli(cfg)
+    assert code == 0, out
+    summary = json.loads((runs.root / "budget" / "summary.json").read_text())
+    assert summary["steps_run"] == summary["budget"]["steps"] == len(curve(runs.root / "budget"))
+
+
 def test_communication_is_measured_per_step(runs):
     """DDP all-reduces every fp32 gradient once a step: a ring all-reduce on 2 ranks sends as
     many bytes as the gradients hold. FSDP2 also all-gathers the weights, so it sends more."""

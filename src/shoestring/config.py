@@ -10,7 +10,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -64,8 +64,43 @@ class DataSection(Section):
     skip_malformed: bool = False  # instruct: skip (and count) malformed lines instead of stopping
 
 
+class Budget(NamedTuple):
+    """A parsed `train.budget`: wall seconds, or dollars (priced into seconds at the run's start)."""
+    amount: float
+    unit: Literal["s", "$"]
+
+
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(_NUMBER + r"(h|min|m|s)")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+SECONDS_PER = {"h": 3600, "min": 60, "m": 60, "s": 1}
+
+
+def parse_budget(text: str) -> Budget:
+    """'90s', '3min', '1h30m' (units h, min or m, s) -> seconds; '$0.05' -> dollars."""
+    t = text.strip().lower().replace(" ", "")
+    budget = None
+    if t.startswith("$") and re.fullmatch(_NUMBER, t[1:]):
+        budget = Budget(float(t[1:]), "$")
+    elif _DURATION.fullmatch(t):
+        budget = Budget(sum(float(n) * SECONDS_PER[u] for n, u in _DURATION_PART.findall(t)), "s")
+    if budget is None or budget.amount <= 0:
+        raise ValueError(f"{text!r} is not a budget: write a wall time ('90s', '3min', '1h30m') or dollars ('$0.05'), "
+                         "more than zero")
+    return budget
+
+
 class TrainSection(Section):
+    # The most optimizer steps; with `budget`, the run takes the steps that fit, up to this many.
     steps: int = Field(default=400, gt=0)
+    # Stop on a budget instead of a step count: a wall time ("90s", "3min", "1h30m") or dollars
+    # ("$0.05": wall x devices x run.price_per_hour, or the catalogue price of the device). The
+    # run times its first warm-up steps, one eval and one checkpoint save, and plans how many
+    # steps fit (the LR schedule is planned for that many; see shoestring.train.budget). The
+    # budget covers the trainer from its start to its final save: data preparation, model
+    # build, compile, steps, evals and saves; not the interpreter's start-up before it.
+    # "none": no budget (useful as --set train.budget=none on a config that has one).
+    budget: str | None = None
     # Global batch in sequences per optimizer step, over all ranks and accumulation steps.
     batch_size: int = Field(default=16, gt=0)
     grad_accum: int = Field(default=1, gt=0)
@@ -87,6 +122,21 @@ class TrainSection(Section):
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
     nan_policy: Literal["stop", "skip"] = "stop"
     max_nan_skips: int = Field(default=5, ge=0)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, v: str | None) -> str | None:
+        if v is None or v.strip().lower() == "none":
+            return None
+        parse_budget(v)
+        return v
+
+    @model_validator(mode="after")
+    def _budget_measurable(self) -> "TrainSection":
+        if self.budget and self.warmup_steps < 2:
+            raise ValueError("train.budget needs train.warmup_steps >= 2: the run is timed on warm-up steps, "
+                             "whose LR does not depend on the number of steps")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainSection":

@@ -91,9 +91,9 @@ def run(size: str = "small", rounds: int | None = None, only: list[str] | None =
         progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """One row per case: the round with the median step time, plus every round's step time."""
     preset, batch, seq, steps, default_rounds = SIZES[size]
-    base = {"model.preset": preset, "train.steps": steps, "train.batch_size": batch, "data.seq_len": seq,
-            "train.eval_every": 10 * steps, "train.log_every": 1, "run.save_every": 0, "precision.mode": precision,
-            "train.compile": False}
+    base = {"model.preset": preset, "train.steps": steps, "train.budget": "none", "train.batch_size": batch,
+            "data.seq_len": seq, "train.eval_every": 10 * steps, "train.log_every": 1, "run.save_every": 0,
+            "precision.mode": precision, "train.compile": False}
     names = only or [c for c in CASES if size == "full" or c not in FULL_ONLY]
     results: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:

@@ -146,11 +146,16 @@ def _seal(tmp: Path, final: Path, step: int) -> None:
     _write_latest(final.parent, final.name)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace one small file so that a kill at any byte leaves the old or the new one whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_bytes_durably(tmp, data)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    _write_bytes_durably(tmp, name.encode())
-    os.replace(tmp, root / LATEST)
-    _fsync_path(root)
+    write_atomically(root / LATEST, name.encode())
 
 
 def _remove_stale_temps(root: Path) -> None:

@@ -39,6 +39,11 @@ def print_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> N
     for name, value in summary["memory_bytes"].items():
         table.add_row(f"memory: {name}", human_bytes(value))
     table.add_row("cost", f"${summary['cost_usd']:.4f} at ${summary['price_per_device_hour']}/device-hour ({summary['price_source']})")
+    budget = summary.get("budget")
+    if budget is not None:
+        planned = "not planned yet" if budget["steps"] is None else f"{budget['steps']} steps"
+        table.add_row("budget", f"{budget['requested']} ({budget['seconds']:,.0f} s, ${budget['budget_usd']:.4f}) -> "
+                                f"{planned}; spent {budget['spent_s']:,.1f} s, ${budget['spent_usd']:.4f} (start to final save)")
     console.print(table)
 
 

@@ -1,6 +1,10 @@
 """Learning-rate schedule: linear warmup, then cosine decay to `min_lr_ratio * lr`.
 
 A pure function of the step, so a resumed run gets exactly the LR an uninterrupted one would.
+The warmup part does not depend on `total_steps`: a run whose length is decided during warm-up
+(`train.budget`, shoestring.train.budget) trains on the same LRs before and after deciding.
+The decay reaches its floor at step `total_steps`, one past the last step run (as in Hugging
+Face's cosine schedule): the last step runs a sliver above it.
 """
 
 from __future__ import annotations

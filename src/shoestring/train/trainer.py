@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shoestring import __version__
 from shoestring.build import Resolved, build_strategy, pick_device, resolve_auto
@@ -35,8 +34,10 @@ from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.plan import probe
 from shoestring.plan.catalogue import default_price
 from shoestring.train import checkpoint as ckpt
+from shoestring.train.budget import BudgetClock, budget_seconds
 from shoestring.train.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
+from shoestring.train.progress import TrainProgress, train_progress
 from shoestring.train.schedule import lr_at
 
 CONFIG_FILE = "config.json"
@@ -125,6 +126,7 @@ class Prepared:
     peak_flops: float  # measured matmul peak of all ranks in the compute dtype: the MFU yardstick
     resolved: Resolved  # the config's `auto` settings as decided for this device, and why
     facts: DeviceFacts  # what the device measured (rank 0's probe)
+    spent_before: float  # a budget run's wall time up to the checkpoint resumed from
 
 
 @dataclass
@@ -167,7 +169,9 @@ class Trainer:
                 "cannot resume: the config changes what the run is (" + "; ".join(diffs) + ")",
                 "restore those values, or start a new run with --overwrite or another run.dir",
             )
-        safe = config_differences(saved, self.cfg.to_dict(), ("train.steps", "train.eval_every", "train.log_every",
+        # With a budget, train.steps is a cap and the saved one the resolved count: not a change.
+        steps = () if self.cfg.train.budget else ("train.steps",)
+        safe = config_differences(saved, self.cfg.to_dict(), (*steps, "train.budget", "train.eval_every", "train.log_every",
                                                                "run.save_every", "run.keep_last", "checkpointing.mode",
                                                                "train.grad_accum", "train.compile", "precision.mode",
                                                                "parallel.strategy"))
@@ -200,10 +204,14 @@ class Trainer:
             return self._run(resume, overwrite)
 
     def _run(self, resume: str | None, overwrite: bool) -> dict[str, Any]:
+        t_start = BudgetClock.now()  # a budget counts from here: data preparation and build included
         run = self._prepare(resume, overwrite)
-        cfg = self.cfg  # resolved by `_prepare`
         strategy, start = run.strategy, run.start
         self.peak = RunPeak(self.device)
+        self.budget = self._budget_clock(run, t_start)
+        cfg = self.cfg  # resolved by `_prepare` (auto settings) and `_budget_clock` (a resumed budget run's steps)
+        total = cfg.train.steps
+        measuring = self.budget is not None and self.budget.steps is None
 
         saved_act_bytes = 0
         comm = CommStats()
@@ -215,12 +223,13 @@ class Trainer:
         last_ref = run.ref
         step = start
 
-        with self.stop.installed(), self._progress(start) as progress:
-            task = progress.add_task("train", total=cfg.train.steps, completed=start, loss=float("nan"), tps=0.0)
+        with self.stop.installed(), train_progress(self.console, total, start, strategy.is_main) as progress:
             stopping = self._stopping()
-            while step < cfg.train.steps and not stopping:
+            if measuring:
+                self.budget.lap_step()
+            while step < total and not stopping:
                 lr = lr_at(step, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
-                           total_steps=cfg.train.steps, min_lr_ratio=cfg.train.min_lr_ratio)
+                           total_steps=total, min_lr_ratio=cfg.train.min_lr_ratio)
                 # The run's first micro-step is counted for saved activations; its third step of a
                 # multi-rank run is profiled for its collectives (the first two carry one-off set-up
                 # traffic, e.g. DDP's bucket rebuild).
@@ -237,36 +246,81 @@ class Trainer:
                 pending.append(Logged(step, loss, lr, result.grad_norm, result.skipped))
                 step += 1
                 tokens_run += run.tokens_per_step
+                if measuring:
+                    self._sync()
+                    self.budget.lap_step()
                 if self.after_step is not None:
                     self.after_step(self, step - 1)
                 stopping = self._stopping()
+                # Rank 0's clock decides when the budget is resolved; every rank resolves at that step.
+                resolving = measuring and (step == total or dist.broadcast(self.budget.ready(step, cfg.train.warmup_steps)))
 
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopping:
+                if step % cfg.train.log_every == 0 or step == total or stopping or resolving:
                     now = time.perf_counter()
                     tps = len(pending) * run.tokens_per_step / (now - t_log)
                     last_loss = self._log(run, pending, tps, saved_act_bytes)
-                    progress.update(task, completed=step, loss=last_loss, tps=tps)
+                    progress.update(step, last_loss, tps)
                     pending.clear()
                     t_log = now
 
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    last_val = self._evaluate(strategy, run.evals)
+                if step % cfg.train.eval_every == 0 or step == total or resolving:
+                    lap = self.budget.lap_eval if resolving else None
+                    last_val = self._evaluate(strategy, run.evals, lap)
                     run.metrics.write({"step": step - 1, "val_loss": last_val})
-                    progress.console.print(f"step {step}: val loss {last_val:.4f} (unigram baseline {run.unigram:.4f})")
+                    progress.print(f"step {step}: val loss {last_val:.4f} (unigram baseline {run.unigram:.4f})")
 
                 save_due = cfg.run.save_every and step % cfg.run.save_every == 0
-                if save_due or step == cfg.train.steps or stopping:
+                t_save = BudgetClock.now()
+                if save_due or step == total or stopping or resolving:
                     last_ref = self._save(strategy, run.sampler, step)
+                if resolving:
+                    total = self._resolve_budget(step, total, BudgetClock.now() - t_save, progress)
+                    measuring = False
             wall = time.perf_counter() - t_run
         run.metrics.close()
 
-        if stopping and step < cfg.train.steps:
+        if stopping and step < total:
             self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
                                f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto")
         summary = self._summary(run, step - start, wall, tokens_run, saved_act_bytes, comm, last_val)
         if strategy.is_main:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _budget_clock(self, run: Prepared, started: float) -> BudgetClock | None:
+        """`train.budget` as a clock; a resumed run takes the step count it was resolved to."""
+        text = self.cfg.train.budget
+        if text is None:
+            return None
+        price, _ = self._price()
+        devices = run.strategy.world_size
+        clock = BudgetClock(text, budget_seconds(text, devices, price), price, devices, started, run.spent_before)
+        changed = clock.restore(self.run_dir)
+        if changed:
+            self.console.print(f"[yellow]{changed}[/]")
+        if clock.steps is not None:
+            self._set_steps(clock.steps)
+        self.console.print(clock.describe_start())
+        return clock
+
+    def _resolve_budget(self, step: int, cap: int, save_s: float, progress: TrainProgress) -> int:
+        """Every rank: the step count rank 0 plans from what it timed, recorded before any step
+        whose LR depends on it."""
+        cfg = self.cfg
+        steps = dist.broadcast(self.budget.resolve(step, cap, save_s, cfg.train.eval_every, cfg.run.save_every))
+        self.budget.steps = steps
+        self._set_steps(steps)
+        if dist.is_main():
+            self.budget.write(self.run_dir)
+        progress.set_total(steps)
+        progress.print(self.budget.describe(cap))
+        return steps
+
+    def _set_steps(self, steps: int) -> None:
+        """Run for `steps` steps: the config checkpoints and config.json record (the resolved config)."""
+        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
+        if dist.is_main():
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
 
     def _prepare(self, resume: str | None, overwrite: bool) -> Prepared:
         """The run directory claimed, data, the strategy built (and restored when resuming)."""
@@ -289,13 +343,13 @@ class Trainer:
         evals = [tuple(t.tensor_split(strategy.world_size)[strategy.rank] for t in batch) for batch in
                  data.val_batches(cfg.train.batch_size // cfg.train.grad_accum, cfg.train.eval_batches)]
 
-        start = 0
+        start, spent_before = 0, 0.0
         if saved is not None:
             self._check_resume_compatible(saved["config"])
             strategy.load(ref.path)
             sampler.load_state_dict(saved["sampler"])
             set_rng_state(saved["rng"])
-            start = saved["step"]
+            start, spent_before = saved["step"], saved.get("budget_spent_s", 0.0)
             self.console.print(f"resumed from {ref.path} at step {start}")
         if strategy.is_main:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -307,7 +361,8 @@ class Trainer:
             strategy=strategy, sampler=sampler, evals=evals, start=start, ref=ref, metrics=metrics, unigram=data.unigram,
             tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
             flops_per_token=strategy.unwrapped().flops_per_token(cfg.data.seq_len),
-            peak_flops=facts.rate(cfg.precision.mode) * strategy.world_size, resolved=resolved, facts=facts)
+            peak_flops=facts.rate(cfg.precision.mode) * strategy.world_size, resolved=resolved, facts=facts,
+            spent_before=spent_before)
 
     def _resolve(self, saved: dict[str, Any] | None) -> tuple[Resolved, DeviceFacts]:
         """The config's `auto` settings decided on rank 0's measured facts (`saved`: the resumed
@@ -375,20 +430,24 @@ class Trainer:
         """Whether any rank was signalled: all ranks stop (and save) at the same step."""
         return dist.maximum(int(self.stop.requested)) > 0
 
-    @contextmanager
-    def _progress(self, start: int) -> Iterator[Progress]:
-        progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, disable=not self.strategy.is_main,
-        )
-        with progress:
-            yield progress
+    def _sync(self) -> None:
+        """Wait for the device's queued work, so a clock read after it times that work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def _evaluate(self, strategy: Strategy, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        losses = [strategy.eval_loss(x.to(self.device), y.to(self.device)).float() for x, y in batches]
+    def _evaluate(self, strategy: Strategy, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  lap: Callable[[], None] | None = None) -> float:
+        """Mean val loss over ranks; `lap` (when given) is called before the first batch and
+        after each, the device synchronized."""
+        if lap is not None:
+            lap()
+        losses = []
+        for x, y in batches:
+            losses.append(strategy.eval_loss(x.to(self.device), y.to(self.device)).float())
+            if lap is not None:
+                self._sync()
+                lap()
         return dist.mean(torch.stack(losses).mean()).item()
 
     def _save(self, strategy: Strategy, sampler: BatchSampler, step: int) -> ckpt.CheckpointRef:
@@ -398,15 +457,15 @@ class Trainer:
         if strategy.is_main:
             trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
                              "config": self.cfg.to_dict(), "version": __version__}
+            if self.budget is not None:
+                trainer_state["budget_spent_s"] = self.budget.spent()
             files["trainer.pt"] = ckpt.torch_bytes(trainer_state)
         return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last,
                                     write_extra=strategy.save)
 
     def _summary(self, run: Prepared, steps: int, wall: float, tokens: int, saved_act_bytes: int, comm: CommStats,
                  val_loss: float | None) -> dict[str, Any]:
-        price, price_source = (self.cfg.run.price_per_hour, "config run.price_per_hour")
-        if price is None:
-            price, price_source = default_price(self.device)
+        price, price_source = self._price()
         tps = tokens / wall if wall > 0 else 0.0
         last_loss = None
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -442,7 +501,14 @@ class Trainer:
             "cost_usd": wall / 3600 * devices * price,
             "price_per_device_hour": price,
             "price_source": price_source,
+            "budget": self.budget.report() if self.budget is not None else None,
         }
+
+    def _price(self) -> tuple[float, str]:
+        """USD per device-hour, and where the figure comes from."""
+        if self.cfg.run.price_per_hour is not None:
+            return self.cfg.run.price_per_hour, "config run.price_per_hour"
+        return default_price(self.device)
 
 
 def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
