@@ -32,6 +32,10 @@ def _grads(fn, qkv, do):
     return (out, *torch.autograd.grad(out, qkv, do))
 
 
+def _blocked(q, k, v):
+    return attention.BlockedCausalAttention.apply(q, k, v, q.shape[-1] ** -0.5, 0, 0.0)
+
+
 def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -45,7 +49,7 @@ def test_same_gradients_as_sdpa_fp32(shape, monkeypatch):
     *dims, block = shape
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     qkv, do = _qkv(*dims, torch.float32)
-    ours = _grads(attention.CpuCausalAttention.apply, qkv, do)
+    ours = _grads(_blocked, qkv, do)
     ref = _grads(_sdpa, qkv, do)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
@@ -58,7 +62,7 @@ def test_bf16_error_is_sdpas(shape, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     qkv, do = _qkv(*dims, torch.bfloat16)
     exact = _grads(_sdpa, [t.detach().double().requires_grad_() for t in qkv], do.double())
-    ours = _grads(attention.CpuCausalAttention.apply, qkv, do)
+    ours = _grads(_blocked, qkv, do)
     ref = _grads(_sdpa, qkv, do)
     for a, r, e in zip(ours, ref, exact):
         err, ref_err = ((x.double() - e).norm() / e.norm() for x in (a, r))
@@ -76,7 +80,7 @@ def test_eager_calls_keep_sdpa():
     """Outside torch.compile the dense backward does not pay (unfused element-wise passes)."""
     qkv, do = _qkv(2, 4, 2, 16, 8, torch.float32)
     out = attention.causal_attention(*qkv)
-    assert "CpuCausalAttention" not in type(out.grad_fn).__name__
+    assert "BlockedCausalAttention" not in type(out.grad_fn).__name__
     torch.testing.assert_close(out, _sdpa(*qkv), rtol=0, atol=0)
 
 

@@ -56,7 +56,7 @@ def _block_bytes(model, args, precision):
     x, _ = _batch(args)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         h = model.embed_tokens(x)
-        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+        cos, sin = model.rope(T)
         with SavedActivationCounter(model) as counter:
             for layer in model.layers:
                 h = layer(h, cos, sin)
@@ -170,7 +170,7 @@ def test_offload_hooks_round_trip_on_cpu(base):
     m = _with_mode(base, "none")
     with SavedActivationCounter(m) as counter:
         h = m.embed_tokens(x)
-        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+        cos, sin = m.rope(T)
         for layer in m.layers:
             with ck.OffloadHooks(pin_memory=False, copy_host=True):
                 h = layer(h, cos, sin)
@@ -242,7 +242,7 @@ def _profiler_alive_bytes(model, precision):
     from torch.profiler import ProfilerActivity, profile
 
     x0 = torch.randn(B, T, ARGS.dim, requires_grad=True)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    cos, sin = model.rope(T)
     gc.collect()
     gc.disable()  # a collection mid-forward would free tensors of earlier tests' cycles: order-dependent
     try:
@@ -276,7 +276,7 @@ def test_counted_bytes_are_what_stays_alive(base, mode, precision):
     snapshot (one `torch.get_rng_state()` per region, host bookkeeping, not an activation)."""
     m = _with_mode(base, mode)
     x0 = torch.randn(B, T, ARGS.dim, requires_grad=True)
-    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    cos, sin = m.rope(T)
     with SavedActivationCounter(m) as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             h = x0

@@ -41,7 +41,7 @@ def test_meta_build_then_materialise_matches_direct_build():
     meta.init_weights()
     for (n, a), (_, b) in zip(direct.state_dict().items(), meta.state_dict().items()):
         assert torch.equal(a, b), n
-    assert torch.equal(direct.rope_cos, meta.rope_cos)
+    assert torch.equal(direct.inv_freq, meta.inv_freq)
 
 
 def test_sequence_longer_than_context_is_refused():
