@@ -126,25 +126,31 @@ def _tensor(t) -> torch.Tensor:
 def llama3_from_factors(factors: torch.Tensor, head_dim: int, theta: float) -> RopeScaling:
     """The llama3 scaling whose per-frequency divisors are `factors` (llama.cpp's `rope_freqs`).
 
-    The divisors are 1 above the high-frequency threshold, `factor` below the low one, and
-    1 / ((1 - s) / factor + s) between, s linear in original_context / wavelength. Only the
-    ratios of (original context, low, high) matter, so the original context is taken as 8192
-    (Llama 3's) and low/high solved from the smooth band; the result is checked to give `factors`."""
+    In terms of x = original_context / wavelength, a frequency is divided by `factor` below
+    x = low_freq_factor, kept above x = high_freq_factor, and between divided by
+    1 / ((1 - s) / factor + s) with s = (x - low) / (high - low). Only the ratios of (original
+    context, low, high) matter, so the original context is taken as 8192 (Llama 3's); low and
+    high come from the smooth band (two or more points fix the line; with fewer, any line through
+    the gap between the scaled and the kept frequencies gives the same divisors). The result is
+    checked to reproduce `factors`."""
     factor, original = float(factors.max()), 8192
     plain = inv_freq(head_dim, theta)
-    wavelen = 2 * math.pi / plain
-    band = (factors > 1 + 1e-6) & (factors < factor - 1e-4)
-    if band.sum() >= 2:  # s = original / wavelen / (high - low) - low / (high - low), from two points
-        s = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
-        x = original / wavelen[band]
-        slope = float((s[-1] - s[0]) / (x[-1] - x[0]))
-        low = -float(s[0] - slope * x[0]) / slope
+    x = original * plain / (2 * math.pi)
+    scaled, kept = factors >= factor * (1 - 1e-5), factors <= 1 + 1e-5
+    band = ~(scaled | kept)
+    floor = float(x[scaled].max()) if scaled.any() else float(x.min()) / 2
+    ceiling = float(x[kept].min()) if kept.any() else float(x.max()) * 2
+    s = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+    if band.sum() >= 2:
+        slope = float((s[-1] - s[0]) / (x[band][-1] - x[band][0]))
+        low = float(x[band][0]) - float(s[0]) / slope
         high = low + 1 / slope
-    else:  # a step: thresholds anywhere between the neighbouring frequencies give the same divisors
-        kept = wavelen[factors <= 1 + 1e-6]
-        scaled = wavelen[factors >= factor - 1e-4]
-        high = original / (float(kept.max()) * 1.0001 if len(kept) else 1e-9)
-        low = original / (float(scaled.min()) * 0.9999 if len(scaled) else 1e30)
+    elif band.sum() == 1:
+        x1, s1 = float(x[band][0]), float(s[0])
+        width = 0.5 * min((x1 - floor) / s1, (ceiling - x1) / (1 - s1))
+        low, high = x1 - s1 * width, x1 + (1 - s1) * width
+    else:
+        low, high = floor + (ceiling - floor) / 3, floor + 2 * (ceiling - floor) / 3
     scaling = RopeScaling("llama3", factor, original, low, high)
     if not torch.allclose(plain / inv_freq(head_dim, theta, scaling), factors, rtol=1e-4, atol=1e-5):
         raise UserError("the file's rope_freqs are not a llama3 RoPE scaling", "this RoPE variant is not implemented")
@@ -172,10 +178,14 @@ def config_from_metadata(fields: dict[str, Any], tensors: dict[str, torch.Tensor
         "intermediate_size": int(get("feed_forward_length")), "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv") or heads), "head_dim": head_dim,
         "max_position_embeddings": int(get("context_length", 2048)), "vocab_size": int(vocab),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": float(f"{get('attention.layer_norm_rms_epsilon', 1e-6):.7g}"),  # stored as f32: 1e-6, not 9.99e-7
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "rope_parameters": {**_scaling(get, tensors, head_dim, theta), "rope_theta": theta},
     }
+    if arch != "qwen2":  # biases are not metadata: the tensors say (Qwen2's q/k/v ones are built in)
+        cfg["attention_bias"] = "model.layers.0.self_attn.o_proj.bias" in tensors or "model.layers.0.self_attn.q_proj.bias" in tensors
+    if arch == "llama":
+        cfg["mlp_bias"] = "model.layers.0.mlp.down_proj.bias" in tensors
     window = int(get("attention.sliding_window") or 0)
     if window:
         cfg["sliding_window"] = window

@@ -264,7 +264,10 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     else:
         theta, scaling = _rope(_rope_params(cfg), cfg, 10000.0)
         local_theta = None
-    softcaps = {"gemma2": (50.0, 30.0)}.get(kind, (None, None))  # transformers' defaults when absent
+    # transformers' defaults when absent; Gemma 3 configs carry attn_logit_softcapping, but its
+    # attention does not apply it (qk-norm took its place), so neither do we.
+    softcaps = {"gemma2": (50.0, 30.0)}.get(kind, (None, None))
+    attn_softcap = cfg.get("attn_logit_softcapping", softcaps[0]) if kind == "gemma2" else None
     return ModelArgs(
         dim=cfg["hidden_size"], n_layers=n_layers, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
         ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
@@ -274,7 +277,7 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
         qkv_bias=attention_bias or kind == "qwen2", o_bias=attention_bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
         qk_norm=kind in ("qwen3", "gemma3_text"), norm_offset=1.0 if gemma else 0.0, post_norms=gemma, embed_scale=gemma,
         mlp_act=acts[act], attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
-        attn_softcap=cfg.get("attn_logit_softcapping", softcaps[0]), final_softcap=cfg.get("final_logit_softcapping", softcaps[1]),
+        attn_softcap=attn_softcap, final_softcap=cfg.get("final_logit_softcapping", softcaps[1]),
         sliding_window=window, sliding_layers=() if all(sliding) or not window else tuple(sliding),
         local_rope_theta=local_theta if window else None,
     )
