@@ -17,12 +17,45 @@ import torch
 
 SEQ = 24  # test rows; every window below is shorter
 WINDOW = 8
-SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<bos>"]
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<bos>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "[INST]", "[/INST]", "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>", "<|system|>",
+            "<|end|>", "<think>", "</think>"]
+
+# Chat templates shaped like each family's own (written here, not copied): the constructs that
+# matter to our renderer are there (bos_token, raise_exception, Gemma's `model` role and its
+# refusal of a system turn, Qwen3's empty think block on the answer after the last user turn).
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_ALTERNATE = ("{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}")
+TEMPLATES = {
+    "llama": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}" + _ALTERNATE + "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
+    "qwen2": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+              + CHATML),
+    "qwen3": ("{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}"
+              "{% endif %}{% endfor %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+              "{% if m['role'] == 'assistant' and loop.index0 > ns.last %}<think>\n\n</think>\n\n{% endif %}"
+              "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "gemma2": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+               "{% for m in messages %}" + _ALTERNATE + "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+               "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    "gemma3_text": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+                    "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+                    "{% for m in turns %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+                    "<start_of_turn>{{ role }}\n{{ (first if loop.first else '') + m['content'] | trim }}<end_of_turn>\n"
+                    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    "phi3": ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+}
+EOS = {"llama": "<|eot_id|>", "mistral": "<|im_end|>", "gemma2": "<end_of_turn>", "gemma3_text": "<end_of_turn>", "phi3": "<|end|>"}
 
 _COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=3, eos_token_id=2, pad_token_id=0)
+               max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=3, eos_token_id=2, pad_token_id=0)
 _GEMMA = dict(head_dim=24, query_pre_attn_scalar=20, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
               sliding_window=WINDOW, attention_bias=True, tie_word_embeddings=True)
 
@@ -81,7 +114,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "norm" in name and "gemma" not in type(model).__name__.lower() else 0.0))
 
 
-def make_family(path: Path, family: str, seed: int = 0, template: str = CHATML, **changes) -> Path:
+def make_family(path: Path, family: str, seed: int = 0, **changes) -> Path:
     """A random model of `family` saved with tokenizer and chat template in `path`."""
     from transformers import AutoModelForCausalLM
 
@@ -93,8 +126,8 @@ def make_family(path: Path, family: str, seed: int = 0, template: str = CHATML, 
     model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
-        "bos_token": "<bos>", "eos_token": "<|im_end|>", "pad_token": "<pad>"}))
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": TEMPLATES[family],
+        "bos_token": "<bos>", "eos_token": EOS.get(family, "<|im_end|>"), "pad_token": "<pad>"}))
     return path
 
 

@@ -151,3 +151,85 @@ def test_gemma3_multimodal_config_loads_its_text_part(tmp_path, family_dirs):
         with torch.no_grad():
             assert torch.equal(ours.logits(ours(x)), ref.logits(ref(x)))
         assert text_config(json.loads((out / "config.json").read_text()))["model_type"] == "gemma3_text"
+
+
+# ---- fine-tuning through the family's chat template, and export -----------------------------------
+def _pairs(n: int) -> list[dict[str, str]]:
+    words = [f"w{i}" for i in range(6)]
+    return [{"prompt": f"{a} {b}", "response": f"{b} {a}"} for a in words for b in words if a != b][:n]
+
+
+def _finetune(tmp_path, source, **sections):
+    from rich.console import Console
+
+    from shoestring.config import build_config
+    from shoestring.train.trainer import Trainer
+    from tests.hf_fixtures import write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(24))
+    tree = {"model": {"source": f"hf:{source}"},
+            "data": {"format": "instruct", "corpus": str(data), "seq_len": 72, "val_fraction": 0.1},
+            "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "eval_every": 2, "eval_batches": 1,
+                      "log_every": 1, "seed": 0, "device": "cpu"},
+            "precision": {"mode": "fp32"}, "run": {"dir": str(tmp_path / "run"), "save_every": 0}}
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return Trainer(build_config(tree), console=Console(quiet=True)).run()
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_finetune_exports_what_transformers_loads(family_dirs, tmp_path, family):
+    """Two steps of full fine-tuning on chat-templated data, then `export_hf`: transformers loads
+    the export (config of the family, Phi-3's projections fused back) with our run's logits."""
+    from shoestring.export_hf import export_hf
+    from shoestring.finetune import load_run
+
+    summary = _finetune(tmp_path, family_dirs[family])
+    assert summary["final_train_loss"] == summary["final_train_loss"]  # finite
+    out = export_hf(tmp_path / "run", tmp_path / "export")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == json.loads((family_dirs[family] / "config.json").read_text())["architectures"][0]
+    ours = load_run(tmp_path / "run").model
+    x, mask = padded_batch(ours.args.vocab_size)
+    with torch.no_grad():
+        expected = ours.logits(ours(x))[mask.bool()]
+        torch.testing.assert_close(hf(input_ids=x, attention_mask=mask).logits[mask.bool()], expected, atol=2e-5, rtol=1e-4)
+        base = load_llama(read_source(f"hf:{family_dirs[family]}")).eval()
+        assert (base.logits(base(x))[mask.bool()] - expected).abs().max() > 1e-4  # the run changed the weights
+
+
+def test_phi3_lora_on_split_projections_merges_into_the_fused_export(family_dirs, tmp_path):
+    """LoRA targets name our split projections (q/k/v, gate/up) for Phi-3 too; the merged export
+    fuses them back into qkv_proj / gate_up_proj."""
+    from shoestring.export_hf import export_hf
+    from shoestring.finetune import load_run
+
+    _finetune(tmp_path, family_dirs["phi3"], lora={"enabled": True, "rank": 4, "targets": ["q_proj", "v_proj", "up_proj"]},
+              train={"lr": 0.05})
+    out = export_hf(tmp_path / "run", tmp_path / "export")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = load_run(tmp_path / "run").model
+    x, _ = padded_batch(ours.args.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours.logits(ours(x)), atol=2e-5, rtol=1e-4)
+
+
+def test_chat_template_refusals_are_user_errors():
+    """A template's raise_exception (Gemma 2 refuses a system turn) and a template that does not
+    render conversations as growing prefixes (Qwen3's think block moves with the last user turn)
+    stop with a one-line error, not a traceback."""
+    from shoestring.data.instruct import ChatFormatter
+    from tests.families import TEMPLATES, byte_tokenizer
+
+    tok = byte_tokenizer()
+    special = {"bos_token": "<bos>", "eos_token": "<end_of_turn>"}
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(UserError, match="System role not supported"):
+        ChatFormatter(tok, TEMPLATES["gemma2"], special).tokens(system)
+    ids, target = ChatFormatter(tok, TEMPLATES["gemma3_text"], special).tokens(system)  # Gemma 3 folds it into the user turn
+    assert any(target) and tok.decode(ids).count("be brief") == 1
+    two_turns = system[1:] * 2
+    fmt = ChatFormatter(tok, TEMPLATES["qwen3"], special)
+    assert any(fmt.tokens(system[1:])[1])  # one turn: fine
+    with pytest.raises(UserError, match="growing prefixes"):
+        fmt.tokens(two_turns)
