@@ -27,6 +27,17 @@ ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_
 ARGS2 = ModelArgs(dim=96, n_layers=4, n_heads=6, n_kv_heads=6, ffn_dim=256, vocab_size=128, max_seq_len=64)
 B, T = 2, 32
 MODES = ["none", "full", "every:2", "selective"]
+# The family switches (models/llama.py), each family's set on at once; windows shorter than T.
+_SMALL = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64)
+_GEMMA = dict(head_dim=24, norm_offset=1.0, post_norms=True, embed_scale=True, mlp_act="gelu_tanh", attn_scale=0.2,
+              qkv_bias=True, o_bias=True, sliding_window=8, sliding_layers=(True, False, True))
+FAMILY_ARGS = {
+    "qwen2": ModelArgs(**_SMALL, qkv_bias=True, sliding_window=8, sliding_layers=(False, True, True)),
+    "qwen3": ModelArgs(**_SMALL, head_dim=24, qk_norm=True, qkv_bias=True, o_bias=True, mlp_bias=True),
+    "gemma2": ModelArgs(**_SMALL, **_GEMMA, attn_softcap=2.0, final_softcap=3.0),
+    "gemma3": ModelArgs(**_SMALL, **_GEMMA, qk_norm=True, local_rope_theta=100.0),
+    "mistral": ModelArgs(**_SMALL, sliding_window=8),
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +67,9 @@ def _block_bytes(model, args, precision):
     x, _ = _batch(args)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         h = model.embed_tokens(x)
-        cos, sin = model.rope(T)
         with SavedActivationCounter(model) as counter:
-            for layer in model.layers:
-                h = layer(h, cos, sin)
+            for i, layer in enumerate(model.layers):
+                h = layer(h, *model.rope(T, local=args.is_local(i)))
     return counter
 
 
@@ -192,7 +202,7 @@ def test_saved_bytes_order(base, precision):
     assert counted["full"] < counted["every:2"] < counted["none"]
 
 
-@pytest.mark.parametrize("args", [ARGS, ARGS2], ids=["gqa-3L", "mha-4L"])
+@pytest.mark.parametrize("args", [ARGS, ARGS2, *FAMILY_ARGS.values()], ids=["gqa-3L", "mha-4L", *FAMILY_ARGS])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-pure"])
 @pytest.mark.parametrize("mode", MODES)
 def test_estimate_matches_counted(args, precision, mode):
@@ -204,6 +214,8 @@ def test_estimate_matches_counted(args, precision, mode):
     counted = _block_bytes(m, args, precision).bytes
     est = estimate_saved_activation_bytes(args, mode, B, T, precision)
     assert abs(counted - est) <= 0.10 * counted, (counted, est)
+    if args in FAMILY_ARGS.values():  # the switches' terms are exact: a wrong one would hide in 10%
+        assert counted == est
 
 
 def test_estimate_accepts_activation_element_size():

@@ -88,13 +88,15 @@ def _scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, softcap: float) ->
 @torch.library.custom_op("shoestring::blocked_attention_forward", mutates_args=())
 def blocked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
                               softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of causal attention, one block of queries at a time (any device)."""
+    """(out, lse) of causal attention, one block of queries at a time (any device). `out` is laid
+    out (batch, seq, heads, head_dim) in memory, like the flash kernel's, so that the model's
+    transpose back to (batch, seq, heads x head_dim) is a view, not a copy."""
     b, h, s, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
     qg = q.reshape(b, hkv, g, s, d)
-    out = torch.empty(b, hkv, g, s, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hkv, g, s, dtype=torch.float32, device=q.device)
+    out, lse = _outputs(q)
+    out_g, lse_g = out.view(b, hkv, g, s, d), lse.view(b, hkv, g, s)
     step = query_block(b, h, s)
     for i0 in range(0, s, step):
         i1 = min(s, i0 + step)
@@ -104,14 +106,20 @@ def blocked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.view(b, hkv, g, c, i1 - j0).masked_fill(~_visible(i0, i1, j0, window, q.device), float("-inf"))
         m = torch.logsumexp(scores, dim=-1)
         p = torch.exp(scores - m[..., None]).to(q.dtype).view(b, hkv, g * c, i1 - j0)
-        out[:, :, :, i0:i1] = torch.matmul(p, v[:, :, j0:i1]).view(b, hkv, g, c, d)
-        lse[:, :, :, i0:i1] = m
-    return out.view(b, h, s, d), lse.view(b, h, s)
+        out_g[:, :, :, i0:i1] = torch.matmul(p, v[:, :, j0:i1]).view(b, hkv, g, c, d)
+        lse_g[:, :, :, i0:i1] = m
+    return out, lse
+
+
+def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, s, d = q.shape
+    out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return out, torch.empty(b, h, s, dtype=torch.float32, device=q.device)
 
 
 @blocked_attention_forward.register_fake
 def _(q, k, v, scale, window, softcap):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _outputs(q)
 
 
 def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
