@@ -472,12 +472,12 @@ def estimate_saved_activation_bytes(args: ModelArgs, mode: str, batch: int, seq_
 
 def _forward_flops_per_token(args: ModelArgs, seq_len: int) -> dict[str, float]:
     """Forward matmul FLOPs per token, by part (attention scores and values counted unmasked,
-    as `Llama.flops_per_token` does)."""
+    as `ModelArgs.flops_per_token` does)."""
     d, f = args.dim, args.ffn_dim
-    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    q_dim, kv_dim = args.q_dim, args.kv_dim
     return {
         "qkv": 2 * d * (q_dim + 2 * kv_dim),
-        "attention": 4 * q_dim * seq_len,
+        "attention": args.attention_flops_per_token(seq_len) / 3 / args.n_layers,  # a block's, on average (windows)
         "o_proj": 2 * q_dim * d,
         "gate_up": 4 * d * f,
         "down_proj": 2 * f * d,

@@ -42,22 +42,27 @@ HF_EXTRA = "pip install 'shoestring[hf]'  (transformers, gguf, accelerate)"
 @dataclass(frozen=True)
 class Family:
     """What a `model_type` needs beyond `ModelArgs`: the class an export names, whether q/k/v
-    and gate/up are stored fused (Phi-3), and the config defaults of its transformers class."""
+    and gate/up are stored fused (Phi-3), and the defaults of its transformers config class for
+    keys a config.json may leave out (Google's Gemma 3 4B+ `text_config` names only a few)."""
 
     architecture: str
     fused: bool = False
-    tie_default: bool = False
-    eps_default: float = 1e-6
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
+_GEMMA_DEFAULTS = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                       num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                       sliding_window=4096, tie_word_embeddings=True)
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM"),
-    "mistral": Family("MistralForCausalLM"),
-    "qwen2": Family("Qwen2ForCausalLM"),
-    "qwen3": Family("Qwen3ForCausalLM"),
-    "gemma2": Family("Gemma2ForCausalLM", tie_default=True),
-    "gemma3_text": Family("Gemma3ForCausalLM", tie_default=True),
-    "phi3": Family("Phi3ForCausalLM", fused=True, eps_default=1e-5),
+    "llama": Family("LlamaForCausalLM", defaults=dict(tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    "mistral": Family("MistralForCausalLM", defaults=dict(tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    "qwen2": Family("Qwen2ForCausalLM", defaults=dict(tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    "qwen3": Family("Qwen3ForCausalLM", defaults=dict(tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    "gemma2": Family("Gemma2ForCausalLM", defaults=dict(_GEMMA_DEFAULTS, vocab_size=256000, max_position_embeddings=8192,
+                                                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3_text": Family("Gemma3ForCausalLM", defaults=dict(_GEMMA_DEFAULTS, vocab_size=262208, max_position_embeddings=131072,
+                                                            rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)),
+    "phi3": Family("Phi3ForCausalLM", fused=True, defaults=dict(tie_word_embeddings=False, rms_norm_eps=1e-5)),
 }
 SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3")  # gemma3: the text part of the multimodal config
 # Families people ask for that we do not compute, and why.
@@ -244,6 +249,7 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
                         "give the full-precision checkpoint (LoRA's lora.base_dtype sets how the base is held)")
     cfg = text_config(cfg)
     kind, family = cfg["model_type"], FAMILIES[cfg["model_type"]]
+    cfg = {**family.defaults, **cfg}
     gemma = kind.startswith("gemma")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
     acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -264,20 +270,18 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     else:
         theta, scaling = _rope(_rope_params(cfg), cfg, 10000.0)
         local_theta = None
-    # transformers' defaults when absent; Gemma 3 configs carry attn_logit_softcapping, but its
-    # attention does not apply it (qk-norm took its place), so neither do we.
-    softcaps = {"gemma2": (50.0, 30.0)}.get(kind, (None, None))
-    attn_softcap = cfg.get("attn_logit_softcapping", softcaps[0]) if kind == "gemma2" else None
+    # Gemma 3 configs carry attn_logit_softcapping, but its attention does not apply it (q/k norms
+    # took its place), so neither do we.
+    attn_softcap = cfg.get("attn_logit_softcapping") if kind == "gemma2" else None
     return ModelArgs(
         dim=cfg["hidden_size"], n_layers=n_layers, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
         ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
-        norm_eps=float(cfg.get("rms_norm_eps") or family.eps_default), rope_theta=theta,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", family.tie_default)),
+        norm_eps=float(cfg["rms_norm_eps"]), rope_theta=theta, tie_embeddings=bool(cfg["tie_word_embeddings"]),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rope_scaling=scaling,
         qkv_bias=attention_bias or kind == "qwen2", o_bias=attention_bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
         qk_norm=kind in ("qwen3", "gemma3_text"), norm_offset=1.0 if gemma else 0.0, post_norms=gemma, embed_scale=gemma,
         mlp_act=acts[act], attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
-        attn_softcap=attn_softcap, final_softcap=cfg.get("final_logit_softcapping", softcaps[1]),
+        attn_softcap=attn_softcap, final_softcap=cfg.get("final_logit_softcapping"),
         sliding_window=window, sliding_layers=() if all(sliding) or not window else tuple(sliding),
         local_rope_theta=local_theta if window else None,
     )

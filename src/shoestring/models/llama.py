@@ -116,6 +116,23 @@ class ModelArgs:
         """Elements of one block's weight matrices."""
         return self.dim * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.dim + 3 * self.dim * self.ffn_dim
 
+    def num_params(self) -> int:
+        """Parameters of the model built from these args (a tied head counted once)."""
+        blocks = self.n_layers * (self.block_matrices() + self.block_vectors())
+        return blocks + self.dim + self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the attention scores and values (forward + backward):
+        12 * heads * head_dim per key a query sees, causal-unmasked as in PaLM appendix B: the
+        whole row, or the window on a sliding layer."""
+        keys = sum(min(seq_len, self.window(i) or seq_len) for i in range(self.n_layers))
+        return 12 * self.q_dim * keys
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 * matmul params (the
+        head's included, tied or not; norm weights and biases do no matmul) + attention."""
+        return 6 * (self.n_layers * self.block_matrices() + self.vocab_size * self.dim) + self.attention_flops_per_token(seq_len)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * (offset + weight); Gemma's weights are stored as deviations from 1 (offset 1)."""
@@ -280,10 +297,4 @@ class Llama(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B: 6 * matmul
-        params + 12 * layers * heads * head_dim * (keys a query sees, causal-unmasked: the whole
-        row, or the window on a sliding layer). Norm weights and biases do no matmul."""
-        a = self.args
-        matmul_params = a.n_layers * a.block_matrices() + a.vocab_size * a.dim
-        keys = sum(min(seq_len, a.window(i) or seq_len) for i in range(a.n_layers))
-        return 6 * matmul_params + 12 * a.q_dim * keys
+        return self.args.flops_per_token(seq_len)
