@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shoestring.errors import UserError
-from shoestring.models.attention import blocked_attention_forward
+from shoestring.models.attention import attention_forward
 from shoestring.models.llama import ModelArgs
 from shoestring.train import memory
 
@@ -93,7 +93,7 @@ def _aten_ops(*names: str) -> frozenset:
 
 # Outputs kept by `selective`: the matmuls, and attention (on CPU `F.scaled_dot_product_attention`
 # dispatches to `_scaled_dot_product_flash_attention_for_cpu`, and so does the forward of
-# `models/attention.py`'s blocked attention, unless soft-capped: then its own op; on CUDA to the flash / efficient / cuDNN
+# `models/attention.py`'s blocked attention, unless windowed or soft-capped: then its own op; on CUDA to the flash / efficient / cuDNN
 # kernels, or to the math path, which is made of bmm's). These are the ops whose recompute
 # costs FLOPs; everything else in a block (RMSNorm, RoPE, SiLU, the SwiGLU product, dtype casts,
 # views) is element-wise and cheap to recompute, so it is PREFER_RECOMPUTE.
@@ -105,7 +105,7 @@ SAVE_OPS = _aten_ops(
     "_scaled_dot_product_cudnn_attention",
     "_flash_attention_forward",
     "_efficient_attention_forward",
-) | {blocked_attention_forward._opoverload}  # soft-capped attention (models/attention.py)
+) | {attention_forward._opoverload}  # windowed / soft-capped attention (models/attention.py)
 
 
 def _resolve_op(name: str):
@@ -363,9 +363,12 @@ def block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, precision: st
     2.13): the block input and the two rstd; each normed x once in the matmul dtype (the casts
     are fused, so q/k/v and gate/up share one copy); q, k, v, attention out and its logsumexp;
     o_proj's input as its own contiguous copy; gate, up and their product (silu(gate) is
-    recomputed); RoPE's cos/sin casts twice, not four times. Checkpointed blocks keep their input
-    (`full`) or the matmul and attention outputs but down_proj's, which backward does not need
-    (`selective`).
+    recomputed); RoPE's cos/sin casts twice, not four times; with q/k norms, q and k before them
+    and their rstd; with post-norms, both sub-block outputs and two more rstd, but no copy of
+    o_proj's input (biases, the norm offset, GeGLU, windows and soft-caps save nothing more:
+    counted). Checkpointed blocks keep
+    their input (`full`) or the matmul and attention outputs but down_proj's, which backward does
+    not need (`selective`) unless a post-norm follows it.
     """
     autocast, r, c = _precision(precision)
     d, f, h = args.dim, args.ffn_dim, args.n_heads
@@ -424,14 +427,23 @@ def _compiled_block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, r: 
     attn = [("attn.q_rope", bt * q_dim * c), ("attn.k_rope", bt * kv_dim * c), ("attn.v", bt * kv_dim * c),
             ("attn.out", bt * q_dim * c), ("attn.logsumexp", batch * args.n_heads * seq_len * 4)]
     none = [("block.input", bt * d * r), ("norms.rstd[0]", bt * 4), ("norms.rstd[1]", bt * 4),
-            ("input_layernorm.out", bt * d * c), *attn, ("o_proj.input", bt * q_dim * c),
-            ("post_attention_layernorm.out", bt * d * c),
+            ("input_layernorm.out", bt * d * c), *attn, ("post_attention_layernorm.out", bt * d * c),
             ("mlp.gate", bt * f * c), ("mlp.up", bt * f * c), ("mlp.hidden", bt * f * c)]
+    if args.post_norms:  # both sub-block outputs (the post-norms' inputs) and their rstd; o_proj's
+        # input then stays a view of the attention output (counted)
+        none += [("o_proj.out", bt * d * c), ("down_proj.out", bt * d * c), ("norms.rstd[2]", bt * 4), ("norms.rstd[3]", bt * 4)]
+    else:
+        none += [("o_proj.input", bt * q_dim * c)]
     if c == 2:  # RoPE tables cast to the matmul dtype (fp32: views of the model's buffers)
         none += [(f"rope.cos_sin_cast[{i}]", seq_len * args.head_dim * c) for i in range(2)]
+    if args.qk_norm:  # q and k as the projections made them, and the per-head rstd
+        none += [("q_norm.input", bt * q_dim * c), ("k_norm.input", bt * kv_dim * c),
+                 ("q_norm.rstd", bt * args.n_heads * 4), ("k_norm.rstd", bt * args.n_kv_heads * 4)]
     saved_ops = [("q_proj.out", bt * q_dim * c), ("k_proj.out", bt * kv_dim * c), ("v_proj.out", bt * kv_dim * c),
                  ("sdpa.out", bt * q_dim * c), ("sdpa.logsumexp", batch * args.n_heads * seq_len * 4),
                  ("o_proj.out", bt * d * c), ("gate_proj.out", bt * f * c), ("up_proj.out", bt * f * c)]
+    if args.post_norms:  # post_feedforward_layernorm's backward needs down_proj's output
+        saved_ops.append(("down_proj.out", bt * d * c))
     return {"none": none, "input": [("block.input", bt * d * r)], "saved_ops": saved_ops}
 
 

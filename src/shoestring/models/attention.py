@@ -24,11 +24,12 @@ rows, so one matmul per group serves them all and dK, dV sum over the group for 
 
 Sliding windows and soft-capping always take `BlockedCausalAttention` (eager or compiled, any
 device): SDPA has no soft-capping, and a window as an SDPA mask would be saved for backward (a
-`seq x seq` tensor per layer). Its forward is the CPU flash kernel with the window as an additive
-mask, or, with soft-capping or off the CPU, `blocked_attention_forward`: the same blocked
-computation in plain PyTorch, registered as one custom op so that selective checkpointing keeps
-its output (out, lse) like the flash kernel's rather than every block's scores. Either way it
-saves q, k, v, out and lse. Eagerly, plain attention stays SDPA (the dense backward's element-wise
+`seq x seq` tensor per layer). Its forward is `attention_forward`, one custom op: the CPU flash
+kernel with the window as an additive mask, or, with soft-capping or off the CPU, the same
+blocked computation as the backward's in plain PyTorch. Being one opaque op, its mask and
+scores are never saved (a compiled graph would keep the mask; selective checkpointing, which
+keeps this op's outputs like the flash kernel's, would otherwise cache every block's scores).
+Either way it saves q, k, v, out and lse. Eagerly, plain attention stays SDPA (the dense backward's element-wise
 steps would be separate passes costing more than the flash backward saves), and so does
 everything on the meta device.
 """
@@ -85,12 +86,24 @@ def _scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, softcap: float) ->
     return t * softcap, t
 
 
-@torch.library.custom_op("shoestring::blocked_attention_forward", mutates_args=())
-def blocked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
-                              softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of causal attention, one block of queries at a time (any device). `out` is laid
-    out (batch, seq, heads, head_dim) in memory, like the flash kernel's, so that the model's
-    transpose back to (batch, seq, heads x head_dim) is a view, not a copy."""
+@torch.library.custom_op("shoestring::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                      softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of windowed or soft-capped causal attention: the CPU flash kernel with the
+    window as an additive mask when not capped, else `_blocked_forward`. One opaque op, so that
+    neither the `seq x seq` mask nor a block's scores is ever saved for backward (the compiled
+    graph would keep the mask; selective checkpointing would cache every block's scores)."""
+    if q.device.type == "cpu" and not softcap:
+        out, lse = _flash_forward(q, k, v, scale, window)
+        return out, lse.contiguous()  # the kernel's lse is laid out (batch, seq, heads): one layout for the fake
+    return _blocked_forward(q, k, v, scale, window, softcap)
+
+
+def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                     softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse), one block of queries at a time (any device). `out` is laid out (batch, seq,
+    heads, head_dim) in memory, like the flash kernel's, so that the model's transpose back to
+    (batch, seq, heads x head_dim) is a view, not a copy."""
     b, h, s, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -117,7 +130,7 @@ def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.empty(b, h, s, dtype=torch.float32, device=q.device)
 
 
-@blocked_attention_forward.register_fake
+@attention_forward.register_fake
 def _(q, k, v, scale, window, softcap):
     return _outputs(q)
 
@@ -136,10 +149,10 @@ class BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
                 softcap: float) -> torch.Tensor:
-        if q.device.type == "cpu" and not softcap:
-            out, lse = _flash_forward(q, k, v, scale, window)
+        if q.device.type == "cpu" and not (window or softcap):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         else:
-            out, lse = blocked_attention_forward(q, k, v, scale, window, softcap)
+            out, lse = attention_forward(q, k, v, scale, window, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.window, ctx.softcap = scale, window, softcap
         return out

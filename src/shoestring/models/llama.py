@@ -125,7 +125,8 @@ class ModelArgs:
         """Training FLOPs per token of the attention scores and values (forward + backward):
         12 * heads * head_dim per key a query sees, causal-unmasked as in PaLM appendix B: the
         whole row, or the window on a sliding layer."""
-        keys = sum(min(seq_len, self.window(i) or seq_len) for i in range(self.n_layers))
+        sliding = 0 if not self.sliding_window else sum(self.sliding_layers) if self.sliding_layers else self.n_layers
+        keys = (self.n_layers - sliding) * seq_len + sliding * min(seq_len, self.sliding_window)
         return 12 * self.q_dim * keys
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -93,15 +93,12 @@ def _yarn(base: torch.Tensor, head_dim: int, theta: float, s: RopeScaling) -> to
 
 def rope_tables(freqs: torch.Tensor, seq_len: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (seq_len, head_dim) for positions 0..seq_len-1, rotate-half layout,
-    times `scale`. Both are views of one table that needs no gradient: derived from a buffer,
-    like the buffer slices they replace, memory accounting counts them as constants, not
-    activations (train/memory.py)."""
+    times `scale`. Made per forward (seq x head_dim each, shared by all layers), not kept for
+    the whole context: a 128k-token model would hold hundreds of MiB of tables otherwise."""
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=freqs.device), freqs)
     angles = torch.cat([angles, angles], dim=-1)
-    table = torch.stack([angles.cos(), angles.sin()])
-    if scale != 1.0:
-        table = table * scale
-    return table[0], table[1]
+    cos, sin = angles.cos(), angles.sin()
+    return (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
