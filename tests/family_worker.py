@@ -37,7 +37,8 @@ def _config(source: str, parallel: dict, lora: bool):
                          "parallel": parallel, "lora": LORA if lora else {"enabled": False}})
 
 
-def run_cases(rank: int, port: int, dirs: dict[str, str], strategies: dict[str, dict], queue) -> None:
+def run_cases(rank: int, port: int, dirs: dict[str, str], strategies: dict[str, dict], subsets: dict[str, set], queue) -> None:
+    """`subsets`: strategy -> the families it runs on (all when absent)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -55,6 +56,8 @@ def run_cases(rank: int, port: int, dirs: dict[str, str], strategies: dict[str, 
             with torch.no_grad():
                 reference = cross_entropy_from_hidden(plain(x), plain.lm_head.weight, y, softcap=plain.args.final_softcap).item()
             for name, parallel in strategies.items():
+                if family not in subsets.get(name, dirs):
+                    continue
                 for mode in ("lora", "full"):
                     t = time.perf_counter()
                     s = build_strategy(_config(f"hf:{path}", parallel, mode == "lora"), src.args.vocab_size, torch.device("cpu"), src)
