@@ -67,7 +67,7 @@ def run_cases(rank: int, port: int, dirs: dict[str, str], strategies: dict[str, 
                     after = s.eval_loss(x, y).item()
                     out[(family, name, mode)] = {"loss": loss, "reference": reference, "after": after,
                                                  "finite": math.isfinite(loss) and math.isfinite(after),
-                                                 "seconds": time.perf_counter() - t}
+                                                 "memory": s.memory(), "seconds": time.perf_counter() - t}
                     del s
                     dist.barrier()
     queue.put((rank, out))

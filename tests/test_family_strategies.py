@@ -74,6 +74,29 @@ def test_every_strategy_steps_every_family_on_two_ranks(two_rank_results, family
     assert {(f, s, m) for f, s, m in two_rank_results[0] if f == family} == {(family, s, m) for s in expected for m in ("lora", "full")}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_yafsdp_flat_buffers_hold_the_new_parameters_as_estimated(dirs, two_rank_results, family):
+    """Biases and q/k / post norms are small parameters of the flat resident units: the engine's
+    counted state and buffers equal its static estimates, LoRA (frozen base) or not."""
+    from shoestring.config import ParallelSection
+    from shoestring.finetune import lora_settings
+    from shoestring.levers.precision import PrecisionPolicy
+    from shoestring.models.hf import read_source
+    from shoestring.parallel.yafsdp import FrozenBase, YaFSDP
+
+    args = read_source(f"hf:{dirs[family]}").args
+    policy, options = PrecisionPolicy("fp32"), ParallelSection(strategy="yafsdp")
+    for mode in ("lora", "full"):
+        counted = two_rank_results[0][(family, "yafsdp", mode)]["memory"]
+        base = FrozenBase.of(args, lora_settings(_config("hf:x", {}, True))) if mode == "lora" else None
+        trained = base.adapters if base else args.num_params()
+        frozen = args.num_params() * 4 if base else 0
+        estimate = YaFSDP.state_bytes(trained, 2, policy, options, frozen_bytes=frozen)
+        assert all(0 <= counted[k] - estimate[k] <= 16 * (4 + args.n_layers) for k in estimate), (mode, counted, estimate)
+        assert counted["buffers"] == YaFSDP.buffer_bytes(args, 2, policy, options, base, p2p=True), mode
+
+
 def test_two_rank_launch_time_is_reported(two_rank_results):
     """Not a speed target: the per-case seconds, printed for the report (pytest -s)."""
     seconds = {}
@@ -107,3 +130,25 @@ def test_single_process_step(dirs, family, mode):
     if mode == "lora":
         assert trainable and all("lora_" in n for n in trainable)
         assert {n.rsplit(".", 2)[-2] for n in trainable} == set(LORA["targets"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_precision_and_checkpointing_modes_on_every_family(dirs, family):
+    """Each precision mode, each with a checkpointing mode, on the single strategy: the loss is
+    the fp32 loss within low-precision rounding, and a step moves it."""
+    from shoestring.build import build_strategy
+    from shoestring.models.hf import read_source
+
+    src = read_source(f"hf:{dirs[family]}")
+    x, y = (torch.cat(parts) for parts in zip(_batch(src.args.vocab_size, 0), _batch(src.args.vocab_size, 1)))
+    losses = {}
+    for precision, ckpt in (("fp32", "none"), ("bf16", "selective"), ("bf16-pure", "full"), ("fp16", "every:2")):
+        cfg = _config(f"hf:{dirs[family]}", {"strategy": "single"}, False)
+        cfg = cfg.model_copy(update={"precision": cfg.precision.model_copy(update={"mode": precision}),
+                                     "checkpointing": cfg.checkpointing.model_copy(update={"mode": ckpt})})
+        s = build_strategy(cfg, src.args.vocab_size, torch.device("cpu"), src)
+        losses[precision] = s.forward_backward(x, y, 1.0, True).item()
+        s.step(1e-2)
+        assert math.isfinite(losses[precision]) and math.isfinite(s.eval_loss(x, y).item()), precision
+    for precision, loss in losses.items():
+        assert abs(loss - losses["fp32"]) < 0.05 * losses["fp32"], (precision, losses)
