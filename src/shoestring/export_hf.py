@@ -1,7 +1,8 @@
 """A run -> a Hugging Face directory that transformers loads and generates with.
 
-Full weights (LoRA runs: the adapters merged in) as `LlamaForCausalLM` safetensors, or, for a
-LoRA run, the adapter alone in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`,
+Full weights (LoRA runs: the adapters merged in) as safetensors of the source's family (Phi-3's
+projections fused back; a preset run's family from its switches), or, for a LoRA run, the
+adapter alone in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`,
 loadable with `peft.PeftModel.from_pretrained` on the base). The tokenizer and chat template go
 along either way. Weights are written in fp32 (what the run's checkpoint is loaded as).
 """
@@ -15,7 +16,7 @@ from shoestring.data.tokenizer import EOT, EOT_ID
 from shoestring.errors import UserError
 from shoestring.finetune import RunModel, load_run
 from shoestring.levers.lora import adapter_state_dict, lora_modules, merged_state_dict
-from shoestring.models.hf import hf_config_from_args, ours_to_hf, text_config, write_hf_dir
+from shoestring.models.hf import FAMILIES, hf_config_from_args, ours_to_hf, text_config, write_hf_dir
 
 
 def _hf_config(run: RunModel) -> dict:
@@ -50,6 +51,11 @@ def export_hf(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:
 def _write_adapter(run: RunModel, out: Path) -> Path:
     from safetensors.torch import save_file
 
+    kind = _hf_config(run)["model_type"]
+    if FAMILIES[kind].fused:
+        raise UserError(f"a {kind} adapter cannot be written in peft's layout: our adapters sit on the split "
+                        "q/k/v and gate/up projections, peft's on the fused qkv_proj / gate_up_proj",
+                        "drop --adapter to export the merged weights")
     lora = run.cfg.lora
     out.mkdir(parents=True, exist_ok=True)
     # PEFT names: the HF key of the base module + ".lora_A.weight", under "base_model.model.".
