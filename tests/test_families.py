@@ -71,6 +71,17 @@ def test_logits_equal_transformers_on_a_padded_batch(family_dirs, family):
             assert (off.logits(off(x))[valid] - expected).abs().max() > 1e-2, f"{switch} has no effect: the test proves nothing"
 
 
+def test_mistral_without_a_window(tmp_path):
+    """Mistral v0.2+ (`sliding_window` null): plain causal attention."""
+    path = make_family(tmp_path / "mistral", "mistral", sliding_window=None)
+    ours, ref = _ours_and_ref(path)
+    assert ours.args.sliding_window == 0
+    x, mask = padded_batch(ours.args.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(x))[mask.bool()], ref(input_ids=x, attention_mask=mask).logits[mask.bool()],
+                                   atol=2e-5, rtol=1e-4)
+
+
 def test_every_family_switch_window_is_shorter_than_the_rows(family_dirs):
     for family in NAMES:
         args = read_source(f"hf:{family_dirs[family]}").args

@@ -95,3 +95,20 @@ def test_sequence_longer_than_context_is_refused():
     model = build_model(preset_args("tiny", vocab_size=64, max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_flops_count_only_the_window_on_sliding_layers():
+    """Attention FLOPs (PaLM's causal-unmasked count) see the whole row on a global layer and the
+    window on a sliding one; biases and norm weights do no matmul (parameters, not FLOPs)."""
+    from dataclasses import replace
+
+    mistral = PRESETS["mistral-7b"]
+    plain = replace(mistral, sliding_window=0)
+    assert mistral.flops_per_token(4096) == plain.flops_per_token(4096)  # the window covers the row
+    assert plain.flops_per_token(8192) - mistral.flops_per_token(8192) == 12 * mistral.q_dim * mistral.n_layers * 4096
+    gemma = PRESETS["gemma3-1b"]  # 26 layers: 22 sliding (512), 4 global
+    assert gemma.attention_flops_per_token(4096) == 12 * gemma.q_dim * (22 * 512 + 4 * 4096)
+    qwen = PRESETS["qwen2.5-0.5b"]
+    assert qwen.flops_per_token(512) == replace(qwen, qkv_bias=False).flops_per_token(512)
+    assert qwen.num_params() - replace(qwen, qkv_bias=False).num_params() == qwen.n_layers * (qwen.q_dim + 2 * qwen.kv_dim)
+    assert build_model(gemma, "meta").flops_per_token(4096) == gemma.flops_per_token(4096)

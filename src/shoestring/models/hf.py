@@ -328,8 +328,11 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype, special_ids: dict[s
     if kind in ("qwen2", "qwen3"):
         config["use_sliding_window"] = bool(args.sliding_window)
     if gemma:
-        config.update(query_pre_attn_scalar=(args.attn_scale or args.head_dim ** -0.5) ** -2,
+        config.update(query_pre_attn_scalar=round((args.attn_scale or args.head_dim ** -0.5) ** -2, 6),
                       attn_logit_softcapping=args.attn_softcap, final_logit_softcapping=args.final_softcap)
+    if args_from_hf_config(config) != args:
+        raise UserError(f"this model's switches match no transformers family (closest: {kind}), so it cannot be exported",
+                        "export the safetensors alone (shoestring export RUN_DIR)")
     return config
 
 
