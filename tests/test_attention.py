@@ -32,6 +32,10 @@ def _grads(fn, qkv, do):
     return (out, *torch.autograd.grad(out, qkv, do))
 
 
+def _blocked(q, k, v):
+    return attention.BlockedCausalAttention.apply(q, k, v, q.shape[-1] ** -0.5, 0, 0.0)
+
+
 def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -45,7 +49,7 @@ def test_same_gradients_as_sdpa_fp32(shape, monkeypatch):
     *dims, block = shape
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     qkv, do = _qkv(*dims, torch.float32)
-    ours = _grads(attention.CpuCausalAttention.apply, qkv, do)
+    ours = _grads(_blocked, qkv, do)
     ref = _grads(_sdpa, qkv, do)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
@@ -58,11 +62,62 @@ def test_bf16_error_is_sdpas(shape, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     qkv, do = _qkv(*dims, torch.bfloat16)
     exact = _grads(_sdpa, [t.detach().double().requires_grad_() for t in qkv], do.double())
-    ours = _grads(attention.CpuCausalAttention.apply, qkv, do)
+    ours = _grads(_blocked, qkv, do)
     ref = _grads(_sdpa, qkv, do)
     for a, r, e in zip(ours, ref, exact):
         err, ref_err = ((x.double() - e).norm() / e.norm() for x in (a, r))
         assert err < max(2 * ref_err, 2e-3), (err, ref_err)
+
+
+def _reference(q, k, v, scale, window, softcap):
+    """Attention written out: scores, cap, causal (and window) mask, softmax, values."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    dist = torch.arange(q.shape[2])[:, None] - torch.arange(q.shape[2])
+    s = s.masked_fill((dist < 0) | ((dist >= window) if window else False), float("-inf"))
+    return (torch.softmax(s, -1).to(q.dtype) @ v)
+
+
+# (scale, window, softcap): Gemma's query scale, a window shorter than the row, a cap that bites, all
+VARIANTS = [(0.3, 0, None), (None, 5, None), (None, 0, 1.5), (0.2, 9, 2.0)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "scale{}-window{}-cap{}".format(*v))
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_windows_softcap_and_scale_equal_the_written_out_attention(shape, variant, monkeypatch):
+    """Eagerly (the path windows and caps always take) and with small query blocks, so that a
+    block's keys start inside the row."""
+    *dims, block = shape
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    scale, window, softcap = variant
+    qkv, do = _qkv(*dims, torch.float32)
+    full_scale = scale or dims[-1] ** -0.5
+    ours = _grads(lambda q, k, v: attention.causal_attention(q, k, v, scale, window, softcap), qkv, do)
+    ref = _grads(lambda q, k, v: _reference(q, k, v, full_scale, window, softcap), qkv, do)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    plain = _grads(_sdpa, qkv, do)[0]
+    assert (ours[0] - plain).abs().max() > 1e-3  # the variant changed the result: the test proves something
+
+
+@pytest.mark.parametrize("variant", [(None, 6, None), (None, 6, 1.5)], ids=["window", "window-softcap"])
+def test_compiled_window_and_softcap_without_graph_breaks(variant):
+    """The two new paths under torch.compile: the flash kernel with a window mask, the blocked
+    forward with a soft-cap (one custom op each way); gradients as eager."""
+    torch._dynamo.reset()
+    scale, window, softcap = variant
+    qkv, do = _qkv(2, 4, 2, 40, 16, torch.float32)
+    fn = lambda q, k, v: attention.causal_attention(q, k, v, scale, window, softcap)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    with profile() as prof:
+        ours = _grads(compiled, qkv, do)
+    names = {e.key for e in prof.key_averages()}
+    assert FLASH_BWD not in names and (FLASH_FWD in names) == (softcap is None)
+    for a, r in zip(ours, _grads(fn, qkv, do)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
 def test_query_block_bounds_the_transient():
@@ -76,7 +131,7 @@ def test_eager_calls_keep_sdpa():
     """Outside torch.compile the dense backward does not pay (unfused element-wise passes)."""
     qkv, do = _qkv(2, 4, 2, 16, 8, torch.float32)
     out = attention.causal_attention(*qkv)
-    assert "CpuCausalAttention" not in type(out.grad_fn).__name__
+    assert "BlockedCausalAttention" not in type(out.grad_fn).__name__
     torch.testing.assert_close(out, _sdpa(*qkv), rtol=0, atol=0)
 
 

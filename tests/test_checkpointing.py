@@ -27,6 +27,17 @@ ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_
 ARGS2 = ModelArgs(dim=96, n_layers=4, n_heads=6, n_kv_heads=6, ffn_dim=256, vocab_size=128, max_seq_len=64)
 B, T = 2, 32
 MODES = ["none", "full", "every:2", "selective"]
+# The family switches (models/llama.py), each family's set on at once; windows shorter than T.
+_SMALL = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64)
+_GEMMA = dict(head_dim=24, norm_offset=1.0, post_norms=True, embed_scale=True, mlp_act="gelu_tanh", attn_scale=0.2,
+              qkv_bias=True, o_bias=True, sliding_window=8, sliding_layers=(True, False, True))
+FAMILY_ARGS = {
+    "qwen2": ModelArgs(**_SMALL, qkv_bias=True, sliding_window=8, sliding_layers=(False, True, True)),
+    "qwen3": ModelArgs(**_SMALL, head_dim=24, qk_norm=True, qkv_bias=True, o_bias=True, mlp_bias=True),
+    "gemma2": ModelArgs(**_SMALL, **_GEMMA, attn_softcap=2.0, final_softcap=3.0),
+    "gemma3": ModelArgs(**_SMALL, **_GEMMA, qk_norm=True, local_rope_theta=100.0),
+    "mistral": ModelArgs(**_SMALL, sliding_window=8),
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +65,11 @@ def _with_mode(model, mode):
 def _block_bytes(model, args, precision):
     """Counted bytes kept by the transformer blocks alone (the scope of the estimate)."""
     x, _ = _batch(args)
+    tables = [model.rope(T, local=args.is_local(i)) for i in range(args.n_layers)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         h = model.embed_tokens(x)
-        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-        with SavedActivationCounter(model) as counter:
-            for layer in model.layers:
+        with SavedActivationCounter(model, exclude=[t for pair in tables for t in pair]) as counter:
+            for layer, (cos, sin) in zip(model.layers, tables):
                 h = layer(h, cos, sin)
     return counter
 
@@ -170,7 +181,7 @@ def test_offload_hooks_round_trip_on_cpu(base):
     m = _with_mode(base, "none")
     with SavedActivationCounter(m) as counter:
         h = m.embed_tokens(x)
-        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+        cos, sin = m.rope(T)
         for layer in m.layers:
             with ck.OffloadHooks(pin_memory=False, copy_host=True):
                 h = layer(h, cos, sin)
@@ -179,7 +190,7 @@ def test_offload_hooks_round_trip_on_cpu(base):
     for p, q in zip(ref.parameters(), m.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5)
     none_bytes = estimate_saved_activation_bytes(ARGS, "none", B, T, "fp32")
-    # the buffers' RoPE slices are copied too (they are saved tensors of the block), so a little more
+    # the RoPE tables are copied too (they are saved tensors of the block), so a little more
     assert none_bytes <= counter.offloaded_bytes <= none_bytes * 1.1
 
 
@@ -192,7 +203,7 @@ def test_saved_bytes_order(base, precision):
     assert counted["full"] < counted["every:2"] < counted["none"]
 
 
-@pytest.mark.parametrize("args", [ARGS, ARGS2], ids=["gqa-3L", "mha-4L"])
+@pytest.mark.parametrize("args", [ARGS, ARGS2, *FAMILY_ARGS.values()], ids=["gqa-3L", "mha-4L", *FAMILY_ARGS])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-pure"])
 @pytest.mark.parametrize("mode", MODES)
 def test_estimate_matches_counted(args, precision, mode):
@@ -204,6 +215,8 @@ def test_estimate_matches_counted(args, precision, mode):
     counted = _block_bytes(m, args, precision).bytes
     est = estimate_saved_activation_bytes(args, mode, B, T, precision)
     assert abs(counted - est) <= 0.10 * counted, (counted, est)
+    if args in FAMILY_ARGS.values():  # the switches' terms are exact: a wrong one would hide in 10%
+        assert counted == est
 
 
 def test_estimate_accepts_activation_element_size():
@@ -242,7 +255,7 @@ def _profiler_alive_bytes(model, precision):
     from torch.profiler import ProfilerActivity, profile
 
     x0 = torch.randn(B, T, ARGS.dim, requires_grad=True)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    cos, sin = model.rope(T)
     gc.collect()
     gc.disable()  # a collection mid-forward would free tensors of earlier tests' cycles: order-dependent
     try:
@@ -276,8 +289,8 @@ def test_counted_bytes_are_what_stays_alive(base, mode, precision):
     snapshot (one `torch.get_rng_state()` per region, host bookkeeping, not an activation)."""
     m = _with_mode(base, mode)
     x0 = torch.randn(B, T, ARGS.dim, requires_grad=True)
-    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
-    with SavedActivationCounter(m) as counter:
+    cos, sin = m.rope(T)  # made before the profiled region, like x0: not the blocks' activations
+    with SavedActivationCounter(m, exclude=[cos, sin]) as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             h = x0
             for layer in m.layers:

@@ -41,3 +41,13 @@ def test_no_grad_path_computes_loss_only():
     with torch.no_grad():
         loss = cross_entropy_from_hidden(hidden, weight, targets)
     torch.testing.assert_close(loss, reference_cross_entropy(hidden, weight, targets).detach())
+
+
+def test_final_logit_softcap_loss_and_grads_equal_plain_version():
+    """Gemma 2's c tanh(logits / c), with a cap small enough to change the loss."""
+    hidden, weight, targets = _inputs(3)
+    capped = _grads(lambda h, w, t: cross_entropy_from_hidden(h, w, t, chunk=17, softcap=2.0), hidden, weight, targets)
+    plain = _grads(lambda h, w, t: reference_cross_entropy(h, w, t, softcap=2.0), hidden, weight, targets)
+    for a, b in zip(capped, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert abs(capped[0] - reference_cross_entropy(hidden, weight, targets)) > 0.1

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shoestring.errors import UserError
+from shoestring.models.attention import attention_forward
 from shoestring.models.llama import ModelArgs
 from shoestring.train import memory
 
@@ -92,7 +93,7 @@ def _aten_ops(*names: str) -> frozenset:
 
 # Outputs kept by `selective`: the matmuls, and attention (on CPU `F.scaled_dot_product_attention`
 # dispatches to `_scaled_dot_product_flash_attention_for_cpu`, and so does the forward of
-# `models/attention.py`'s compiled-CPU attention; on CUDA to the flash / efficient / cuDNN
+# `models/attention.py`'s blocked attention, unless windowed or soft-capped: then its own op; on CUDA to the flash / efficient / cuDNN
 # kernels, or to the math path, which is made of bmm's). These are the ops whose recompute
 # costs FLOPs; everything else in a block (RMSNorm, RoPE, SiLU, the SwiGLU product, dtype casts,
 # views) is element-wise and cheap to recompute, so it is PREFER_RECOMPUTE.
@@ -104,7 +105,7 @@ SAVE_OPS = _aten_ops(
     "_scaled_dot_product_cudnn_attention",
     "_flash_attention_forward",
     "_efficient_attention_forward",
-)
+) | {attention_forward._opoverload}  # windowed / soft-capped attention (models/attention.py)
 
 
 def _resolve_op(name: str):
@@ -343,49 +344,72 @@ def block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, precision: st
     * each Linear saves its input (the weight is not an activation). Under autocast every Linear
       casts its fp32 input to bf16 separately (autocast caches only weight casts), so q/k/v
       save three bf16 copies of the normed x, gate/up two; without autocast they share one.
-    * RoPE saves cos and sin, not x: under autocast as fresh bf16 casts (4 per block, seq x
-      head_dim each); otherwise they are slices of the model's buffers (not activations).
+    * RoPE saves cos and sin, not x: in bf16 (autocast or bf16-pure) as fresh casts of the fp32
+      tables (4 per block, seq x head_dim each); in fp32 the tables themselves (made once per
+      forward from a buffer: constants, not activations).
     * SDPA (flash on CPU/CUDA) saves q and k after RoPE, v, its output and the fp32 logsumexp
       (batch x heads x seq). o_proj's input is a view of that output.
-    * SiLU saves its input (gate), the SwiGLU product saves silu(gate) and up, down_proj its
-      input. The residual adds save nothing.
+    * SiLU (or GeGLU's tanh-GELU) saves its input (gate), the gated product saves act(gate) and
+      up, down_proj its input. The residual adds save nothing; biases add no saved tensor.
+    * The family switches (models/llama.py): q/k norms (Qwen3, Gemma 3) save what a norm saves,
+      over each head's q and k, and their output only reaches RoPE (which saves no q or k);
+      post-norms (Gemma 2/3) add the norms of the attention and MLP outputs, whose inputs they
+      save (as fp32 upcasts under autocast); Gemma's norm offset saves each norm's (1 + weight);
+      a sliding window or soft-capped scores (models/attention.py's blocked attention) save what
+      flash attention does: q, k, v, out, logsumexp.
 
     `compiled`: the block runs as one `torch.compile`d graph (the compile lever), whose
     partitioner saves its own set (counted with the trainer's counter, small preset, CPU, torch
     2.13): the block input and the two rstd; each normed x once in the matmul dtype (the casts
     are fused, so q/k/v and gate/up share one copy); q, k, v, attention out and its logsumexp;
     o_proj's input as its own contiguous copy; gate, up and their product (silu(gate) is
-    recomputed); RoPE's cos/sin casts twice, not four times. Checkpointed blocks keep their input
-    (`full`) or the matmul and attention outputs but down_proj's, which backward does not need
-    (`selective`).
+    recomputed); RoPE's cos/sin casts twice, not four times; with q/k norms, q and k before them
+    and their rstd; with post-norms, both sub-block outputs and two more rstd, but no copy of
+    o_proj's input (biases, the norm offset, GeGLU, windows and soft-caps save nothing more:
+    counted). Checkpointed blocks keep
+    their input (`full`) or the matmul and attention outputs but down_proj's, which backward does
+    not need (`selective`) unless a post-norm follows it.
     """
     autocast, r, c = _precision(precision)
     d, f, h = args.dim, args.ffn_dim, args.n_heads
-    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    q_dim, kv_dim = args.q_dim, args.kv_dim
     bt = batch * seq_len
     fused = _fused_rms_norm(device_type)
     if compiled:
         return _compiled_block_saved_tensors(args, batch, seq_len, r, c)
 
-    def norm(name: str, consumers: int) -> list[tuple[str, int]]:
+    def norm(name: str, consumers: int, width: int = d, rows: int = bt, in_size: int = r) -> list[tuple[str, int]]:
+        """A norm over `width` features of `rows` rows whose input is `in_size` bytes an element,
+        and whose output `consumers` linears save."""
         if fused:
-            saved = [(f"{name}.input", bt * d * r), (f"{name}.rstd", bt * 4)]
+            saved = [(f"{name}.input", rows * width * in_size), (f"{name}.rstd", rows * 4)]
         else:
-            saved = [(f"{name}.input_fp32", bt * d * 4), (f"{name}.x_rstd", bt * d * 4), (f"{name}.rstd", bt * 4)]
+            saved = [(f"{name}.input_fp32", rows * width * 4), (f"{name}.x_rstd", rows * width * 4), (f"{name}.rstd", rows * 4)]
         # the normed output, as saved by the Linears that consume it
-        copies = consumers if autocast else 1
-        saved += [(f"{name}.out_as_linear_input[{i}]", bt * d * c) for i in range(copies)]
+        copies = consumers if autocast else min(consumers, 1)
+        saved += [(f"{name}.out_as_linear_input[{i}]", rows * width * c) for i in range(copies)]
         return saved
 
     none = norm("input_layernorm", 3)
-    if autocast:
+    if args.qk_norm:  # per head, on q and k as q_proj / k_proj made them (RoPE then saves no q or k)
+        none += norm("q_norm", 0, args.head_dim, bt * h, c) + norm("k_norm", 0, args.head_dim, bt * args.n_kv_heads, c)
+    if c == 2:  # the fp32 tables cast to the activations' dtype, per use (autocast or bf16-pure)
         none += [(f"rope.cos_sin_cast[{i}]", seq_len * args.head_dim * c) for i in range(4)]
     none += [
         ("attn.q_rope", bt * q_dim * c), ("attn.k_rope", bt * kv_dim * c), ("attn.v", bt * kv_dim * c),
         ("attn.out", bt * q_dim * c), ("attn.logsumexp", batch * h * seq_len * 4),
     ]
-    none += norm("post_attention_layernorm", 2)
-    none += [("mlp.gate", bt * f * c), ("mlp.silu_gate", bt * f * c), ("mlp.up", bt * f * c), ("mlp.hidden", bt * f * c)]
+    if args.post_norms:  # Gemma: the attention and MLP outputs are normed (their norms save them), and
+        # the pre-MLP norm is pre_feedforward_layernorm
+        none += norm("post_attention_layernorm", 0, in_size=c) + norm("pre_feedforward_layernorm", 2)
+    else:
+        none += norm("post_attention_layernorm", 2)
+    none += [("mlp.gate", bt * f * c), ("mlp.act_gate", bt * f * c), ("mlp.up", bt * f * c), ("mlp.hidden", bt * f * c)]
+    if args.post_norms:
+        none += norm("post_feedforward_layernorm", 0, in_size=c)
+    if args.norm_offset:  # each norm's (offset + weight), made in forward and saved by its multiply
+        w = 2 if precision == "bf16-pure" else 4
+        none += [("norms.offset_weights", (args.norms_per_block() * d + 2 * args.head_dim * args.qk_norm) * w)]
 
     saved_ops = [
         ("q_proj.out", bt * q_dim * c), ("k_proj.out", bt * kv_dim * c), ("v_proj.out", bt * kv_dim * c),
@@ -403,14 +427,23 @@ def _compiled_block_saved_tensors(args: ModelArgs, batch: int, seq_len: int, r: 
     attn = [("attn.q_rope", bt * q_dim * c), ("attn.k_rope", bt * kv_dim * c), ("attn.v", bt * kv_dim * c),
             ("attn.out", bt * q_dim * c), ("attn.logsumexp", batch * args.n_heads * seq_len * 4)]
     none = [("block.input", bt * d * r), ("norms.rstd[0]", bt * 4), ("norms.rstd[1]", bt * 4),
-            ("input_layernorm.out", bt * d * c), *attn, ("o_proj.input", bt * q_dim * c),
-            ("post_attention_layernorm.out", bt * d * c),
+            ("input_layernorm.out", bt * d * c), *attn, ("post_attention_layernorm.out", bt * d * c),
             ("mlp.gate", bt * f * c), ("mlp.up", bt * f * c), ("mlp.hidden", bt * f * c)]
+    if args.post_norms:  # both sub-block outputs (the post-norms' inputs) and their rstd; o_proj's
+        # input then stays a view of the attention output (counted)
+        none += [("o_proj.out", bt * d * c), ("down_proj.out", bt * d * c), ("norms.rstd[2]", bt * 4), ("norms.rstd[3]", bt * 4)]
+    else:
+        none += [("o_proj.input", bt * q_dim * c)]
     if c == 2:  # RoPE tables cast to the matmul dtype (fp32: views of the model's buffers)
         none += [(f"rope.cos_sin_cast[{i}]", seq_len * args.head_dim * c) for i in range(2)]
+    if args.qk_norm:  # q and k as the projections made them, and the per-head rstd
+        none += [("q_norm.input", bt * q_dim * c), ("k_norm.input", bt * kv_dim * c),
+                 ("q_norm.rstd", bt * args.n_heads * 4), ("k_norm.rstd", bt * args.n_kv_heads * 4)]
     saved_ops = [("q_proj.out", bt * q_dim * c), ("k_proj.out", bt * kv_dim * c), ("v_proj.out", bt * kv_dim * c),
                  ("sdpa.out", bt * q_dim * c), ("sdpa.logsumexp", batch * args.n_heads * seq_len * 4),
                  ("o_proj.out", bt * d * c), ("gate_proj.out", bt * f * c), ("up_proj.out", bt * f * c)]
+    if args.post_norms:  # post_feedforward_layernorm's backward needs down_proj's output
+        saved_ops.append(("down_proj.out", bt * d * c))
     return {"none": none, "input": [("block.input", bt * d * r)], "saved_ops": saved_ops}
 
 
@@ -451,12 +484,12 @@ def estimate_saved_activation_bytes(args: ModelArgs, mode: str, batch: int, seq_
 
 def _forward_flops_per_token(args: ModelArgs, seq_len: int) -> dict[str, float]:
     """Forward matmul FLOPs per token, by part (attention scores and values counted unmasked,
-    as `Llama.flops_per_token` does)."""
+    as `ModelArgs.flops_per_token` does)."""
     d, f = args.dim, args.ffn_dim
-    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    q_dim, kv_dim = args.q_dim, args.kv_dim
     return {
         "qkv": 2 * d * (q_dim + 2 * kv_dim),
-        "attention": 4 * q_dim * seq_len,
+        "attention": args.attention_flops_per_token(seq_len) / 3 / args.n_layers,  # a block's, on average (windows)
         "o_proj": 2 * q_dim * d,
         "gate_up": 4 * d * f,
         "down_proj": 2 * f * d,

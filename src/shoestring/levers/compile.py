@@ -1,7 +1,9 @@
 """Compile lever: `torch.compile` each transformer block on its own (regional compilation).
 
 All blocks share one architecture, so dynamo compiles the first and reuses the code for the
-rest: compile time is that of one block (~15-40 s on 2 CPU cores), not of the whole model.
+rest: compile time is that of one block (~15-40 s on 2 CPU cores), not of the whole model. A
+family with sliding and global layers (Gemma 2/3, Qwen with max_window_layers) compiles twice,
+once per kind (the window is a constant of the graph).
 What it buys is fusion of the elementwise work between matmuls (RMSNorm, RoPE, SwiGLU, the
 residual adds and autocast's casts): on the small preset in bf16 on CPU that is most of the
 non-matmul time (docs/performance.md). Inside a compiled block on CPU, attention also takes a

@@ -136,7 +136,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # ---- cost ---------------------------------------------------------------------------------------
 def target_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear LoRA can target, in one block (the planner uses it too)."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    q, kv = args.q_dim, args.kv_dim
     return {"q_proj": (args.dim, q), "k_proj": (args.dim, kv), "v_proj": (args.dim, kv), "o_proj": (q, args.dim),
             "gate_proj": (args.dim, args.ffn_dim), "up_proj": (args.dim, args.ffn_dim), "down_proj": (args.ffn_dim, args.dim)}
 
@@ -166,8 +166,7 @@ def estimate(args: ModelArgs, settings: LoRASettings, precision: str = "fp32") -
     adapters' own are `saved_activation_bytes`."""
     shapes = target_shapes(args)
     trainable = args.n_layers * sum(settings.rank * (i + o) for name, (i, o) in shapes.items() if name in settings.targets)
-    total = args.n_layers * (sum(i * o for i, o in shapes.values()) + 2 * args.dim) + args.dim
-    total += args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    total = args.num_params()
     pure = precision == "bf16-pure"
     base_bytes = 2 if pure else settings.base_dtype.itemsize
     adapter_bytes = 2 if pure else 4

@@ -1,26 +1,37 @@
-"""Causal attention with a backward that is fast on CPU.
+"""Causal attention, with the variants the supported families need: a softmax scale other than
+1/sqrt(head_dim) (Gemma's `query_pre_attn_scalar`), a sliding window (Mistral, Phi-3, Gemma's
+local layers) and tanh soft-capping of the scores (Gemma 2).
 
-PyTorch's CPU flash-attention backward (`_scaled_dot_product_flash_attention_for_cpu_backward`)
-runs the attention FLOPs at a small fraction of the matmul rate: on the small preset in bf16 it
-was a quarter of a compiled training step (docs/performance.md). Its forward is fast. So
-`causal_attention` keeps the flash forward (which saves only q, k, v, the output and the
-logsumexp, no `seq x seq` tensor) and replaces the backward by the textbook one written with
-dense matmuls, recomputing the probabilities from the saved logsumexp:
+Plain causal attention is `F.scaled_dot_product_attention`, except on CPU inside
+`torch.compile`. There PyTorch's flash-attention backward
+(`_scaled_dot_product_flash_attention_for_cpu_backward`) runs the attention FLOPs at a small
+fraction of the matmul rate: on the small preset in bf16 it was a quarter of a compiled training
+step (docs/performance.md). Its forward is fast. So `BlockedCausalAttention` keeps the flash
+forward (which saves only q, k, v, the output and the logsumexp, no `seq x seq` tensor) and
+replaces the backward by the textbook one written with dense matmuls, recomputing the
+probabilities from the saved logsumexp:
 
-    P = exp(Q K^T * scale - lse)  (causal)    dV = P^T dO    dP = dO V^T
-    dS = P * (dP - rowsum(dO * O)) * scale    dQ = dS K    dK = dS^T Q
+    S = Q K^T * scale (capped: c tanh(S / c))    P = exp(S - lse)  (causal, windowed)
+    dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dO * O)) (capped: * (1 - tanh^2))
+    dQ = dS K * scale    dK = dS^T Q * scale
 
-It runs over blocks of queries so that the transient is `batch x heads x block x seq`, never
-`seq x seq` for all queries at once; a block of queries needs only the keys up to its end, which
-also skips most of the masked half. Under `torch.compile` of the blocks the element-wise work
-between those matmuls fuses into a few kernels. Grouped-query attention is native: the query
-heads of a group are stacked along the rows, so one matmul per group serves them all and dK, dV
-sum over the group for free.
+It runs over blocks of queries so that the transient is `batch x heads x block x keys`, never
+`seq x seq` for all queries at once; a block of queries needs only the keys from its first
+query's window start to its end, which skips the masked part (most of it with a short window).
+Under `torch.compile` of the blocks the element-wise work between those matmuls fuses into a
+few kernels. Grouped-query attention is native: the query heads of a group are stacked along the
+rows, so one matmul per group serves them all and dK, dV sum over the group for free.
 
-It is used on CPU inside `torch.compile` (the compile lever compiles each block; the default for
-bf16 on CPU). Eagerly, its element-wise steps would be separate passes over the probabilities,
-costing more than the flash backward saves; there, and on CUDA (whose flash / efficient kernels
-have fast backwards) and the meta device, this is plain `F.scaled_dot_product_attention`.
+Sliding windows and soft-capping always take `BlockedCausalAttention` (eager or compiled, any
+device): SDPA has no soft-capping, and a window as an SDPA mask would be saved for backward (a
+`seq x seq` tensor per layer). Its forward is `attention_forward`, one custom op: the CPU flash
+kernel with the window as an additive mask, or, with soft-capping or off the CPU, the same
+blocked computation as the backward's in plain PyTorch. Being one opaque op, its mask and
+scores are never saved (a compiled graph would keep the mask; selective checkpointing, which
+keeps this op's outputs like the flash kernel's, would otherwise cache every block's scores).
+Either way it saves q, k, v, out and lse. Eagerly, plain attention stays SDPA (the dense backward's element-wise
+steps would be separate passes costing more than the flash backward saves), and so does
+everything on the meta device.
 """
 
 from __future__ import annotations
@@ -30,43 +41,129 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Queries per block of the backward: with n blocks it computes (n + 1) / 2n of the `seq x seq`
+# Queries per block: with n blocks the causal backward computes (n + 1) / 2n of the `seq x seq`
 # scores (the rest is masked); 128 keeps the matmuls large. Fewer for big batch x heads x seq,
 # so that one `batch x heads x block x seq` transient stays within BLOCK_ELEMENTS (fp32: 16 MiB).
 QUERY_BLOCK = 128
 BLOCK_ELEMENTS = 1 << 22
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     window: int = 0, softcap: float | None = None) -> torch.Tensor:
     """q (batch, heads, seq, head_dim); k, v (batch, kv_heads, seq, head_dim), kv_heads dividing
-    heads -> (batch, heads, seq, head_dim). Causal, scale 1/sqrt(head_dim), no dropout. The
-    dense backward on CPU when compiling, SDPA otherwise (see the module docstring)."""
-    if q.device.type == "cpu" and torch.compiler.is_compiling():
-        return CpuCausalAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    heads -> (batch, heads, seq, head_dim). Causal, no dropout. `scale` defaults to
+    1/sqrt(head_dim); `window` > 0 lets a query see itself and the `window - 1` keys before it;
+    `softcap` caps the scaled scores at +-softcap with tanh."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    window = window if 0 < window < q.shape[2] else 0  # a window as long as the row is no window
+    if q.device.type != "meta" and (window or softcap or (q.device.type == "cpu" and torch.compiler.is_compiling())):
+        return BlockedCausalAttention.apply(q, k, v, scale, window, softcap or 0.0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def query_block(batch: int, heads: int, seq: int) -> int:
-    """Queries per block of the dense backward."""
+    """Queries per block of the blocked forward and backward."""
     return min(seq, QUERY_BLOCK, max(16, BLOCK_ELEMENTS // (batch * heads * seq)))
 
 
-class CpuCausalAttention(torch.autograd.Function):
-    """Flash forward, dense blocked backward (see the module docstring)."""
+def _keys(i0: int, i1: int, window: int) -> int:
+    """First key any query in [i0, i1) may see."""
+    return max(0, i0 - window + 1) if window else 0
+
+
+def _visible(i0: int, i1: int, j0: int, window: int, device) -> torch.Tensor:
+    """(queries i0..i1) x (keys j0..i1): causal, and within the window when there is one."""
+    dist = torch.arange(i0, i1, device=device)[:, None] - torch.arange(j0, i1, device=device)
+    return (dist >= 0) & (dist < window) if window else dist >= 0
+
+
+def _scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 scaled (and capped) scores of a query block, and tanh of the cap when capped."""
+    s = torch.matmul(qc, kc.transpose(-1, -2)).float() * scale
+    if not softcap:
+        return s, None
+    t = torch.tanh(s / softcap)
+    return t * softcap, t
+
+
+@torch.library.custom_op("shoestring::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                      softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of windowed or soft-capped causal attention: the CPU flash kernel with the
+    window as an additive mask when not capped, else `_blocked_forward`. One opaque op, so that
+    neither the `seq x seq` mask nor a block's scores is ever saved for backward (the compiled
+    graph would keep the mask; selective checkpointing would cache every block's scores)."""
+    if q.device.type == "cpu" and not softcap:
+        out, lse = _flash_forward(q, k, v, scale, window)
+        return out, lse.contiguous()  # the kernel's lse is laid out (batch, seq, heads): one layout for the fake
+    return _blocked_forward(q, k, v, scale, window, softcap)
+
+
+def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                     softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse), one block of queries at a time (any device). `out` is laid out (batch, seq,
+    heads, head_dim) in memory, like the flash kernel's, so that the model's transpose back to
+    (batch, seq, heads x head_dim) is a view, not a copy."""
+    b, h, s, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g, s, d)
+    out, lse = _outputs(q)
+    out_g, lse_g = out.view(b, hkv, g, s, d), lse.view(b, hkv, g, s)
+    step = query_block(b, h, s)
+    for i0 in range(0, s, step):
+        i1 = min(s, i0 + step)
+        c, j0 = i1 - i0, _keys(i0, i1, window)
+        qc = qg[:, :, :, i0:i1].reshape(b, hkv, g * c, d)
+        scores, _ = _scores(qc, k[:, :, j0:i1], scale, softcap)
+        scores = scores.view(b, hkv, g, c, i1 - j0).masked_fill(~_visible(i0, i1, j0, window, q.device), float("-inf"))
+        m = torch.logsumexp(scores, dim=-1)
+        p = torch.exp(scores - m[..., None]).to(q.dtype).view(b, hkv, g * c, i1 - j0)
+        out_g[:, :, :, i0:i1] = torch.matmul(p, v[:, :, j0:i1]).view(b, hkv, g, c, d)
+        lse_g[:, :, :, i0:i1] = m
+    return out, lse
+
+
+def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, s, d = q.shape
+    out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return out, torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+
+
+@attention_forward.register_fake
+def _(q, k, v, scale, window, softcap):
+    return _outputs(q)
+
+
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not window:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    s = q.shape[2]
+    mask = torch.zeros(s, s, dtype=q.dtype, device=q.device).masked_fill(~_visible(0, s, 0, window, q.device), float("-inf"))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
+class BlockedCausalAttention(torch.autograd.Function):
+    """Flash (or blocked) forward, dense blocked backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                softcap: float) -> torch.Tensor:
+        if q.device.type == "cpu" and not (window or softcap):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        else:
+            out, lse = attention_forward(q, k, v, scale, window, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.window, ctx.softcap = scale, window, softcap
         return out
 
     @staticmethod
-    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(ctx, d_out: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
+        scale, window, softcap = ctx.scale, ctx.window, ctx.softcap
         b, h, s, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        scale = 1.0 / math.sqrt(d)
         d_out = d_out.to(q.dtype)
         # Rows of a group: (batch, kv_heads, group, seq, ...) so a query block folds into one matmul.
         qg, dog = q.reshape(b, hkv, g, s, d), d_out.reshape(b, hkv, g, s, d)
@@ -78,18 +175,23 @@ class CpuCausalAttention(torch.autograd.Function):
         step = query_block(b, h, s)
         for i0 in range(0, s, step):
             i1 = min(s, i0 + step)
-            c = i1 - i0
+            c, j0 = i1 - i0, _keys(i0, i1, window)
+            n = i1 - j0
             qc = qg[:, :, :, i0:i1].reshape(b, hkv, g * c, d)
             doc = dog[:, :, :, i0:i1].reshape(b, hkv, g * c, d)
-            kc, vc = k[:, :, :i1], v[:, :, :i1]
-            scores = torch.matmul(qc, kc.transpose(-1, -2)).view(b, hkv, g, c, i1)
-            causal = torch.arange(i0, i1, device=q.device)[:, None] >= torch.arange(i1, device=q.device)
-            p = torch.where(causal, torch.exp(scores.float() * scale - lse_g[:, :, :, i0:i1]), 0.0)
-            dp = torch.matmul(doc, vc.transpose(-1, -2)).view(b, hkv, g, c, i1)
+            kc, vc = k[:, :, j0:i1], v[:, :, j0:i1]
+            scores, capped = _scores(qc, kc, scale, softcap)
+            p = torch.where(_visible(i0, i1, j0, window, q.device),
+                            torch.exp(scores.view(b, hkv, g, c, n) - lse_g[:, :, :, i0:i1]), 0.0)
+            dp = torch.matmul(doc, vc.transpose(-1, -2)).view(b, hkv, g, c, n)
             p = p.to(q.dtype)  # rounded once: the matmuls take it in the compute dtype anyway
-            ds = (p * (dp.float() - delta[:, :, :, i0:i1]) * scale).to(q.dtype).view(b, hkv, g * c, i1)
-            p = p.view(b, hkv, g * c, i1)
-            dv[:, :, :i1] += torch.matmul(p.transpose(-1, -2), doc)
-            dk[:, :, :i1] += torch.matmul(ds.transpose(-1, -2), qc)
+            ds = p * (dp.float() - delta[:, :, :, i0:i1])
+            if capped is not None:
+                ds = ds * (1 - capped.view(b, hkv, g, c, n).square())
+            ds = (ds * scale).to(q.dtype).view(b, hkv, g * c, n)
+            p = p.view(b, hkv, g * c, n)
+            dv[:, :, j0:i1] += torch.matmul(p.transpose(-1, -2), doc)
+            dk[:, :, j0:i1] += torch.matmul(ds.transpose(-1, -2), qc)
             dq_blocks.append(torch.matmul(ds, kc).view(b, hkv, g, c, d))
-        return torch.cat(dq_blocks, dim=3).view(b, h, s, d), dk.to(k.dtype), dv.to(v.dtype)
+        dq = torch.cat(dq_blocks, dim=3).view(b, h, s, d)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -116,7 +116,7 @@ class WithLoss(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_from_hidden(self.model(x), self.model.lm_head.weight, y)
+        return cross_entropy_from_hidden(self.model(x), self.model.lm_head.weight, y, softcap=self.model.args.final_softcap)
 
 
 def replicated_state_bytes(n_params: int, policy: PrecisionPolicy) -> dict[str, int]:

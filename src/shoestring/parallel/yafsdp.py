@@ -708,10 +708,9 @@ class FrozenBase(NamedTuple):
 def _unit_sizes(args: ModelArgs, base: FrozenBase | None) -> tuple[int, list[int], bool, list[tuple[int, bool]]]:
     """Elements of one block's matrices, of embed (and head unless tied), whether those train,
     and (elements, trains) of each resident unit (the order of `_units`)."""
-    d, q, kv = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    block = d * (q + 2 * kv) + q * d + 3 * d * args.ffn_dim
+    d, block = args.dim, args.block_matrices()
     outer = [args.vocab_size * d] * (1 if args.tie_embeddings else 2)
-    small = (2 * args.n_layers + 1) * d
+    small = args.n_layers * args.block_vectors() + d  # norms and biases
     if base is None:
         return block, outer, True, [(small, True)]
     return block, outer, False, [(base.adapters, True), (small, False)]

@@ -144,7 +144,8 @@ def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_
     working = sum(n for _, n in per_block["none"])  # one block's full set, live during its backward
     outside = tokens * a.dim * residual * 2 + tokens * 4  # embedding output, final norm input/rstd
     kept = tokens * a.dim * compute + a.vocab_size * a.dim * 4  # grad_hidden, grad_weight: into backward
-    loss = kept + 3 * min(LOSS_CHUNK, tokens) * a.vocab_size * 4  # + one chunk's logits, while it runs
+    # + one chunk's logits while it runs (a final soft-cap keeps its tanh and 1 - tanh^2 beside them)
+    loss = kept + (5 if a.final_softcap else 3) * min(LOSS_CHUNK, tokens) * a.vocab_size * 4
     if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
         kind = parse_mode(mode)[0]
         extra = trainable.block_activation_bytes(tokens, levers.precision, levers.compiled)

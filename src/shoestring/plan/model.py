@@ -39,7 +39,7 @@ class ModelInfo:
         return (self.n_params - a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) - a.dim) // a.n_layers
 
     def flops_per_token(self, seq_len: int) -> float:
-        return _flops_per_token(self.args, seq_len)
+        return self.args.flops_per_token(seq_len)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,11 +66,6 @@ def _numel(shape: Shape) -> int:
     for d in shape:
         n *= d
     return n
-
-
-@cache
-def _flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    return build_model(args, "meta").flops_per_token(seq_len)
 
 
 @cache
@@ -108,5 +103,5 @@ def lora_flops_per_token(info: ModelInfo, trainable: Trainable, seq_len: int) ->
     params instead of 6 x), while attention (no weights) keeps its full 3 x forward; adapters
     train fully."""
     full = info.flops_per_token(seq_len)
-    attention = 12 * info.args.n_layers * info.args.dim * seq_len
+    attention = info.args.attention_flops_per_token(seq_len)
     return (full - attention) * 4 / 6 + attention + 6 * trainable.n_params

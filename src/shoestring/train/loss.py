@@ -7,6 +7,9 @@ we form its logits, take the loss, and compute the gradients w.r.t. the hidden s
 head weight right away (the loss is a scalar, so its upstream gradient is a single number
 applied in backward). What stays alive until backward is `grad_hidden` (tokens x dim) and
 `grad_weight` (vocab x dim) instead of the logits.
+
+A final-logit soft-cap (Gemma 2: logits -> c tanh(logits / c)) is applied per chunk; its
+derivative (1 - tanh^2) multiplies the softmax gradient before it reaches hidden and weight.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ IGNORE_INDEX = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                softcap: float) -> torch.Tensor:
         needs_grad = hidden.requires_grad or weight.requires_grad
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
@@ -29,6 +33,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
             logits = (h @ weight.T).float()
+            if softcap:
+                tanh = torch.tanh(logits.div_(softcap))
+                logits = torch.mul(tanh, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = t.clamp(min=0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -38,6 +45,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), safe_t] -= 1.0
                 g.mul_(v[:, None])
+                if softcap:
+                    g.mul_(1 - tanh.square_())
                 g = g.to(h.dtype)
                 grad_hidden[start : start + chunk] = g @ weight
                 grad_weight += (g.T @ h).float()
@@ -51,13 +60,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight * grad_out.to(grad_weight.dtype), None, None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight * grad_out.to(grad_weight.dtype), None, None, None
 
 
 def cross_entropy_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, softcap: float | None = None
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows skipped).
+    """Mean cross-entropy of `hidden @ weight.T` (soft-capped at `softcap` when given) against
+    `targets` (IGNORE_INDEX rows skipped).
 
     hidden (..., dim), weight (vocab, dim), targets (...). Under autocast the matmuls run in the
     autocast dtype, like an `nn.Linear` would; the softmax is always fp32.
@@ -66,10 +76,13 @@ def cross_entropy_from_hidden(
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(h, w, targets.reshape(-1), chunk)
+        return _ChunkedLinearCrossEntropy.apply(h, w, targets.reshape(-1), chunk, softcap or 0.0)
 
 
-def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            softcap: float | None = None) -> torch.Tensor:
     """The plain version (full logits), for tests and comparison."""
     logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
