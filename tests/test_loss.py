@@ -41,3 +41,14 @@ def test_no_grad_path_computes_loss_only():
     with torch.no_grad():
         loss = cross_entropy_from_hidden(hidden, weight, targets)
     torch.testing.assert_close(loss, reference_cross_entropy(hidden, weight, targets).detach())
+
+
+def test_frozen_head_gets_no_gradient_and_the_same_hidden_gradient():
+    """LoRA freezes the head: no vocab x dim gradient is computed or kept for it."""
+    hidden, weight, targets = _inputs(3)
+    frozen = weight.detach()
+    loss = cross_entropy_from_hidden(hidden, frozen, targets, chunk=17)
+    (loss * 3.0).backward()
+    expected = _grads(reference_cross_entropy, hidden.detach().requires_grad_(), weight, targets)
+    assert frozen.grad is None
+    torch.testing.assert_close(hidden.grad, expected[1], rtol=1e-5, atol=1e-6)

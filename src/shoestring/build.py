@@ -46,13 +46,14 @@ def build_plain_model(cfg: Config, vocab_size: int, device: torch.device, source
     return build_model(args, device)
 
 
-def shape_model(cfg: Config, model: Llama) -> None:
-    """The levers that change the module structure (a checkpoint is loaded after these)."""
+def shape_model(cfg: Config, model: Llama, quantize: bool = True) -> None:
+    """The levers that change the module structure (a checkpoint is loaded after these).
+    `quantize=False` keeps an NF4 base plain (reading a checkpoint back for export)."""
     if cfg.lora.enabled:
         from shoestring.finetune import lora_settings
         from shoestring.levers.lora import apply_lora
 
-        apply_lora(model, lora_settings(cfg))
+        apply_lora(model, lora_settings(cfg, quantize))
 
 
 def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: every catalogue device")
     p.add_argument("--mode", default="pretrain", choices=["pretrain", "full-finetune", "lora"])
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-base-dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of LoRA's frozen base weights")
+    p.add_argument("--lora-base-dtype", choices=["bf16", "fp32", "nf4"],
+                   help="dtype of LoRA's frozen base weights (nf4: QLoRA's 4 bits); default: bf16 and nf4 are both tried")
     p.add_argument("--seq-len", type=int, help="default: the model's context, at most 4096")
     p.add_argument("--global-batch-tokens", default="1M", help="tokens per optimizer step (default 1M)")
     p.add_argument("--deadline", help="wall-time limit, e.g. 48h or 3d")

@@ -132,8 +132,9 @@ class LoRASection(Section):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    # dtype the frozen base weights are held in; bf16 halves them (needs bf16 compute).
-    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    # dtype the frozen base weights are held in; bf16 halves them (needs bf16 compute); nf4
+    # (QLoRA) holds the blocks' linears in 4 bits, the rest in the compute dtype.
+    base_dtype: Literal["fp32", "bf16", "nf4"] = "fp32"
 
     @field_validator("targets")
     @classmethod
@@ -211,6 +212,10 @@ class Config(Section):
                              "source's tokenizer, and raw-text training of a source model is not supported yet")
         if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("bf16", "bf16-pure"):
             raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode bf16 or bf16-pure, not {self.precision.mode!r}")
+        if self.lora.enabled and self.lora.base_dtype == "nf4" and self.parallel.strategy in ("yafsdp", "deepspeed"):
+            raise ValueError(f"lora.base_dtype = 'nf4' does not run with parallel.strategy = '{self.parallel.strategy}': it "
+                             "packs or moves every weight as a plain tensor, and an NF4 weight is a tensor subclass "
+                             "(codes + scales); use ddp or fsdp2")
         return self
 
     @model_validator(mode="after")

@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from shoestring.config import ParallelSection
+from shoestring.errors import UserError
+from shoestring.levers.lora import dequantize_nf4, is_nf4
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel import dist
@@ -81,8 +83,11 @@ class FSDP2(Strategy):
         return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
 
     def _sharded_state(self) -> dict:
+        """An NF4 base (QLoRA) goes to disk dequantised, as plain shards: DCP reshards those on
+        load and export reads them without torchao; the NF4 codes themselves are rebuilt from
+        model.source on resume (`load`)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        return {"model": {k: _dequantized(v) for k, v in model_sd.items()}, "optim": optim_sd}
 
     def save(self, directory: Path) -> None:
         dcp.save(self._sharded_state(), checkpoint_id=directory / DCP_DIR)
@@ -91,7 +96,13 @@ class FSDP2(Strategy):
         require_file(directory, DCP_DIR)
         state = self._sharded_state()
         dcp.load(state, checkpoint_id=directory / DCP_DIR)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        quantised = {k: v for k, v in get_state_dict(self.model, [])[0].items() if is_nf4(v.to_local())}
+        for key, weight in quantised.items():  # frozen: the rebuilt base must be the checkpoint's
+            if not torch.equal(_dequantized(weight).to_local(), state["model"].pop(key).to_local()):
+                raise UserError(f"the NF4 base weight {key} differs from the checkpoint's",
+                                "model.source changed since the run started: resume from the same source")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not quantised))
 
     @staticmethod
     def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -115,3 +126,10 @@ class FSDP2(Strategy):
 
     def unwrapped(self) -> Llama:
         return self.model
+
+
+def _dequantized(t: torch.Tensor) -> torch.Tensor:
+    """A sharded NF4 weight as a plain sharded tensor (each rank's rows are whole NF4 blocks)."""
+    if not (isinstance(t, DTensor) and is_nf4(t.to_local())):
+        return t
+    return DTensor.from_local(dequantize_nf4(t.to_local()), t.device_mesh, t.placements, shape=t.shape, stride=t.stride())
