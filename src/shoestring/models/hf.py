@@ -189,11 +189,8 @@ def read_hf_dir(path: Path) -> HFSource:
 
 
 def _transformers():
-    from shoestring.quiet import quiet_imports
-
     try:
-        with quiet_imports():  # transformers imports torchao when it is installed
-            import transformers
+        import transformers
     except ImportError:
         raise UserError("this needs transformers, which is not installed", HF_EXTRA) from None
     return transformers
@@ -203,10 +200,13 @@ def read_gguf(file: Path) -> HFSource:
     """De-quantise a GGUF file to fp32 through transformers (which reads it with `gguf`)."""
     if not file.is_file():
         raise UserError(f"{file}: GGUF file not found")
+    from shoestring.quiet import quiet_imports
+
     tf = _transformers()
     kw = {"gguf_file": file.name}
-    model = tf.AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kw)
-    tok = tf.AutoTokenizer.from_pretrained(file.parent, **kw)
+    with quiet_imports():  # its GGUF path imports torchao's quantizers when torchao is installed
+        model = tf.AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kw)
+        tok = tf.AutoTokenizer.from_pretrained(file.parent, **kw)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are de-quantised now
     config["architectures"] = [type(model).__name__]
