@@ -160,7 +160,29 @@ def test_lora_composes_with_levers_and_resumes(make_config, tmp_path, levers):
     assert curve[0] == curve[1]
 
 
+def test_package_source_names_a_file_in_an_installed_package():
+    from shoestring.models.hf import parse_source
+
+    kind, path = parse_source("gguf:pkg:shoestring/plan/hardware.toml")
+    assert kind == "gguf" and path.is_file()
+    with pytest.raises(UserError, match="package 'no_such_package_xyz'.*not installed"):
+        parse_source("gguf:pkg:no_such_package_xyz/model.gguf")
+
+
 # ---- instruction data ---------------------------------------------------------------------------
+def test_instruct_demo_writes_the_reverse_words_set(tmp_path):
+    from shoestring.cli import main
+    from shoestring.data.demo import PROMPT
+
+    out = tmp_path / "new" / "demo.jsonl"
+    assert main(["data", "instruct-demo", str(out), "--examples", "20"]) == 0
+    convs, skipped = read_jsonl(out, skip_malformed=False)
+    assert len(convs) == 20 and not skipped
+    for user, assistant in convs:
+        words = user["content"].removeprefix(PROMPT).split()
+        assert len(set(words)) == 4 and assistant["content"].split() == words[::-1]
+
+
 def test_malformed_lines_name_line_and_problem(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\nnot json\n'
