@@ -174,3 +174,14 @@ def test_planner_puts_llama3_8b_qlora_on_one_t4():
     nf4_params = best.memory.components["params"]
     assert 5.0e9 < nf4_params < 6.0e9  # 7.0 B block weights at ~0.52 byte + embedding and head in fp16
     assert any(p.levers.base_dtype == "bf16" for p in result.misses)
+
+
+def test_fsdp2_refuses_an_nf4_weight_it_cannot_split(make_config):
+    from shoestring.build import build_plain_model, check_nf4_sharding, shape_model
+
+    cfg = make_config(**NF4, parallel__strategy="fsdp2")
+    model = build_plain_model(cfg, 512, torch.device("cpu"))
+    shape_model(cfg, model)
+    check_nf4_sharding(cfg, model, 2)
+    with pytest.raises(UserError, match="cannot split the NF4 weight layers.0.self_attn.q_proj.weight"):
+        check_nf4_sharding(cfg, model, 3)

@@ -73,12 +73,25 @@ def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
                         "use true, false or a divisor of the number of ranks")
 
 
+def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
+    """FSDP2 splits each NF4 weight (QLoRA) into whole rows, blocks and blocks of scales per rank."""
+    if cfg.parallel.strategy != "fsdp2" or world_size == 1:
+        return
+    from shoestring.levers.lora import is_nf4, nf4_splits
+
+    for name, p in model.named_parameters():
+        if is_nf4(p) and not nf4_splits(tuple(p.shape), world_size):
+            raise UserError(f"FSDP2 cannot split the NF4 weight {name} {tuple(p.shape)} over {world_size} ranks "
+                            "into whole rows and 64-weight blocks", "use parallel.strategy = 'ddp', or another number of ranks")
+
+
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
     model = build_plain_model(cfg, vocab_size, device, source)
     shape_model(cfg, model)
     apply_checkpointing(model, cfg.checkpointing.mode)
+    check_nf4_sharding(cfg, model, dist.world_size())
     policy = precision_policy(cfg)
     if compile_lever.wanted(cfg.train.compile, device, policy):
         compile_lever.compile_blocks(model, device)
