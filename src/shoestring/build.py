@@ -88,8 +88,12 @@ def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
-    model = build_plain_model(cfg, vocab_size, device, source)
+    # An NF4 base (QLoRA) is quantised in host memory: its full-precision original, 8x its size,
+    # never has to fit on the device.
+    host = torch.device("cpu") if cfg.lora.enabled and cfg.lora.base_dtype == "nf4" else device
+    model = build_plain_model(cfg, vocab_size, host, source)
     shape_model(cfg, model)
+    model.to(device)
     apply_checkpointing(model, cfg.checkpointing.mode)
     check_nf4_sharding(cfg, model, dist.world_size())
     policy = precision_policy(cfg)

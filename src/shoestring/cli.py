@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="a fine-tuned run before and after: held-out answers and loss")
     p.add_argument("run_dir")
     p.add_argument("--prompts", type=int, default=5, help="held-out prompts to answer (greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample text from a trained run")

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from shoestring.errors import UserError
-from shoestring.finetune import RunModel, formatter, load_run, pad_id
+from shoestring.finetune import RunModel, formatter, load_run, pad_id, special_tokens
 from shoestring.generate import sample
 from shoestring.levers.lora import adapters_off, lora_modules
 from shoestring.models.llama import Llama
@@ -68,14 +68,16 @@ class HeldOut:
         if not self.batches:
             raise UserError(f"{cfg.data.corpus}: no held-out example fits data.seq_len", "raise data.seq_len or data.val_fraction")
         self.turns = [_first_turn(c) for c in data.val_conversations[:prompts]]
+        eos = special_tokens(run.tokenizer_config)["eos_token"]
+        self.stop = frozenset({run.tokenizer.token_to_id(eos)} - {None}) if eos else frozenset()
 
     @torch.no_grad()
-    def answers(self, model: Llama, max_new_tokens: int = 16) -> list[str]:
+    def answers(self, model: Llama, max_new_tokens: int = 12) -> list[str]:
         """Greedy replies, first line."""
         out = []
         for messages, _ in self.turns:
             ids = self.fmt.encode(self.fmt.render(messages, add_generation_prompt=True))
-            reply = self.run.tokenizer.decode(sample(model, ids, max_new_tokens, temperature=0)[len(ids):])
+            reply = self.run.tokenizer.decode(sample(model, ids, max_new_tokens, temperature=0, stop_ids=self.stop)[len(ids):])
             out.append(reply.split("\n")[0].strip())
         return out
 
@@ -85,7 +87,7 @@ class HeldOut:
         return sum(cross_entropy_from_hidden(model(x), model.lm_head.weight, y).item() for x, y in self.batches) / len(self.batches)
 
 
-def compare(run_dir: Path, prompts: int = 5, max_new_tokens: int = 16) -> Comparison:
+def compare(run_dir: Path, prompts: int = 5, max_new_tokens: int = 12) -> Comparison:
     run = load_run(run_dir)
     held = HeldOut(run, prompts)
     after, loss_after = held.answers(run.model, max_new_tokens), held.loss(run.model)
