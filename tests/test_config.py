@@ -6,7 +6,7 @@ from shoestring.errors import UserError
 
 def test_default_config_file_loads():
     cfg = load_config("configs/tiny.toml")
-    assert cfg.model.preset == "tiny" and cfg.precision.mode == "bf16"
+    assert cfg.model.preset == "tiny" and cfg.precision.mode == "auto"
 
 
 def test_overrides_parse_toml_literals_and_bare_strings():

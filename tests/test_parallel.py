@@ -264,7 +264,6 @@ def test_export_gives_one_plain_safetensors_file(runs, case, tmp_path):
 
 
 @pytest.mark.parametrize("parallel, precision, world, device, says", [
-    ({"strategy": "fsdp2"}, "fp16", 2, "cpu", "not supported with parallel.strategy"),
     ({"strategy": "fsdp2", "cpu_offload": True}, "fp32", 2, "cpu", "needs a CUDA device"),
     ({"strategy": "deepspeed", "offload_optimizer": True}, "fp32", 2, "cpu", "needs a CUDA device"),
     ({"strategy": "deepspeed", "zero_stage": 2, "offload_params": True}, "fp32", 2, "cpu", "zero_stage = 3"),

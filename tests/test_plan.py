@@ -102,6 +102,9 @@ class _Ranks:
     def __init__(self, world_size: int):
         self.rank, self.world_size, self.p2p = 0, world_size, world_size > 1
 
+    def all_reduce(self, t: torch.Tensor) -> None:
+        raise AssertionError("a collective was called while building")
+
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_yafsdp_state_and_buffer_bytes_exact(preset):
@@ -114,7 +117,7 @@ def test_yafsdp_state_and_buffer_bytes_exact(preset):
     info = model_info(preset)
     settings = OptimizerSettings(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0)
     for n in (1, 2, 8):
-        for precision in ("bf16", "bf16-pure"):
+        for precision in ("bf16", "bf16-pure", "fp16"):
             engine = YaFSDP(build_model(PRESETS[preset], "meta"), PrecisionPolicy(precision), settings,
                             torch.device("meta"), ParallelSection(strategy="yafsdp"), _Ranks(n))
             counted = engine.memory()
@@ -281,3 +284,26 @@ def test_auto_overrides_keep_what_is_set(monkeypatch):
     assert not any(c.startswith(("precision.", "train.grad_accum")) for c in chosen)
     assert any(c.startswith("parallel.strategy=") for c in chosen)
     assert plan.levers.strategy in ("ddp", "fsdp2")
+
+
+def test_fp16_only_devices_shard():
+    """A T4 has no bf16: fp16 with loss scaling shards, so an 8B LoRA fits on four (it fitted
+    nowhere when only DDP could carry fp16: 24.4 GB per 16 GB device)."""
+    r = search(Request("llama3-8b", 1e8, hardware=("t4:4",), mode="lora"))
+    assert r.plans and {p.levers.precision for p in r.plans} == {"fp16"}
+    assert {"fsdp2", "yafsdp"} <= {p.levers.strategy for p in r.plans}
+    assert not any(p.levers.strategy == "ddp" for p in r.plans)
+
+
+@pytest.mark.parametrize("request_, says, never", [
+    (Request("llama3-8b", 1e8, hardware=("t4:4",), mode="lora", lora_base_dtype="fp32"),
+     "--lora-base-dtype bf16", "--mode lora"),
+    (Request("llama3-70b", 1e9, hardware=("t4:1",)), "--mode lora", "--lora-base-dtype"),
+])
+def test_a_hint_never_suggests_what_the_request_says(request_, says, never):
+    from shoestring.errors import UserError
+    from shoestring.plan.search import require_fit
+
+    with pytest.raises(UserError) as err:
+        require_fit(search(request_))
+    assert says in err.value.fix and never not in err.value.fix, err.value.fix

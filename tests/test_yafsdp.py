@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from shoestring.config import ParallelSection, build_config
+from shoestring.config import ParallelSection
 from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers.lora import LoRASettings, apply_lora, is_adapter_key
 from shoestring.levers.precision import PrecisionPolicy
@@ -413,11 +413,3 @@ def test_launched_run_exports_and_resumes_on_one_rank(corpus_dir, prepared, tmp_
     assert code == 0 and "resumed from" in log, log
     assert_same_curve(curve(ref), curve(tmp_path / "resumed"), 1e-5)
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["devices"] == 1
-
-
-def test_fp16_is_refused_up_front():
-    from shoestring.errors import UserError
-
-    tree = {"model": {"preset": "micro"}, "data": {"seq_len": 16}, "parallel": {"strategy": "yafsdp"}}
-    with pytest.raises(UserError, match="fp16"):
-        build_config({**tree, "precision": {"mode": "fp16"}})

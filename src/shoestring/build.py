@@ -2,17 +2,24 @@
 a fixed order: LoRA -> activation checkpointing -> compile -> data-parallel strategy (with
 precision). LoRA replaces modules and freezes the base, so it goes first: the later levers must
 see the final module structure. Checkpointing wraps a block's forward, compile then traces the
-wrapped forward, and the strategy (which may shard or cast parameters) comes last."""
+wrapped forward, and the strategy (which may shard or cast parameters) comes last.
+
+The config's `auto` settings (precision, compile) are decided first, by `resolve_auto`, from the
+device's measured facts (the probe's, which the caller passes): a strategy is built from a
+resolved config only, so what ran is what the run's config.json says."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from shoestring.config import Config
+from shoestring.config import Config, build_config
 from shoestring.errors import UserError
 from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers import compile as compile_lever
-from shoestring.levers.precision import PrecisionPolicy
+from shoestring.levers.precision import Choice, DeviceFacts, PrecisionPolicy, resolve_precision, slow_warning
 from shoestring.models import Llama, build_model, preset_args
 from shoestring.models.hf import HFSource, load_llama
 from shoestring.parallel import OptimizerSettings, Strategy, dist, strategy_class
@@ -24,6 +31,41 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but no CUDA device is available", "set train.device = 'auto' or 'cpu'")
     return torch.device(choice)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A config with its `auto` settings decided for one device, and why."""
+    cfg: Config
+    precision: Choice
+    compile: Choice
+    warning: str | None  # the precision runs its matmuls far slower than fp32 here
+
+    def lines(self) -> list[str]:
+        """What was chosen, one line each, for the start of a run."""
+        return [f"precision: {self.precision.value} ({self.precision.reason})",
+                f"compile: {'on' if self.compile.value else 'off'} ({self.compile.reason})"]
+
+
+def resolve_auto(cfg: Config, facts: DeviceFacts, saved: dict[str, Any] | None = None) -> Resolved:
+    """`precision.mode` and `train.compile` decided on `facts`: "auto" by the levers' rules, a
+    resumed run (`saved`: the config it ran with) keeping the precision it started with unless
+    the config names one, LoRA's bf16-held base getting bf16 where the rule says fp32."""
+    mode = cfg.precision.mode
+    saved_mode = (saved or {}).get("precision", {}).get("mode", "auto")
+    if mode != "auto":
+        precision = Choice(mode, "set in the config")
+    elif saved_mode != "auto":
+        precision = Choice(saved_mode, "the mode the resumed run started with")
+    else:
+        precision = resolve_precision(facts)
+        if precision.value == "fp32" and cfg.lora.enabled and cfg.lora.base_dtype == "bf16":
+            precision = Choice("bf16", "lora.base_dtype = 'bf16' needs low-precision compute")
+    policy = PrecisionPolicy(str(precision.value))
+    compiled = compile_lever.decide(cfg.train.compile, facts, policy)
+    tree = cfg.to_dict()
+    tree["precision"]["mode"], tree["train"]["compile"] = precision.value, compiled.value
+    return Resolved(build_config(tree, "resolved config"), precision, compiled, slow_warning(policy.mode, facts))
 
 
 def precision_policy(cfg: Config) -> PrecisionPolicy:
@@ -86,6 +128,9 @@ def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
 
 
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
+    """The strategy for a resolved config (`resolve_auto`)."""
+    if "auto" in (cfg.precision.mode, cfg.train.compile):
+        raise ValueError("build_strategy needs a resolved config: resolve_auto(cfg, probe.device_facts(device)).cfg")
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
     # An NF4 base (QLoRA) is quantised in host memory: its full-precision original, 8x its size,
@@ -97,6 +142,6 @@ def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: H
     apply_checkpointing(model, cfg.checkpointing.mode)
     check_nf4_sharding(cfg, model, dist.world_size())
     policy = precision_policy(cfg)
-    if compile_lever.wanted(cfg.train.compile, device, policy):
+    if cfg.train.compile:
         compile_lever.compile_blocks(model, device)
     return cls(model, policy, optimizer_settings(cfg), device, cfg.parallel)

@@ -80,8 +80,8 @@ class TrainSection(Section):
     eval_batches: int = Field(default=8, gt=0)
     log_every: int = Field(default=10, gt=0)
     seed: int = 1337
-    # Regional torch.compile of the blocks: true | false | "auto" (on where it pays: CUDA, and
-    # CPU in bf16; see shoestring.levers.compile).
+    # Regional torch.compile of the blocks: true | false | "auto" (on where it pays: CUDA, and a
+    # CPU whose half-precision matmuls are fast, when the run uses them; see shoestring.levers.compile).
     compile: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
@@ -98,11 +98,14 @@ class TrainSection(Section):
         return self
 
 
-PrecisionMode = Literal["fp32", "bf16", "fp16", "bf16-pure"]
+PrecisionMode = Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"]
 
 
 class PrecisionSection(Section):
-    mode: PrecisionMode = "bf16"
+    # "auto": chosen at start-up from what this device measured (shoestring.levers.precision:
+    # bf16 on CUDA with bf16 tensor cores, else fp16; on a CPU, bf16 where its matmuls run
+    # >= 1.5x fp32's, else fp32), written into the run's config.json and kept on resume.
+    mode: PrecisionMode = "auto"
     # fp16 dynamic loss scaling (torch.amp.GradScaler).
     init_scale: float = Field(default=2.0**16, gt=0)
     growth_interval: int = Field(default=2000, gt=0)
@@ -132,8 +135,8 @@ class LoRASection(Section):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    # dtype the frozen base weights are held in; bf16 halves them (needs bf16 compute); nf4
-    # (QLoRA) holds the blocks' linears in 4 bits, the rest in the compute dtype.
+    # dtype the frozen base weights are held in; bf16 halves them (needs autocast: bf16, fp16 or
+    # bf16-pure); nf4 (QLoRA) holds the blocks' linears in 4 bits, the rest in the compute dtype.
     base_dtype: Literal["fp32", "bf16", "nf4"] = "fp32"
 
     @field_validator("targets")
@@ -210,8 +213,10 @@ class Config(Section):
         if (self.data.format == "instruct") != bool(self.model.source):
             raise ValueError("data.format = 'instruct' and model.source go together: instruction data needs the "
                              "source's tokenizer, and raw-text training of a source model is not supported yet")
-        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode not in ("bf16", "bf16-pure"):
-            raise ValueError(f"lora.base_dtype = 'bf16' needs precision.mode bf16 or bf16-pure, not {self.precision.mode!r}")
+        # A bf16 base needs autocast (or bf16-pure) to meet the activations: fp16's casts it per use;
+        # "auto" resolves to a low precision for it (levers/precision.py).
+        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode == "fp32":
+            raise ValueError("lora.base_dtype = 'bf16' needs precision.mode auto, bf16, bf16-pure or fp16, not 'fp32'")
         if self.lora.enabled and self.lora.base_dtype == "nf4" and self.parallel.strategy in ("yafsdp", "deepspeed"):
             raise ValueError(f"lora.base_dtype = 'nf4' does not run with parallel.strategy = '{self.parallel.strategy}': it "
                              "packs or moves every weight as a plain tensor, and an NF4 weight is a tensor subclass "
@@ -227,15 +232,6 @@ class Config(Section):
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context ({ctx}); "
                 f"lower data.seq_len or raise model.max_seq_len"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _precision_fits_strategy(self) -> "Config":
-        if self.precision.mode == "fp16" and self.parallel.strategy in ("fsdp2", "yafsdp", "deepspeed"):
-            raise ValueError(
-                f"precision.mode = 'fp16' is not supported with parallel.strategy = '{self.parallel.strategy}' "
-                "(dynamic loss scaling is not wired through sharded gradients here); use bf16 or bf16-pure"
             )
         return self
 

@@ -58,7 +58,10 @@ def throughput_and_memory(name: str, rows: list[dict], out: Path) -> Path | None
 def checkpointing_frontier(rows: list[dict], out: Path) -> Path | None:
     """Step time vs saved activation bytes of the checkpointing modes (levers rows): the modes on
     the lower-left frontier are the ones worth choosing."""
-    modes = [r for r in rows if r.get("precision") == "bf16" and "saved_activation_bytes" in r]
+    from shoestring.bench.levers import base_precision
+
+    precision = base_precision(rows)
+    modes = [r for r in rows if r.get("precision") == precision and "saved_activation_bytes" in r]
     if len(modes) < 2:
         return None
     plt = _pyplot()
@@ -70,7 +73,7 @@ def checkpointing_frontier(rows: list[dict], out: Path) -> Path | None:
     ax.margins(0.2)
     ax.set_xlabel("step time, s")
     ax.set_ylabel("saved activations, MiB")
-    ax.set_title("checkpointing modes (bf16): memory vs time", fontsize=10)
+    ax.set_title(f"checkpointing modes ({precision}): memory vs time", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=72)
     plt.close(fig)

@@ -55,7 +55,7 @@ def config_tree(source: str, data: Path, run_dir: Path, mode: str, steps: int) -
         "data": {"format": "instruct", "corpus": str(data), "seq_len": 64, "val_fraction": 0.1},
         "train": {"steps": steps, "batch_size": 8, "lr": 2e-3 if lora else 5e-5, "warmup_steps": min(5, steps - 1),
                   "weight_decay": 0.0, "eval_every": steps, "eval_batches": 4, "log_every": 1, "seed": 0, "device": "cpu"},
-        "precision": {"mode": "bf16"},
+        "precision": {"mode": "auto"},
         "lora": {"enabled": lora, "rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"]},
         "run": {"dir": str(run_dir), "save_every": 0, "keep_last": 1},
@@ -101,12 +101,12 @@ def train_one(job: dict) -> dict:
     cfg = build_config(config_tree(job["source"], data, run_dir, job["mode"], job["steps"]))
     trainer = Trainer(cfg, console=Console(quiet=True))
     summary = trainer.run(overwrite=True)
-    predicted = predicted_state(cfg, trainer.strategy.unwrapped())
+    predicted = predicted_state(trainer.cfg, trainer.strategy.unwrapped())  # the config as resolved for the run
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     timed = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]  # the first step warms up
     mem = summary["memory_bytes"]
     state = mem["params"] + mem["optimizer"] + mem["master"]
-    return {"mode": job["mode"], "steps": job["steps"], "timed_steps": len(timed), "trainable_params": predicted["trainable_params"],
+    return {"mode": job["mode"], "precision": summary["precision"]["mode"], "steps": job["steps"], "timed_steps": len(timed), "trainable_params": predicted["trainable_params"],
             "predicted": predicted, "measured": {k: mem[k] for k in ("params", "grads", "optimizer", "master")},
             "state_error": (predicted["params"] + predicted["optimizer"] + predicted["master"]) / state - 1,
             "peak_bytes": mem["device_peak"], "tokens_per_s": statistics.median(timed),

@@ -2,9 +2,11 @@
 
 Single device: our Llama trained by shoestring's strategy (its defaults: chunked loss, compile
 where it pays, fused AdamW) versus the same architecture and the same initial weights as
-`transformers.LlamaForCausalLM` (sdpa attention) trained by Hugging Face `Trainer` with bf16
-(on CPU that is accelerate's `torch.autocast(cpu, bf16)` around fp32 weights, the same
-arithmetic as our bf16 policy), each also with activation checkpointing on.
+`transformers.LlamaForCausalLM` (sdpa attention) trained by Hugging Face `Trainer`, each also
+with activation checkpointing on. Every system runs in the trainer's `auto` precision for this
+machine (`Work.precision`, resolved once by the parent): bf16 where its matmuls are fast (for HF
+Trainer on CPU that is accelerate's `torch.autocast(cpu, bf16)` around fp32 weights, the same
+arithmetic as our bf16 policy), else fp32.
 Two ranks (gloo): shoestring's fsdp2 versus `fully_shard` applied by hand to the HF model in a
 plain loop, versus DeepSpeed ZeRO-3 through its own engine on the HF model.
 
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -58,6 +60,7 @@ class Work:
     steps: int
     skip: int  # first steps left out of the timing
     compile: bool | str = "auto"
+    precision: str = "auto"  # resolved by `run` before any worker starts: every system the same
     lr: float = 1e-3  # low enough that bf16 rounding differences are not amplified into other curves
     warmup_steps: int = 3
     weight_decay: float = 0.1
@@ -129,7 +132,7 @@ def _shoestring_config(work: Work, checkpointing: str, strategy: str = "single")
         "train": {"steps": work.steps, "batch_size": work.batch, "lr": work.lr, "warmup_steps": work.warmup_steps,
                   "weight_decay": work.weight_decay, "beta1": work.betas[0], "beta2": work.betas[1],
                   "grad_clip": work.grad_clip, "seed": work.seed, "compile": work.compile},
-        "precision": {"mode": "bf16"},
+        "precision": {"mode": work.precision},
         "checkpointing": {"mode": checkpointing},
         "parallel": {"strategy": strategy},
     })
@@ -152,9 +155,12 @@ def _train_loop(work: Work, step: Callable[[int, torch.Tensor, torch.Tensor], to
 
 
 def run_shoestring(work: Work, checkpointing: str, strategy_name: str = "single") -> dict[str, Any]:
-    from shoestring.build import build_strategy
+    from shoestring.build import build_strategy, resolve_auto
+    from shoestring.plan.probe import device_facts
 
-    strategy = build_strategy(_shoestring_config(work, checkpointing, strategy_name), work.vocab, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    cfg = resolve_auto(_shoestring_config(work, checkpointing, strategy_name), device_facts(cpu)).cfg
+    strategy = build_strategy(cfg, work.vocab, cpu)
 
     def step(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = strategy.forward_backward(x, y, 1.0, True)
@@ -197,7 +203,7 @@ def run_hf_trainer(work: Work, checkpointing: str) -> dict[str, Any]:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=work.batch, max_steps=work.steps, learning_rate=work.lr,
             adam_beta1=work.betas[0], adam_beta2=work.betas[1], weight_decay=work.weight_decay,
-            max_grad_norm=work.grad_clip, bf16=True, use_cpu=True, optim="adamw_torch_fused",
+            max_grad_norm=work.grad_clip, bf16=work.precision == "bf16", use_cpu=True, optim="adamw_torch_fused",
             gradient_checkpointing=checkpointing == "full", logging_steps=1, save_strategy="no", report_to="none",
             train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True, seed=work.seed,
             remove_unused_columns=False)
@@ -225,7 +231,7 @@ def run_fsdp2_hf(work: Work) -> dict[str, Any]:
         fully_shard(layer)
     fully_shard(model)
     opt = make_adamw([p for p in model.parameters() if p.requires_grad], work.settings, torch.device("cpu"))
-    policy = PrecisionPolicy("bf16")
+    policy = PrecisionPolicy(work.precision)
 
     def step(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for group in opt.param_groups:
@@ -242,7 +248,7 @@ def run_fsdp2_hf(work: Work) -> dict[str, Any]:
 
 
 def run_deepspeed_hf(work: Work) -> dict[str, Any]:
-    """The HF model in DeepSpeed's engine, ZeRO-3, bf16 autocast around fp32 weights."""
+    """The HF model in DeepSpeed's engine, ZeRO-3, the work's precision (autocast around fp32 weights)."""
     import torch.distributed as tdist
 
     from shoestring.config import ParallelSection
@@ -250,7 +256,7 @@ def run_deepspeed_hf(work: Work) -> dict[str, Any]:
     from shoestring.parallel.deepspeed import ds_config, import_deepspeed
 
     deepspeed = import_deepspeed("cpu")
-    policy = PrecisionPolicy("bf16")
+    policy = PrecisionPolicy(work.precision)
     model = hf_model(work)
     opt = make_adamw([p for p in model.parameters() if p.requires_grad], work.settings, torch.device("cpu"))
     # Our adapter's config, buckets sized to one block (DeepSpeed's defaults suit billion-parameter models).
@@ -314,7 +320,11 @@ def _row(system: str, ranks: int, checkpointing: str, work: Work, result: dict[s
 def run(size: str = "small", parts: tuple[str, ...] = ("single", "distributed"),
         progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measure every system at `size` (smoke | small | full); one row per system."""
-    single, two = SIZES[size]
+    from shoestring.levers.precision import resolve_precision
+    from shoestring.plan.probe import device_facts
+
+    precision = str(resolve_precision(device_facts(torch.device("cpu"))).value)
+    single, two = (replace(w, precision=precision) for w in SIZES[size])
     rows = []
     python = [sys.executable, "-m", "shoestring.bench.incumbents"]
     if "single" in parts:

@@ -8,8 +8,8 @@ fsdp2 / yafsdp on 2 ranks, pre-training, full fine-tuning and LoRA).
 (`calibration_toml` writes them as that table).
 
 Method: each configuration runs in its own fresh process(es), built through the trainer's path
-(`build_strategy`: LoRA, checkpointing, compile where `train.compile = "auto"` compiles, the
-strategy), so the planner is asked about exactly what ran (the compile lever's rule included).
+(`resolve_auto` + `build_strategy`: LoRA, checkpointing, compile where `train.compile = "auto"`
+compiles on this machine's measured facts, the strategy), so the planner is asked about exactly what ran (the compile lever's rule included).
 The first step (compilation, allocations, lazy optimizer state) is not timed; tokens/s is the
 median of the next `steps` steps (the slowest rank's), measured memory the largest per-rank peak
 RSS (VmHWM) of the same processes. Ranks split the cores (one thread each on 2). What the probe
@@ -105,17 +105,18 @@ def _worker(rank: int, world: int, port: int, case: Case, queue) -> None:
                       MASTER_PORT=str(port))
     import torch
 
-    from shoestring.build import build_strategy
+    from shoestring.build import build_strategy, resolve_auto
     from shoestring.config import build_config
     from shoestring.models import PRESETS
     from shoestring.parallel import dist
-    from shoestring.plan.probe import cpu_cores
+    from shoestring.plan.probe import cpu_cores, device_facts
     from shoestring.train.memory import PeakRSS
 
     torch.set_num_threads(max(1, cpu_cores() // world))
     vocab = PRESETS[case.preset].vocab_size
     with dist.process_group(torch.device("cpu"), 300, required=world > 1):
-        s = build_strategy(build_config(case.config_tree()), vocab, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        s = build_strategy(resolve_auto(build_config(case.config_tree()), device_facts(cpu)).cfg, vocab, cpu)
         gen = torch.Generator().manual_seed(rank)
         x, y = (torch.randint(0, vocab, (case.batch // world, case.seq_len), generator=gen) for _ in range(2))
         times = []

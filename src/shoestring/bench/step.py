@@ -28,12 +28,22 @@ class StepSpec:
     vocab_size: int = 4096
     batch: int = 16
     seq_len: int = 256
-    precision: str = "bf16"
+    precision: str = "auto"  # as precision.mode: "auto" is the trainer's choice for this machine
     checkpointing: str = "none"
     compile: bool = False
     warmup: int = 2
     steps: int = 5
     seed: int = 0
+
+
+def resolved_precision(mode: str) -> str:
+    """`mode`, or for "auto" the precision lever's rule on this CPU's measured facts."""
+    if mode != "auto":
+        return mode
+    from shoestring.levers.precision import resolve_precision
+    from shoestring.plan.probe import device_facts
+
+    return str(resolve_precision(device_facts(torch.device("cpu"))).value)
 
 
 def measure(spec: StepSpec) -> dict:
@@ -45,8 +55,8 @@ def measure(spec: StepSpec) -> dict:
         from shoestring.levers.compile import compile_blocks
 
         compile_blocks(model)
-    strategy = SingleDevice(model, PrecisionPolicy(spec.precision), OptimizerSettings(1e-3, 0.1, (0.9, 0.95), 1.0),
-                            torch.device("cpu"))
+    policy = PrecisionPolicy(resolved_precision(spec.precision))
+    strategy = SingleDevice(model, policy, OptimizerSettings(1e-3, 0.1, (0.9, 0.95), 1.0), torch.device("cpu"))
     gen = torch.Generator().manual_seed(spec.seed)
     x = torch.randint(0, spec.vocab_size, (spec.batch, spec.seq_len), generator=gen)
     y = torch.randint(0, spec.vocab_size, (spec.batch, spec.seq_len), generator=gen)
@@ -71,11 +81,12 @@ def measure(spec: StepSpec) -> dict:
     tokens = spec.batch * spec.seq_len
     return {
         "spec": asdict(spec),
+        "precision": policy.mode,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "saved_activation_bytes": counter.bytes,
         "estimated_block_activation_bytes": estimate_saved_activation_bytes(
-            args, spec.checkpointing, spec.batch, spec.seq_len, spec.precision),
+            args, spec.checkpointing, spec.batch, spec.seq_len, policy.mode),
         "state_bytes": strategy.memory(),
         "peak_rss_bytes": rss.peak_bytes(),
         "flops_per_token": model.flops_per_token(spec.seq_len),

@@ -6,7 +6,8 @@ rounds), tokens/s, model-state bytes each rank owns (counted), the process peak 
 rank and its growth from step 2 to the last step, and what one rank sends per step with the time
 collectives ran (measured by `shoestring.parallel.comm.CommMeter` on the run's third step).
 
-Runs use the trainer's default precision (bf16 autocast) with `train.compile = false`: every run
+Runs use the trainer's default precision (`auto`: bf16 autocast where this machine's bf16 matmuls
+are fast, else fp32; each row records the mode that ran) with `train.compile = false`: every run
 is a fresh process, and compiling the blocks in each would take longer than the steps measured.
 """
 
@@ -81,12 +82,12 @@ def train_once(name: str, overrides: dict, ranks: int, base: dict, run_dir: Path
         "peak_bytes": mem["device_peak_max_rank"],
         "peak_growth_bytes": steps[-1]["memory"]["device_peak"] - steps[min(1, len(steps) - 1)]["memory"]["device_peak"],
         "comm_bytes": comm["bytes_sent"], "comm_busy_s": comm["busy_s"],
-        "final_loss": summary["final_train_loss"], "tokens_per_step": tokens,
+        "final_loss": summary["final_train_loss"], "tokens_per_step": tokens, "precision": summary["precision"]["mode"],
     }
 
 
 def run(size: str = "small", rounds: int | None = None, only: list[str] | None = None,
-        config: str = "configs/tiny.toml", precision: str = "bf16",
+        config: str = "configs/tiny.toml", precision: str = "auto",
         progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """One row per case: the round with the median step time, plus every round's step time."""
     preset, batch, seq, steps, default_rounds = SIZES[size]
@@ -109,7 +110,7 @@ def run(size: str = "small", rounds: int | None = None, only: list[str] | None =
             continue
         row = dict(good[len(good) // 2])
         row["step_s_all"] = [m["step_s"] for m in good]
-        row.update(preset=preset, precision=precision, size=size)
+        row.update(preset=preset, size=size)
         rows.append(row)
     return rows
 

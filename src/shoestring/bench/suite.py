@@ -13,14 +13,14 @@ import importlib
 import inspect
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from shoestring.bench import report
-from shoestring.bench.goals import verdicts
+from shoestring.bench.goals import MatmulPeaks, verdicts
 
 SIZES = ("smoke", "small", "full")
 # name -> (module, title in the report); the order they run in
@@ -56,8 +56,21 @@ def run_section(name: str, size: str, progress) -> Outcome:
         return Outcome(name, time.perf_counter() - t0, problem=f"failed: {type(err).__name__}: {err}", failed=True)
 
 
-def section_body(o: Outcome, size: str, command: str, charts: list[Path] | str, out: Path) -> str:
-    parts = [report.stamp(command, o.seconds), ""]
+@dataclass(frozen=True)
+class RunFacts:
+    """What the report says about the run as a whole, taken once before any section runs or
+    anything is written: where it ran, and the matmul rates that decide which goals apply."""
+
+    provenance: report.Provenance
+    peaks: MatmulPeaks
+
+    @classmethod
+    def now(cls) -> "RunFacts":
+        return cls(report.Provenance.now(), MatmulPeaks.probed())
+
+
+def section_body(o: Outcome, size: str, command: str, charts: list[Path] | str, out: Path, facts: RunFacts) -> str:
+    parts = [report.stamp(command, o.seconds, facts.provenance), ""]
     if size == "smoke":
         parts += ["**Smoke size: this checks that the section runs; its figures say nothing about the goals.**", ""]
     if o.problem:
@@ -67,7 +80,7 @@ def section_body(o: Outcome, size: str, command: str, charts: list[Path] | str, 
         parts += [f"({charts})", ""]
     else:
         parts += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in charts] + [""]
-    lines = [v.line() for v in verdicts(o.name, o.rows)]
+    lines = [v.line() for v in verdicts(o.name, o.rows, facts.peaks)]
     if lines:
         parts += ["Goals:", "", *lines]
     return "\n".join(parts)
@@ -82,16 +95,17 @@ def draw(o: Outcome, out: Path) -> list[Path] | str:
         return "charts skipped: matplotlib is not installed (pip install 'shoestring[plots]')"
 
 
-def write(outcomes: list[Outcome], size: str, command: str, out: Path) -> Path:
+def write(outcomes: list[Outcome], size: str, command: str, out: Path, facts: RunFacts) -> Path:
     """Fill OUT/benchmarks.md (kept prose, new figures) and merge the rows into OUT/benchmarks.json."""
     out.mkdir(parents=True, exist_ok=True)
     doc_path, raw_path = out / "benchmarks.md", out / "benchmarks.json"
     doc = doc_path.read_text() if doc_path.exists() else report.skeleton({k: v[1] for k, v in SECTIONS.items()})
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     for o in outcomes:
-        body = section_body(o, size, command, [] if o.problem else draw(o, out), out)
+        body = section_body(o, size, command, [] if o.problem else draw(o, out), out, facts)
         doc = report.fill(doc, o.name, SECTIONS[o.name][1], body)
-        raw[o.name] = {"command": command, "seconds": o.seconds, "problem": o.problem, "rows": o.rows}
+        raw[o.name] = {"command": command, "seconds": o.seconds, "problem": o.problem, "machine": facts.provenance.machine,
+                       "matmul_peaks": asdict(facts.peaks), "rows": o.rows}
     doc_path.write_text(doc)
     raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
     return doc_path
@@ -99,6 +113,7 @@ def write(outcomes: list[Outcome], size: str, command: str, out: Path) -> Path:
 
 def run_suite(size: str, names: list[str], out: Path, command: str, console: Console) -> list[Outcome]:
     """Run the named sections in order under one progress bar, then write the report."""
+    facts = RunFacts.now()
     outcomes = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} sections"),
                TimeElapsedColumn(), TextColumn("{task.fields[step]}", style="dim", markup=False))
@@ -110,6 +125,6 @@ def run_suite(size: str, names: list[str], out: Path, command: str, console: Con
             outcomes.append(o)
             bar.advance(task)
             bar.console.print(f"{name}: {o.problem or 'done'} ({o.seconds:.0f} s)", markup=False, highlight=False)
-    doc = write(outcomes, size, command, out)
+    doc = write(outcomes, size, command, out, facts)
     console.print(f"wrote {doc} ({sum(o.seconds for o in outcomes) / 60:.1f} min in all)", markup=False, highlight=False)
     return outcomes

@@ -8,8 +8,11 @@ non-matmul time (docs/performance.md). Inside a compiled block on CPU, attention
 faster backward (`models/attention.py`: dense matmuls over query blocks instead of the slow CPU
 flash-attention backward), whose element-wise steps only pay once fused.
 
-`train.compile = "auto"` (the default) compiles where that pays: on CUDA, and on CPU when the
-matmuls run in bf16. fp32 on CPU gains little for the compile time. Where compile cannot run
+`train.compile = "auto"` (the default) compiles where that pays, decided on the device's measured
+facts (`decide`, which says why): on CUDA; on a CPU when the matmuls run in a half precision
+that is fast here (fusing the element-wise work around fast matmuls is what is left to gain;
+around bf16 matmuls ~100x slower than fp32, as on AVX2-only CPUs, compiling cannot help). fp32
+on a CPU gains little for the compile time. Where compile cannot run
 (no C++ compiler for inductor's CPU kernels, no triton for CUDA, an unsupported Python) the
 blocks stay eager with a warning; an error while compiling a block at run time also falls back
 to eager (dynamo's `suppress_errors`), logged by torch, instead of stopping the run.
@@ -24,19 +27,27 @@ import warnings
 
 import torch
 
-from shoestring.levers.precision import PrecisionPolicy
+from shoestring.levers.precision import Choice, DeviceFacts, PrecisionPolicy, rates_line
 from shoestring.models.llama import Llama
 
 ENV_SWITCH = "SHOESTRING_COMPILE"
 
 
-def wanted(setting: bool | str, device: torch.device, policy: PrecisionPolicy) -> bool:
-    """Resolve the `train.compile` setting (True, False or "auto") for this device and policy."""
+def decide(setting: bool | str, facts: DeviceFacts, policy: PrecisionPolicy) -> Choice:
+    """Resolve the `train.compile` setting (True, False or "auto") for this device and policy,
+    with the reason (module docstring: the rule)."""
     if setting != "auto":
-        return bool(setting)
-    if os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no"):
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and policy.compute_dtype == torch.bfloat16)
+        return Choice(bool(setting), f"train.compile = {str(setting).lower()}")
+    switch = os.environ.get(ENV_SWITCH, "")
+    if switch.lower() in ("0", "off", "false", "no"):
+        return Choice(False, f"{ENV_SWITCH}={switch}")
+    if facts.kind == "cuda":
+        return Choice(True, "CUDA: fuses the element-wise work between matmuls")
+    if policy.compute_dtype == torch.float32:
+        return Choice(False, "fp32 on a CPU gains little for the compile time")
+    if not facts.fast(policy.mode):
+        return Choice(False, f"{rates_line(facts, policy.mode)}: compiling cannot make slow matmuls fast")
+    return Choice(True, f"{policy.mode} on a CPU with fast half-precision matmuls: fuses the element-wise work")
 
 
 def unavailable(device: torch.device) -> str | None:

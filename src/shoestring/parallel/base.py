@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -53,6 +54,45 @@ def adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], settings: Opt
     release: one kernel for all parameters."""
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, fused=device.type in ("cpu", "cuda"))
+
+
+def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                clip_grads: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Unscale the gradients (a no-op without loss scaling), clip them (`clip_grads` returns the
+    pre-clip global norm: clipping must see unscaled gradients) and apply the update unless they
+    are not finite. With loss scaling the scaler decides, as `torch.amp.GradScaler` does: an
+    inf/nan skips the update and halves the scale, `growth_interval` clean steps double it.
+    Returns (pre-clip norm, skipped)."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grads()
+    if not scaler.is_enabled():
+        skipped = not bool(torch.isfinite(grad_norm))
+        if not skipped:
+            optimizer.step()
+        return grad_norm, skipped
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm, scaler.get_scale() < scale
+
+
+class RankAgreedGradScaler(torch.amp.GradScaler):
+    """`torch.amp.GradScaler` for gradients that differ per rank (shards of one gradient): the
+    inf/nan flag its unscale finds on this rank is summed over ranks by `all_reduce`, so every
+    rank skips the same steps and moves its scale the same way. (FSDP2 needs none: the inf check
+    on its DTensor gradients is all-reduced over the mesh by DTensor itself.)"""
+
+    def __init__(self, device_type: str, policy: PrecisionPolicy, all_reduce: Callable[[torch.Tensor], None]):
+        super().__init__(device_type, init_scale=policy.init_scale, growth_interval=policy.growth_interval,
+                         enabled=policy.uses_loss_scaling)
+        self.all_reduce = all_reduce
+
+    def _unscale_grads_(self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor,
+                        allow_fp16: bool) -> dict[torch.device, torch.Tensor]:
+        found = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        for flag in found.values():
+            self.all_reduce(flag)
+        return found
 
 
 def require_file(directory: Path, name: str) -> Path:
@@ -127,6 +167,13 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
         """The full model state dict from a checkpoint this strategy wrote (one process, CPU)."""
+
+    @staticmethod
+    def weight_dtype(policy: PrecisionPolicy) -> torch.dtype:
+        """The dtype this strategy holds the trained weights (and their gradients) in, and
+        gathers them in when it shards them: the policy's, unless the strategy has its own
+        modes (DeepSpeed's fp16 and bf16). Autocast casts weights held in fp32 only."""
+        return policy.param_dtype
 
     @staticmethod
     @abc.abstractmethod

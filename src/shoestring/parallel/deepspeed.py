@@ -6,7 +6,15 @@ generates its JSON config from ours and maps the interface onto the engine:
 then, and only then) and calls `engine.backward`, `step` calls `engine.step`. Our AdamW is handed
 to DeepSpeed as the client optimizer, so the update is the same arithmetic as the other
 strategies'. Precision: fp32 as is; bf16 is our autocast around fp32 weights; bf16-pure is
-DeepSpeed's `bf16` mode (bf16 weights, fp32 master partitions). fp16 is refused by the config.
+DeepSpeed's `bf16` mode (bf16 weights, fp32 master partitions); fp16 is DeepSpeed's `fp16` mode
+(fp16 weights and gradients, fp32 master partitions) under our autocast, with DeepSpeed's own
+dynamic loss scaler: it checks this rank's gradient partition for inf/nan and all-reduces the
+flag, so every rank skips the same step. Its settings come from ours: the initial scale (a power
+of two), `loss_scale_window` = growth_interval, hysteresis 1 (halve on every overflow, as
+`torch.amp.GradScaler` does). Unlike GradScaler it doubles the scale after growth_interval + 1
+clean steps, and stops the run when an overflow comes at its minimum scale (1). Its CPU
+accelerator runs fp16 only on CPUs with native fp16 (AVX512-FP16 / AMX-FP16): elsewhere fp16
+with DeepSpeed is refused at start.
 
 ZeRO checkpoints are per rank and resume on the same number of ranks only (DeepSpeed's
 universal-checkpoint conversion would lift that; not wired here); `consolidated_weights` uses
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,6 +59,21 @@ def import_deepspeed(device_type: str) -> Any:
     return deepspeed
 
 
+def check_fp16(deepspeed: Any, policy: PrecisionPolicy) -> None:
+    """Refuse fp16 where DeepSpeed's accelerator does (it would raise deep inside `initialize`),
+    and an initial loss scale its config cannot express."""
+    if not policy.uses_loss_scaling:
+        return
+    accelerator = deepspeed.accelerator.get_accelerator()
+    if not accelerator.is_fp16_supported():
+        raise UserError(f"parallel.strategy = 'deepspeed' with precision.mode = 'fp16': DeepSpeed's "
+                        f"{accelerator.device_name()} accelerator does not run fp16 here (on CPU it needs native fp16: "
+                        "AVX512-FP16 or AMX-FP16)", "use fsdp2 or yafsdp for fp16 here, or another precision.mode")
+    if not math.log2(policy.init_scale).is_integer():
+        raise UserError(f"precision.init_scale = {policy.init_scale:g}: DeepSpeed's loss scale starts at a power of two",
+                        "set precision.init_scale to a power of two, e.g. 65536")
+
+
 def ds_config(policy: PrecisionPolicy, settings: OptimizerSettings, options: ParallelSection,
               block_numel: int) -> dict[str, Any]:
     """DeepSpeed's JSON config from ours. Its batch bookkeeping is unused (the trainer feeds the
@@ -72,6 +96,9 @@ def ds_config(policy: PrecisionPolicy, settings: OptimizerSettings, options: Par
         "gradient_clipping": settings.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": policy.uses_master_weights},
+        "fp16": {"enabled": policy.uses_loss_scaling, "loss_scale": 0,  # 0: dynamic
+                 "initial_scale_power": round(math.log2(policy.init_scale)), "loss_scale_window": policy.growth_interval,
+                 "hysteresis": 1},
         "zero_allow_untested_optimizer": True,  # our torch AdamW, the same update as elsewhere
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
@@ -83,6 +110,7 @@ class DeepSpeed(Strategy):
     def __init__(self, model: Llama, policy: PrecisionPolicy, settings: OptimizerSettings, device: torch.device,
                  options: ParallelSection):
         deepspeed = import_deepspeed(device.type)
+        check_fp16(deepspeed, policy)
         self.device, self.policy, self.settings, self.model, self.stage = device, policy, settings, model, options.zero_stage
         self.rank, self.world_size = dist.rank(), dist.world_size()
         block_numel = max(sum(p.numel() for p in block.parameters()) for block in model.layers)
@@ -104,7 +132,10 @@ class DeepSpeed(Strategy):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float(norm) if norm is not None else float("nan"))
-        return StepResult(grad_norm=grad_norm, skipped=not bool(torch.isfinite(grad_norm)))
+        # fp16: DeepSpeed's loss scaler skipped an overflow; otherwise a non-finite norm stands
+        # for a step the trainer must treat as failed.
+        applied = self.engine.was_step_applied() and bool(torch.isfinite(grad_norm))
+        return StepResult(grad_norm=grad_norm, skipped=not applied)
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, save_latest=False)
@@ -128,13 +159,19 @@ class DeepSpeed(Strategy):
         return {k.removeprefix("model."): v for k, v in state.items()}
 
     @staticmethod
+    def weight_dtype(policy: PrecisionPolicy) -> torch.dtype:
+        """bf16 and fp16 in DeepSpeed's modes of those names (bf16-pure and fp16 here), which
+        cast every parameter, a frozen base too; fp32 otherwise."""
+        return {"bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(policy.mode, torch.float32)
+
+    @staticmethod
     def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
         """ZeRO partitions optimizer state and the fp32 master copy (which DeepSpeed keeps even
         in fp32: a second copy of the weights); ZeRO-3 also the parameters. Gradients: DeepSpeed
         0.19 reduces each bucket into this rank's partition as backward goes, at stage 1 as at
         stage 2 (measured), so both hold a gradient partition plus a bucket; stage 2 differs from
         1 in what it may free, not in this steady state. Alignment padding is ignored."""
-        w, shard = policy.param_dtype.itemsize, n_params // world_size
+        w, shard = DeepSpeed.weight_dtype(policy).itemsize, n_params // world_size
         return {"params": w * (shard if options.zero_stage == 3 else n_params), "grads": w * shard,
                 "master": 4 * shard, "optimizer": 8 * shard}
 

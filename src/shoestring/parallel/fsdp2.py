@@ -5,8 +5,12 @@ all-gather/reduce-scatter unit, the root (embedding, final norm, tied head) anot
 Precision lever mapping: fp32 and bf16 (autocast) keep fp32 parameters and communicate in fp32;
 bf16-pure becomes `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the sharded fp32
 parameters are the master weights, gathered and computed in bf16, gradients reduced in fp32 (so
-no separate master copy, and no bf16 reduce-scatter, which gloo lacks). fp16 is refused by the
-config (loss scaling over sharded gradients is not wired here).
+no separate master copy, and no bf16 reduce-scatter, which gloo lacks). fp16 is autocast like
+bf16, with dynamic loss scaling by `torch.amp.GradScaler` over the sharded gradients: its inf/nan
+check (`_amp_foreach_non_finite_check_and_unscale_`) dispatches on DTensors to a handler that
+all-reduces the flag (max) over the mesh, so an overflow in any rank's shard skips the step and
+halves the scale on every rank alike. Clipping sees the unscaled gradients (`scaled_step`); the
+scaler's state is saved with the shards.
 
 Checkpoints go through `torch.distributed.checkpoint` (every rank writes its shards into the
 checkpoint's temporary directory), which reshards on load: a run saved on N ranks resumes on M.
@@ -30,7 +34,8 @@ from shoestring.levers.lora import dequantize_nf4, is_nf4
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel import dist
-from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
+from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
+                                      scaled_step)
 from shoestring.train.memory import model_state_bytes
 
 DCP_DIR = "dcp"
@@ -61,41 +66,46 @@ class FSDP2(Strategy):
                 block.set_modules_to_backward_prefetch(blocks[max(0, i - k) : i][::-1])
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, settings, device)
+        self.scaler = policy.make_scaler(device.type)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         # Gradients are reduce-scattered after every micro-step (not only the last): the
         # accumulated gradient then stays sharded, which is the point of FSDP.
         loss = self._loss(x, y)
-        (loss * loss_scale).backward()
+        self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
 
     def step(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        skipped = not bool(torch.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
+        grad_norm, skipped = scaled_step(self.optimizer, self.scaler, self._clip)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
 
-    def _sharded_state(self) -> dict:
-        """An NF4 base (QLoRA) goes to disk dequantised, as plain shards: DCP reshards those on
-        load and export reads them without torchao; the NF4 codes themselves are rebuilt from
+    def _clip(self) -> torch.Tensor:
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+    def _sharded_state(self, saved_keys: set[str] | None = None) -> dict:
+        """What a checkpoint holds: the shards, and the loss scaler's state when there is one
+        (left out on load when the checkpoint has none: a run resumed in another precision). An
+        NF4 base (QLoRA) goes to disk dequantised, as plain shards: DCP reshards those on load
+        and export reads them without torchao; the NF4 codes themselves are rebuilt from
         model.source on resume (`load`)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": {k: _dequantized(v) for k, v in model_sd.items()}, "optim": optim_sd}
+        state = {"model": {k: _dequantized(v) for k, v in model_sd.items()}, "optim": optim_sd}
+        if self.scaler.is_enabled() and (saved_keys is None or any(k.startswith("scaler.") for k in saved_keys)):
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def save(self, directory: Path) -> None:
         dcp.save(self._sharded_state(), checkpoint_id=directory / DCP_DIR)
 
     def load(self, directory: Path) -> None:
-        require_file(directory, DCP_DIR)
-        state = self._sharded_state()
-        dcp.load(state, checkpoint_id=directory / DCP_DIR)
+        reader = dcp.FileSystemReader(require_file(directory, DCP_DIR))
+        state = self._sharded_state(set(reader.read_metadata().state_dict_metadata))
+        dcp.load(state, storage_reader=reader)
         quantised = {k: v for k, v in get_state_dict(self.model, [])[0].items() if is_nf4(v.to_local())}
         for key, weight in quantised.items():  # frozen: the rebuilt base must be the checkpoint's
             if not torch.equal(_dequantized(weight).to_local(), state["model"].pop(key).to_local()):
@@ -103,6 +113,8 @@ class FSDP2(Strategy):
                                 "model.source changed since the run started: resume from the same source")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=not quantised))
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     @staticmethod
     def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:

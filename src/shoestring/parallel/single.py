@@ -17,7 +17,8 @@ from torch import nn
 from shoestring.config import ParallelSection
 from shoestring.levers.precision import MasterWeights, PrecisionPolicy, cast_model
 from shoestring.models.llama import Llama
-from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state_bytes, require_file
+from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state_bytes,
+                                      require_file, scaled_step)
 from shoestring.train import checkpoint as ckpt
 from shoestring.train.memory import model_state_bytes
 
@@ -60,18 +61,9 @@ class SingleDevice(Strategy):
         self.step_grad_bytes = model_state_bytes(self.model)["grads"]
         if self.master:
             self.master.grads_to_masters()
-        self.scaler.unscale_(self.optimizer)
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.opt_params, max_norm, foreach=True)
-        if self.policy.uses_loss_scaling:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale_before
-        else:
-            skipped = not bool(torch.isfinite(grad_norm))
-            if not skipped:
-                self.optimizer.step()
+        grad_norm, skipped = scaled_step(self.optimizer, self.scaler, lambda: torch.nn.utils.clip_grad_norm_(
+            self.opt_params, max_norm, foreach=True))
         self.optimizer.zero_grad(set_to_none=True)
         if self.master and not skipped:
             self.master.masters_to_model()

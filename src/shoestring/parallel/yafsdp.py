@@ -46,8 +46,14 @@ buffer is never overwritten before its reduce-scatter has completed. Violations 
 Precision. One flat fp32 master shard per rank is what fused AdamW steps on (two parameters over
 it: matrices with weight decay, norm weights without). fp32 and bf16 (autocast) gather the fp32
 shard itself; bf16-pure gathers a bf16 copy of it, made with one copy after each step. The loss
-is backpropagated unscaled and the shard gradients (fp32, accumulated across micro-steps) are
-multiplied once, in `step`, by loss_scale / world size. fp16 is refused by the config.
+is backpropagated times the micro-step's share (1 / accumulation steps), as on one device, and
+the shard gradients (fp32, accumulated across micro-steps) are divided once, in `step`, by the
+world size. fp16 is autocast like bf16, with dynamic loss scaling: the loss is backpropagated
+times the scale too (so a backward overflows where the single-device one would), and `step`
+unscales the reduced shard gradients and checks them for inf/nan with a `RankAgreedGradScaler`,
+whose flag is summed over ranks: every rank skips the same step and halves (or, after
+`growth_interval` clean steps, doubles) its scale alike. Clipping sees the unscaled gradients.
+The scale is saved per rank.
 
 On CUDA the collectives run on c10d's communication stream, which waits for the compute stream at
 issue time, and `wait()` makes the compute stream wait for them: the buffer ordering above is
@@ -75,7 +81,8 @@ from shoestring.levers.lora import LoRASettings, estimate
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama, ModelArgs
 from shoestring.parallel import dist
-from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, adamw, require_file
+from shoestring.parallel.base import (OptimizerSettings, RankAgreedGradScaler, StepResult, Strategy, WithLoss, adamw,
+                                      require_file, scaled_step)
 from shoestring.parallel.flat import FlatLayout
 from shoestring.train import checkpoint as ckpt
 
@@ -268,6 +275,7 @@ class YaFSDP(Strategy):
         ranges = [(0, n_decay), (n_decay, total)]
         decay, no_decay = ([nn.Parameter(self.master[lo:hi])] if hi > lo else [] for lo, hi in ranges)
         self.optimizer = adamw(decay, no_decay, settings, device)
+        self.scaler = RankAgreedGradScaler(device.type, policy, self.comm.all_reduce)
         for group, (lo, hi) in zip(self.optimizer.param_groups, ranges):
             for p in group["params"]:
                 p.grad = self.grad[lo:hi]
@@ -317,7 +325,6 @@ class YaFSDP(Strategy):
         self.grads_seen = [0] * len(self.streamed)
         self.input_gated = [False] * len(self.blocks)  # a gradient reaches the block's input
         self.gathered: set[int] = set()  # resident units whose gathered copy is current
-        self.loss_scale = 1.0
         # Communication of the last completed optimizer step, for the trainer or a benchmark to
         # log: seconds blocked in wait(), bytes of full tensors gathered and reduced (an eval
         # forward since the previous step is counted in the next step).
@@ -497,9 +504,8 @@ class YaFSDP(Strategy):
 
     # ---- the Strategy interface ---------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
-        self.loss_scale = loss_scale  # applied once, in step (the same for every micro-step)
         loss = self._loss(x, y)
-        loss.backward()
+        self.scaler.scale(loss * loss_scale).backward()
         for s in (0, 1, 2):
             self._reduced(s)
             i = self.slot_reader[s]
@@ -523,21 +529,24 @@ class YaFSDP(Strategy):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._reduce_resident()
-        self.grad.mul_(self.loss_scale / self.world_size)
-        sq = self.grad.square().sum()
-        self.comm.all_reduce(sq)
-        grad_norm = sq.sqrt()
-        if self.settings.grad_clip > 0:
-            self.grad.mul_(torch.clamp(self.settings.grad_clip / (grad_norm + 1e-6), max=1.0))
-        skipped = not bool(torch.isfinite(grad_norm))
+        self.grad.div_(self.world_size)
+        grad_norm, skipped = scaled_step(self.optimizer, self.scaler, self._clip)
         if not skipped:
-            self.optimizer.step()
             self._refresh()
         self.grad.zero_()
         self.comm_stats = {"comm_wait_s": self.comm_wait_s, "all_gather_bytes": self.gathered_bytes,
                            "reduce_scatter_bytes": self.reduced_bytes}
         self.comm_wait_s, self.gathered_bytes, self.reduced_bytes = 0.0, 0, 0
         return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the shard gradients by their global norm (over ranks); the pre-clip norm."""
+        sq = self.grad.square().sum()
+        self.comm.all_reduce(sq)
+        grad_norm = sq.sqrt()
+        if self.settings.grad_clip > 0:
+            self.grad.mul_(torch.clamp(self.settings.grad_clip / (grad_norm + 1e-6), max=1.0))
+        return grad_norm
 
     def _refresh(self, frozen_too: bool = False) -> None:
         """New masters (after a load, new frozen shards too): every gathered copy of them is stale."""
@@ -556,7 +565,7 @@ class YaFSDP(Strategy):
 
     def save(self, directory: Path) -> None:
         state = {"world_size": self.world_size, "layouts": self._layouts(), "master": self.master,
-                 "moments": self.moments, "frozen": self.frozen,
+                 "moments": self.moments, "frozen": self.frozen, "scaler": self.scaler.state_dict(),
                  "step": next(iter(self.optimizer.state.values()))["step"]}
         (directory / CKPT_DIR).mkdir(exist_ok=True)
         ckpt.write_file(directory / CKPT_DIR / f"rank{self.rank}.pt", ckpt.torch_bytes(state))
@@ -580,6 +589,8 @@ class YaFSDP(Strategy):
                         self.frozen[dst] = saved["frozen"][src]
             for state in self.optimizer.state.values():
                 state["step"].fill_(saved["step"])
+            if saved.get("scaler"):  # the same on every rank
+                self.scaler.load_state_dict(saved["scaler"])
         self._refresh(frozen_too=True)
 
     @staticmethod

@@ -2,8 +2,8 @@
 this machine.
 
 A lever counts as set when the config file or a `--set` names it (pydantic's
-`model_fields_set`); those are fixed in the search, everything else is the cheapest plan's
-choice. The choice comes back as `--set` overrides, so the launcher hands every rank the same
+`model_fields_set`) with a value other than "auto"; those are fixed in the search, everything
+else is the cheapest plan's choice (its precision: the trainer's `auto` rule for this device). The choice comes back as `--set` overrides, so the launcher hands every rank the same
 resolved config (the probe and the search run once, before the ranks start).
 """
 
@@ -18,7 +18,7 @@ RUNNABLE = ("single", "ddp", "fsdp2", "yafsdp")  # deepspeed is an optional extr
 
 def _fixed(cfg: Config, ranks: int) -> dict[str, object]:
     fixed: dict[str, object] = {}
-    if "mode" in cfg.precision.model_fields_set:
+    if "mode" in cfg.precision.model_fields_set and cfg.precision.mode != "auto":
         fixed["precision"] = cfg.precision.mode
     if "mode" in cfg.checkpointing.model_fields_set:
         fixed["checkpointing"] = cfg.checkpointing.mode

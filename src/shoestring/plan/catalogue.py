@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from shoestring.errors import UserError
+from shoestring.levers.precision import DeviceFacts
 
 CATALOGUE_PATH = Path(__file__).with_name("hardware.toml")
 GB = 1e9
@@ -53,6 +54,7 @@ class Device:
     overhead_bytes: int
     fragmentation: float
     kind: str = "cuda"  # "cuda" or "cpu": which device class's calibration applies
+    capability: tuple[int, int] | None = None  # CUDA compute capability
     compile_overhead_bytes: int = 0  # what compiled blocks' runtime adds to `overhead_bytes` (calibrated)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -61,6 +63,10 @@ class Device:
 
     def supports(self, dtype: str) -> bool:
         return self.peak_flops(dtype) > 0
+
+    def facts(self) -> DeviceFacts:
+        """What the levers' `auto` rules decide on, for this entry (measured, for `local`)."""
+        return DeviceFacts(self.kind, {d: self.peak_flops(d) for d in ("fp32", "bf16", "fp16")}, self.capability)
 
     def link_gbs(self, count: int) -> float:
         """Per-device collective bandwidth for a group of `count` devices: the slowest link."""
@@ -78,6 +84,7 @@ def _device(key: str, e: dict[str, Any]) -> Device:
         price=e["price_per_hour"], spot_price=e.get("spot_price_per_hour", 0.0), mfu=e["mfu"],
         overhead_bytes=int(e["overhead_gb"] * GB), fragmentation=e.get("fragmentation", 0.0),
         kind="cpu" if key == "cpu" else "cuda",
+        capability=tuple(int(p) for p in e["compute_capability"].split(".")) if "compute_capability" in e else None,
         sources={k: v for k, v in e.items() if k.endswith("_source") or k == "date"},
     )
 
@@ -119,24 +126,26 @@ def local_hardware(ranks: int | None = None) -> tuple[Device, int]:
         dev = torch.device("cuda", 0)
         entry = devices().get(catalogue_key(dev)) or devices()["h100-80gb"]
         total = torch.cuda.get_device_properties(dev).total_memory
-        measured = {d: probe.matmul_peak_flops(dev, probe.DTYPES[d]) / 1e12 for d in ("fp32", "bf16", "fp16")}
+        measured = {d: p.flops / 1e12 for d, p in probe.matmul_peaks(dev).items()}
         count = ranks or torch.cuda.device_count()
-        return replace(entry, key="local", memory_bytes=total, tflops={**entry.tflops, **measured}), count
+        return replace(entry, key="local", memory_bytes=total, tflops={**entry.tflops, **measured},
+                       capability=torch.cuda.get_device_capability(dev)), count
     count = ranks or 1
     return cpu_device(probe_cpu(count)), count
 
 
 def probe_cpu(ranks: int) -> dict[str, Any]:
-    """What the CPU split into `ranks` processes measures: each rank gets cores/ranks threads
-    and, since a training step's element-wise work scales with threads, that many times the
-    one-thread matmul peak; the gloo all-reduce bandwidth between the ranks; host memory per rank."""
+    """What the CPU split into `ranks` processes measures: each rank gets cores/ranks threads,
+    and its peak is the probe's on that many threads (the yardstick the trainer's MFU uses for a
+    rank running them; probe.py says why not one thread's times their number); the gloo
+    all-reduce bandwidth between the ranks; host memory per rank."""
     from shoestring.plan import probe
 
     cores = probe.cpu_cores()
     threads = max(1, cores // ranks)
+    peaks = probe.matmul_peaks(torch.device("cpu"), threads)
     return {"name": f"{probe.device_name(torch.device('cpu'))} ({threads} of {cores} core(s) per rank)",
-            "tflops": {d: threads * probe.matmul_peak_flops(torch.device("cpu"), probe.DTYPES[d], 1) / 1e12
-                       for d in ("fp32", "bf16")},
+            "tflops": {d: peaks[d].flops / 1e12 for d in ("fp32", "bf16")},
             "link_gbs": probe.allreduce_bandwidth(ranks) / GB if ranks > 1 else devices()["cpu"].intra_gbs,
             "memory_bytes": probe.host_memory_bytes() // ranks, "ranks": ranks}
 

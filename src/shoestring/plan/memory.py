@@ -74,6 +74,10 @@ class Levers:
             label = self.strategy
         return label + ("+offload" if self.offload else "")
 
+    def weight_bytes(self) -> int:
+        """Element size of the trained weights and gradients the strategy holds and moves."""
+        return strategy_class(self.strategy).weight_dtype(PrecisionPolicy(self.precision)).itemsize
+
     def parallel_options(self) -> ParallelSection:
         if self.strategy == "fsdp2":
             return ParallelSection(strategy="fsdp2", reshard_after_forward=self.reshard_after_forward, cpu_offload=self.offload)
@@ -112,9 +116,9 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
         frozen = trainable.frozen_state_bytes()
         if levers.strategy == "yafsdp":  # the frozen base (LoRA) is sharded with the rest
             est = YaFSDP.state_bytes(trainable.n_params, world, policy, levers.parallel_options(), frozen)
-        else:  # ZeRO replicates it
+        else:  # ZeRO replicates it (in its fp16/bf16 modes, cast to half precision)
             est = strategy_class(levers.strategy).state_bytes(trainable.n_params, world, policy, levers.parallel_options())
-            est["params"] += frozen
+            est["params"] += trainable.frozen_params * min(trainable.frozen_bytes, levers.weight_bytes())
         est["optimizer"] += 2 * STEP_COUNTER_BYTES  # one flat tensor per param group (decay, no-decay)
         return est
     fsdp = levers.strategy == "fsdp2"
@@ -173,7 +177,7 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
     blocks count (the engine's tensors alone account for the whole peak with a fake collective);
     its default point-to-point collectives allocate nothing."""
     a = info.args
-    low = levers.precision in ("bf16", "fp16")
+    low = levers.precision in ("bf16", "fp16") and levers.weight_bytes() == 4  # DeepSpeed's fp16 holds fp16 weights
     cast = trainable.n_params + (trainable.frozen_params if trainable.frozen_bytes == 4 else 0)
     out: dict[str, int] = {"autocast_casts": 2 * cast if low else 0}
     if trainable.dequant_working:
@@ -187,8 +191,9 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
             size = max(policy.param_dtype.itemsize, REDUCE_DTYPES[options.reduce_dtype].itemsize)
             out["gloo_temporaries"] = a.n_layers * info.block_params * size
     elif levers.sharded_params and world > 1:
-        # FSDP2 gathers in param_dtype: bf16 under bf16-pure, else the fp32 shards themselves
-        gather = 2 if levers.precision == "bf16-pure" or (levers.strategy == "deepspeed" and low) else 4
+        # FSDP2 gathers in param_dtype (bf16 under bf16-pure, else the fp32 shards themselves),
+        # ZeRO-3 in the dtype its mode holds the weights in
+        gather = levers.weight_bytes()
         root = info.n_params - a.n_layers * info.block_params
         blocks = a.n_layers if device_type == "cpu" or not levers.reshard_after_forward else 2
         share = (root + blocks * info.block_params) / info.n_params  # of the model gathered at once
@@ -198,7 +203,7 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
     elif levers.strategy == "ddp" and world > 1:
         out["comm_buckets"] = min(2 * 25 * 2**20, 4 * trainable.n_params)  # bucket_cap_mb=25: one reducing, one filling
     elif levers.strategy == "deepspeed" and world > 1:
-        out["comm_buckets"] = min(DS_BUCKET_ELEMENTS, trainable.n_params) * (2 if levers.precision != "fp32" else 4)
+        out["comm_buckets"] = min(DS_BUCKET_ELEMENTS, trainable.n_params) * levers.weight_bytes()
     return out
 
 

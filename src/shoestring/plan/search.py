@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from shoestring.errors import UserError
+from shoestring.levers.precision import PrecisionPolicy, resolve_precision
 from shoestring.plan.catalogue import Device, devices, parse_hardware
 from shoestring.plan.memory import Levers, MemoryEstimate, estimate_memory
 from shoestring.plan.model import (LORA_TARGETS, ModelInfo, Trainable, full_trainable, lora_flops_per_token, lora_trainable,
@@ -108,14 +109,18 @@ def _hardware(req: Request) -> list[tuple[Device, int]]:
     return out
 
 
-def _precisions(device: Device, mode: str, fixed: dict[str, object], frozen_fp32: bool) -> list[str]:
+def _precisions(device: Device, mode: str, fixed: dict[str, object], bf16_base: bool) -> list[str]:
+    """The precision the trainer's `auto` rule picks on this device (levers/precision.py), with
+    bf16-pure beside bf16 as a memory lever; a half precision where LoRA's frozen base is held
+    in 16 bits (bf16 where the rule would compute in fp32)."""
     if "precision" in fixed:
         return [str(fixed["precision"])]
-    if device.kind == "cpu":
-        return ["bf16", "bf16-pure", "fp32"] if mode != "lora" else ["bf16"] + (["fp32"] if frozen_fp32 else [])
-    if device.supports("bf16"):
-        return ["bf16", "bf16-pure"] if mode != "lora" else ["bf16"]
-    return ["fp16"]
+    chosen = resolve_precision(device.facts()).value
+    if chosen == "fp32" and bf16_base:
+        chosen = "bf16"
+    if chosen == "bf16" and mode != "lora":
+        return ["bf16", "bf16-pure"]
+    return [str(chosen)]
 
 
 def _strategies(device: Device, count: int, precision: str, base_dtype: str = "") -> list[Levers]:
@@ -125,12 +130,10 @@ def _strategies(device: Device, count: int, precision: str, base_dtype: str = ""
     nf4 = base_dtype == "nf4"
     if count == 1:
         out = [base]
-        if device.kind == "cuda" and precision != "fp16" and not nf4:
+        if device.kind == "cuda" and not nf4:
             out.append(replace(base, strategy="deepspeed", zero_stage=2, offload=True))
         return out
     out = [replace(base, strategy="ddp")]
-    if precision == "fp16":  # loss scaling is not wired through sharded gradients
-        return out
     if nf4:
         return out + [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False)]
     out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False),
@@ -166,12 +169,9 @@ def _validate(req: Request, info: ModelInfo) -> int:
 def compiled(setting: bool | str, device: Device, precision: str) -> bool:
     """Whether the trainer compiles the blocks: the compile lever's own rule (`train.compile`,
     SHOESTRING_COMPILE) for this device class and precision."""
-    import torch
+    from shoestring.levers.compile import decide
 
-    from shoestring.levers.compile import wanted
-    from shoestring.levers.precision import PrecisionPolicy
-
-    return wanted(setting, torch.device(device.kind), PrecisionPolicy(precision))
+    return bool(decide(setting, device.facts(), PrecisionPolicy(precision)).value)
 
 
 def base_dtypes(req: Request) -> tuple[str, ...]:
@@ -182,11 +182,14 @@ def base_dtypes(req: Request) -> tuple[str, ...]:
     return (req.lora_base_dtype,) if req.lora_base_dtype else ("bf16", "nf4")
 
 
-def trainable_for(req: Request, info: ModelInfo, seq_len: int, base_dtype: str = "") -> tuple[Trainable, float]:
-    """What trains, and the FLOPs per token that costs."""
+def trainable_for(req: Request, info: ModelInfo, seq_len: int, base_dtype: str = "",
+                  precision: str = "bf16") -> tuple[Trainable, float]:
+    """What trains, and the FLOPs per token that costs. An NF4 base keeps its unquantised part
+    (embedding, head, norms) in the compute dtype: fp32 under fp32, else 16 bits."""
     if req.mode == "lora":
         base = base_dtype or req.lora_base_dtype or "bf16"
-        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 4 if base == "fp32" else 2, nf4=base == "nf4")
+        wide = base == "fp32" or (base == "nf4" and precision == "fp32")
+        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 4 if wide else 2, nf4=base == "nf4")
         return trainable, lora_flops_per_token(info, trainable, seq_len)
     return full_trainable(info), info.flops_per_token(seq_len)
 
@@ -196,7 +199,7 @@ def plan_exactly(req: Request, device: Device, count: int, levers: Levers) -> Pl
     device: what the accuracy benchmark compares with what it measured on that device."""
     info = model_info(req.model)
     seq_len = _validate(req, info)
-    trainable, flops = trainable_for(req, info, seq_len, levers.base_dtype)
+    trainable, flops = trainable_for(req, info, seq_len, levers.base_dtype, levers.precision)
     levers = replace(levers, compiled=compiled(req.compile, device, levers.precision))
     return _plan(info, trainable, levers, device, count, seq_len, flops, req)
 
@@ -204,17 +207,20 @@ def plan_exactly(req: Request, device: Device, count: int, levers: Levers) -> Pl
 def search(req: Request) -> Result:
     info = model_info(req.model)
     seq_len = _validate(req, info)
-    trainables = {base: trainable_for(req, info, seq_len, base) for base in base_dtypes(req)}
+    trainables: dict[tuple[str, str], tuple[Trainable, float]] = {}  # (base dtype, precision) -> what trains
     global_seqs = max(1, min(req.global_batch_tokens, int(req.tokens)) // seq_len)
     fixed = dict(req.fixed)
     plans: list[Plan] = []
     misses: list[Plan] = []
     for device, count in _hardware(req):
         per_device = -(-global_seqs // count)
-        for base, (trainable, flops) in trainables.items():
-            for precision in _precisions(device, req.mode, fixed, base == "fp32"):
+        for base in base_dtypes(req):
+            for precision in _precisions(device, req.mode, fixed, base == "bf16"):
                 if not device.supports(compute_dtype(precision)):
                     continue
+                if (base, precision) not in trainables:
+                    trainables[base, precision] = trainable_for(req, info, seq_len, base, precision)
+                trainable, flops = trainables[base, precision]
                 blocks_compiled = compiled(req.compile, device, precision)
                 for strat in _strategies(device, count, precision, base):
                     for mode in CHECKPOINTING if "checkpointing" not in fixed else (str(fixed["checkpointing"]),):
@@ -225,7 +231,7 @@ def search(req: Request) -> Result:
                         (plans if plan.fits else misses).append(plan)
     plans.sort(key=_rank)
     misses.sort(key=lambda p: (p.cost, p.overflow))
-    return Result(req, info, next(iter(trainables.values()))[0], seq_len, plans, misses)
+    return Result(req, info, trainable_for(req, info, seq_len)[0], seq_len, plans, misses)
 
 
 def one_per_option(plans: list[Plan], limit: int) -> list[Plan]:
@@ -308,10 +314,25 @@ def require_fit(result: Result) -> None:
     enough = None if best.device.key == "local" else smallest_fitting_count(result.request, best.device.key)
     if enough is not None:
         fix += f"; {describe(enough)} would fit ({enough.memory.total / 1e9:.1f} GB per device, ${enough.cost:,.0f})"
-    else:
-        fix += "; try larger devices (--hardware), a shorter --seq-len, or --mode lora"
+    elif options := _untried_options(result):
+        fix += "; try " + (", ".join(options[:-1]) + " or " if len(options) > 1 else "") + options[-1]
     raise UserError(f"{result.model.name} fits nowhere: the leanest plan ({describe(best)}) overflows by "
                     f"{best.overflow / 1e9:.1f} GB per device", fix)
+
+
+def _untried_options(result: Result) -> list[str]:
+    """What else could fit, leaving out what the request already says: other devices when it
+    named some (the whole catalogue was searched otherwise), a shorter sequence, LoRA, and an
+    NF4 base under LoRA (searched unless the request fixed the base)."""
+    req = result.request
+    options = ["larger devices (--hardware)"] if req.hardware else []
+    if result.seq_len > 256:
+        options.append(f"a --seq-len shorter than {result.seq_len}")
+    if req.mode != "lora":
+        options.append("--mode lora")
+    elif req.lora_base_dtype not in (None, "nf4"):
+        options.append("--lora-base-dtype nf4")
+    return options
 
 
 def describe(p: Plan) -> str:

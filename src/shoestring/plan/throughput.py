@@ -92,8 +92,7 @@ def collectives(info: ModelInfo, trainable: Trainable, levers: Levers, world: in
     if world <= 1:
         return 0
     if levers.strategy == "ddp":
-        grad = 2 if levers.precision == "bf16-pure" else 4
-        return -(-trainable.n_params * grad // (25 * 2**20))
+        return -(-trainable.n_params * levers.weight_bytes() // (25 * 2**20))
     if levers.strategy == "deepspeed" and levers.zero_stage < 3:
         return 2 * -(-trainable.n_params // DS_BUCKET_ELEMENTS)
     gathers = 2 if levers.reshard_after_forward or levers.strategy == "yafsdp" else 1
@@ -128,7 +127,7 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
         return 0.0
     f = (world - 1) / world
     n = trainable.n_params
-    grad = 2 if levers.precision == "bf16-pure" and levers.strategy != "fsdp2" else 4
+    grad = 4 if levers.strategy == "fsdp2" else levers.weight_bytes()  # FSDP2 reduces in fp32
     if levers.strategy == "ddp":
         return 2 * f * n * grad
     if levers.strategy == "deepspeed" and levers.zero_stage < 3:
@@ -141,7 +140,7 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
     # fsdp2 / zero-3: all-gather params in forward (+ again in backward when resharded) and
     # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too, in their
     # own dtype where that is smaller (a bf16 or NF4 base).
-    gather = 2 if levers.precision == "bf16-pure" else 4
+    gather = levers.weight_bytes()
     gathers = 2 if levers.reshard_after_forward else 1
     gathered = n * gather + min(trainable.frozen_state_bytes(), trainable.frozen_params * gather)
     per_micro = f * (gathered * gathers + n * 4)

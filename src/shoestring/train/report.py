@@ -30,7 +30,10 @@ def print_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> N
     table.add_row("tokens", f"{summary['tokens']:,} in {summary['steps_run']} steps")
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
-    table.add_row("MFU", _or_dash(summary["mfu"], "{:.1%}") + " of measured matmul peak")
+    precision = summary["precision"]
+    table.add_row("precision", f"{precision['mode']} ({precision['reason']})")
+    table.add_row("MFU", summary["mfu_error"] or _or_dash(summary["mfu"], "{:.1%}") +
+                  f" of the measured {precision['mode']} matmul peak, {summary['peak_flops'] / 1e9:,.1f} GFLOP/s")
     table.add_row("final train loss", _or_dash(summary["final_train_loss"], "{:.4f}"))
     table.add_row("final val loss", _or_dash(summary["final_val_loss"], "{:.4f}") + f" (unigram baseline {summary['unigram_val_loss']:.4f})")
     for name, value in summary["memory_bytes"].items():

@@ -24,15 +24,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shoestring import __version__
-from shoestring.build import build_strategy, pick_device
+from shoestring.build import Resolved, build_strategy, pick_device, resolve_auto
 from shoestring.config import Config
 from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
 from shoestring.finetune import instruct_data, text_data
+from shoestring.levers.precision import DeviceFacts
 from shoestring.parallel import StepResult, Strategy, dist
 from shoestring.parallel.comm import CommMeter, CommStats
+from shoestring.plan import probe
 from shoestring.plan.catalogue import default_price
-from shoestring.plan.probe import matmul_peak_flops
 from shoestring.train import checkpoint as ckpt
 from shoestring.train.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
@@ -121,7 +122,9 @@ class Prepared:
     unigram: float  # val loss of a context-free model: the bar a trained model must clear
     tokens_per_step: int
     flops_per_token: float
-    peak_flops: float  # measured matmul peak of all ranks in the compute dtype
+    peak_flops: float  # measured matmul peak of all ranks in the compute dtype: the MFU yardstick
+    resolved: Resolved  # the config's `auto` settings as decided for this device, and why
+    facts: DeviceFacts  # what the device measured (rank 0's probe)
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = dist.local_device(pick_device(self.cfg.train.device).type)
         self.stop = StopRequest()
+        self._mfu_reported = False
 
     # ---- set-up ---------------------------------------------------------------------------
     def _claim_run_dir(self, resuming: bool, overwrite: bool) -> None:
@@ -196,8 +200,8 @@ class Trainer:
             return self._run(resume, overwrite)
 
     def _run(self, resume: str | None, overwrite: bool) -> dict[str, Any]:
-        cfg = self.cfg
         run = self._prepare(resume, overwrite)
+        cfg = self.cfg  # resolved by `_prepare`
         strategy, start = run.strategy, run.start
         self.peak = RunPeak(self.device)
 
@@ -272,6 +276,9 @@ class Trainer:
             self.ckpt_dir = self.run_dir / "checkpoints"
         ref = self._find_resume(resume)
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
+        saved = ckpt.load_file(ref, "trainer.pt") if ref is not None else None
+        resolved, facts = self._resolve(saved["config"] if saved else None)
+        cfg = self.cfg = resolved.cfg
 
         data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
         strategy = build_strategy(cfg, data.vocab, self.device, data.source)
@@ -283,8 +290,7 @@ class Trainer:
                  data.val_batches(cfg.train.batch_size // cfg.train.grad_accum, cfg.train.eval_batches)]
 
         start = 0
-        if ref is not None:
-            saved = ckpt.load_file(ref, "trainer.pt")
+        if saved is not None:
             self._check_resume_compatible(saved["config"])
             strategy.load(ref.path)
             sampler.load_state_dict(saved["sampler"])
@@ -301,7 +307,31 @@ class Trainer:
             strategy=strategy, sampler=sampler, evals=evals, start=start, ref=ref, metrics=metrics, unigram=data.unigram,
             tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
             flops_per_token=strategy.unwrapped().flops_per_token(cfg.data.seq_len),
-            peak_flops=matmul_peak_flops(self.device, strategy.policy.compute_dtype) * strategy.world_size)
+            peak_flops=facts.rate(cfg.precision.mode) * strategy.world_size, resolved=resolved, facts=facts)
+
+    def _resolve(self, saved: dict[str, Any] | None) -> tuple[Resolved, DeviceFacts]:
+        """The config's `auto` settings decided on rank 0's measured facts (`saved`: the resumed
+        run's config) and given to every rank, so all run the same precision; said in one line each."""
+        answer = None
+        if dist.is_main():
+            facts = probe.device_facts(self.device)
+            answer = resolve_auto(self.cfg, facts, saved), facts
+        resolved, facts = dist.broadcast(answer)
+        for line in resolved.lines():
+            self.console.print(line, markup=False, highlight=False)
+        if resolved.warning:
+            self.console.print(f"[yellow]warning:[/] {resolved.warning}", highlight=False)
+        return resolved, facts
+
+    def _mfu(self, run: Prepared, tokens_per_s: float) -> float | None:
+        """MFU against the run's measured peak; an impossible one (above 1) is reported once, as
+        the measuring error it is, and comes back as None."""
+        flops = tokens_per_s * run.flops_per_token
+        error = probe.mfu_error(flops, run.peak_flops)
+        if error and not self._mfu_reported:
+            self.console.print(f"[yellow]warning:[/] {error}", highlight=False)
+            self._mfu_reported = True
+        return probe.mfu(flops, run.peak_flops)
 
     def _optimizer_step(self, sampler: BatchSampler, lr: float, count: bool,
                         measure_comm: bool) -> tuple[torch.Tensor, StepResult, int | None, CommStats | None]:
@@ -331,7 +361,7 @@ class Trainer:
         values = dist.mean(torch.stack([torch.stack([p.loss.float(), p.grad_norm.float()]) for p in pending])).tolist()
         for p, (loss, grad_norm) in zip(pending, values):
             run.metrics.write({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "skipped": p.skipped,
-                               "tokens_per_s": tps, "mfu": tps * run.flops_per_token / run.peak_flops, "memory": mem})
+                               "tokens_per_s": tps, "mfu": self._mfu(run, tps), "peak_flops": run.peak_flops, "memory": mem})
         return values[-1][0]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -393,7 +423,12 @@ class Trainer:
             "tokens": tokens,
             "wall_s": wall,
             "tokens_per_s": tps,
-            "mfu": tps * run.flops_per_token / run.peak_flops if run.peak_flops else None,
+            "mfu": self._mfu(run, tps) if tps else None,
+            "mfu_error": probe.mfu_error(tps * run.flops_per_token, run.peak_flops),
+            "peak_flops": run.peak_flops,  # the yardstick: measured matmul peak, all ranks, compute dtype
+            "precision": {"mode": run.resolved.precision.value, "reason": run.resolved.precision.reason,
+                          "warning": run.resolved.warning, "matmul_flops": dict(run.facts.matmul_flops)},
+            "compile": {"on": run.resolved.compile.value, "reason": run.resolved.compile.reason},
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
                              "device_peak": peak, "device_peak_max_rank": dist.maximum(peak)},
             # Measured on one step (bytes this rank sent; collective time, hidden or not).
