@@ -330,8 +330,8 @@ def _untried_options(result: Result) -> list[str]:
         options.append(f"a --seq-len shorter than {result.seq_len}")
     if req.mode != "lora":
         options.append("--mode lora")
-    elif req.lora_base_dtype not in (None, "nf4"):
-        options.append("--lora-base-dtype nf4")
+    elif req.lora_base_dtype in ("fp32", "bf16"):
+        options.append("--lora-base-dtype " + ("bf16 or nf4" if req.lora_base_dtype == "fp32" else "nf4"))
     return options
 
 
