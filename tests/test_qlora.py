@@ -156,6 +156,15 @@ def test_nf4_two_ranks_follow_single(runs, strategy):
         assert params == frozen_base_bytes(args, settings, shards=2) + 4 * adapters // 2
 
 
+def test_nf4_under_fp16_trains(make_config):
+    """fp16 (a T4 has no bf16): the NF4 weights dequantise to fp16, the loss scaler steps."""
+    trainer = Trainer(make_config(**NF4, precision__mode="fp16", train__steps=3, run__save_every=0), console=QUIET)
+    summary = trainer.run()
+    model = trainer.strategy.unwrapped()
+    assert {p.dtype for p in model.parameters() if is_nf4(p)} == {torch.float16}
+    assert summary["final_train_loss"] < 7.0 and not any(p.grad is not None for p in model.parameters() if is_nf4(p))
+
+
 def test_nf4_refuses_the_flat_buffer_strategies(make_config):
     for strategy in ("yafsdp", "deepspeed"):
         with pytest.raises(UserError, match="nf4.*tensor subclass"):
