@@ -324,8 +324,7 @@ def estimate(args: ModelArgs, settings: LoRASettings, precision: str = "fp32") -
     adapters' own are `saved_activation_bytes`."""
     shapes = target_shapes(args)
     trainable = args.n_layers * sum(settings.rank * (i + o) for name, (i, o) in shapes.items() if name in settings.targets)
-    total = args.n_layers * (sum(i * o for i, o in shapes.values()) + 2 * args.dim) + args.dim
-    total += args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    total = frozen_params(args)
     pure = precision == "bf16-pure"
     adapter_bytes = 2 if pure else 4
     return LoRAEstimate(
@@ -335,14 +334,20 @@ def estimate(args: ModelArgs, settings: LoRASettings, precision: str = "fp32") -
     )
 
 
+def frozen_params(args: ModelArgs) -> int:
+    """Every parameter of the model (LoRA freezes them all): the blocks' linears and norms, the
+    final norm, the embedding and an untied head."""
+    block = sum(i * o for i, o in target_shapes(args).values()) + 2 * args.dim
+    return args.n_layers * block + args.dim + args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+
+
 def frozen_base_bytes(args: ModelArgs, settings: LoRASettings, precision: str = "fp32", shards: int = 1) -> int:
     """Bytes of the frozen base on one rank when every tensor is split `shards` ways (FSDP2):
     `base_dtype` elements (bf16 under bf16-pure), the blocks' linears in NF4 with `settings.nf4`
     (counted as torchao stores them: `nf4_bytes`)."""
     itemsize = 2 if precision == "bf16-pure" else settings.base_dtype.itemsize
-    linears, quantised = [(o, i) for i, o in target_shapes(args).values()], _quantised_shapes(args, settings)
-    plain = args.n_layers * (sum(o * i for o, i in linears) - sum(o * i for o, i in quantised) + 2 * args.dim) + args.dim
-    plain += args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    quantised = _quantised_shapes(args, settings)
+    plain = frozen_params(args) - args.n_layers * sum(o * i for o, i in quantised)
     return -(-plain * itemsize // shards) + args.n_layers * sum(nf4_bytes(s, itemsize, shards) for s in quantised)
 
 
