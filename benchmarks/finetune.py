@@ -2,7 +2,8 @@
 shoestring.bench.finetune).
 
     python benchmarks/finetune.py [--size smoke|small|full] [--rounds R] [--source SRC]
-    python benchmarks/finetune.py --write-data runs/bench-finetune/reverse_words.jsonl   # the data set alone
+
+(The data set alone: `shoestring data instruct-demo OUT.jsonl`.)
 
 Prints the Markdown table; `shoestring bench --only finetune` also writes it into docs/benchmarks.md.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from shoestring.bench import finetune
 
@@ -21,12 +21,7 @@ def main() -> None:
     ap.add_argument("--size", default="full", choices=list(finetune.SIZES))
     ap.add_argument("--rounds", type=int, help="fresh-process rounds per mode (median taken)")
     ap.add_argument("--source", help="model.source (default: SmolLM2-135M-Instruct GGUF)")
-    ap.add_argument("--write-data", metavar="JSONL", help="only write the 400-example data set (for configs/finetune-smollm2-lora.toml)")
     a = ap.parse_args()
-    if a.write_data:
-        Path(a.write_data).parent.mkdir(parents=True, exist_ok=True)
-        print(finetune.make_reverse_words(Path(a.write_data), 400))
-        return
     rows = finetune.run(a.size, a.rounds, progress=lambda s: print(s, file=sys.stderr, flush=True), source=a.source)
     print(finetune.table(rows))
 

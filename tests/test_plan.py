@@ -287,9 +287,9 @@ def test_auto_overrides_keep_what_is_set(monkeypatch):
 
 
 def test_fp16_only_devices_shard():
-    """A T4 has no bf16: fp16 with loss scaling shards, so an 8B LoRA fits on four (it fitted
-    nowhere when only DDP could carry fp16: 24.4 GB per 16 GB device)."""
-    r = search(Request("llama3-8b", 1e8, hardware=("t4:4",), mode="lora"))
+    """A T4 has no bf16: fp16 with loss scaling shards, so an 8B LoRA over a bf16 base fits on
+    four (it fitted nowhere when only DDP could carry fp16: 24.4 GB per 16 GB device)."""
+    r = search(Request("llama3-8b", 1e8, hardware=("t4:4",), mode="lora", lora_base_dtype="bf16"))
     assert r.plans and {p.levers.precision for p in r.plans} == {"fp16"}
     assert {"fsdp2", "yafsdp"} <= {p.levers.strategy for p in r.plans}
     assert not any(p.levers.strategy == "ddp" for p in r.plans)
@@ -297,7 +297,7 @@ def test_fp16_only_devices_shard():
 
 @pytest.mark.parametrize("request_, says, never", [
     (Request("llama3-8b", 1e8, hardware=("t4:4",), mode="lora", lora_base_dtype="fp32"),
-     "--lora-base-dtype bf16", "--mode lora"),
+     "--lora-base-dtype bf16 or nf4", "--mode lora"),
     (Request("llama3-70b", 1e9, hardware=("t4:1",)), "--mode lora", "--lora-base-dtype"),
 ])
 def test_a_hint_never_suggests_what_the_request_says(request_, says, never):

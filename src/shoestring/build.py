@@ -88,13 +88,14 @@ def build_plain_model(cfg: Config, vocab_size: int, device: torch.device, source
     return build_model(args, device)
 
 
-def shape_model(cfg: Config, model: Llama) -> None:
-    """The levers that change the module structure (a checkpoint is loaded after these)."""
+def shape_model(cfg: Config, model: Llama, quantize: bool = True) -> None:
+    """The levers that change the module structure (a checkpoint is loaded after these).
+    `quantize=False` keeps an NF4 base plain (reading a checkpoint back for export)."""
     if cfg.lora.enabled:
         from shoestring.finetune import lora_settings
         from shoestring.levers.lora import apply_lora
 
-        apply_lora(model, lora_settings(cfg))
+        apply_lora(model, lora_settings(cfg, quantize))
 
 
 def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
@@ -114,15 +115,32 @@ def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
                         "use true, false or a divisor of the number of ranks")
 
 
+def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
+    """FSDP2 splits each NF4 weight (QLoRA) into whole rows, blocks and blocks of scales per rank."""
+    if cfg.parallel.strategy != "fsdp2" or world_size == 1:
+        return
+    from shoestring.levers.lora import is_nf4, nf4_splits
+
+    for name, p in model.named_parameters():
+        if is_nf4(p) and not nf4_splits(tuple(p.shape), world_size):
+            raise UserError(f"FSDP2 cannot split the NF4 weight {name} {tuple(p.shape)} over {world_size} ranks "
+                            "into whole rows and 64-weight blocks", "use parallel.strategy = 'ddp', or another number of ranks")
+
+
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
     """The strategy for a resolved config (`resolve_auto`)."""
     if "auto" in (cfg.precision.mode, cfg.train.compile):
         raise ValueError("build_strategy needs a resolved config: resolve_auto(cfg, probe.device_facts(device)).cfg")
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
-    model = build_plain_model(cfg, vocab_size, device, source)
+    # An NF4 base (QLoRA) is quantised in host memory: its full-precision original, 8x its size,
+    # never has to fit on the device.
+    host = torch.device("cpu") if cfg.lora.enabled and cfg.lora.base_dtype == "nf4" else device
+    model = build_plain_model(cfg, vocab_size, host, source)
     shape_model(cfg, model)
+    model.to(device)
     apply_checkpointing(model, cfg.checkpointing.mode)
+    check_nf4_sharding(cfg, model, dist.world_size())
     policy = precision_policy(cfg)
     if cfg.train.compile:
         compile_lever.compile_blocks(model, device)

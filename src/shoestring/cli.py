@@ -130,6 +130,27 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_instruct_demo(args: argparse.Namespace) -> int:
+    from shoestring.data.demo import write_reverse_words
+
+    console.print(f"wrote {write_reverse_words(Path(args.out), args.examples, args.seed)} ({args.examples} examples)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from shoestring.compare import compare
+
+    c = compare(Path(args.run_dir), args.prompts, args.max_new_tokens)
+    hits = [sum(getattr(a, side) == a.expected for a in c.answers) for side in ("before", "after")]
+    console.print(f"held-out loss ({c.val_rows} validation rows, fp32): {c.val_loss_before:.3f} before -> "
+                  f"{c.val_loss_after:.3f} after; exact answers {hits[0]}/{len(c.answers)} before, {hits[1]}/{len(c.answers)} after",
+                  highlight=False)
+    for a in c.answers:
+        console.print(f"\nprompt:   {a.prompt}\nexpected: {a.expected}\nbefore:   {a.before}\nafter:    {a.after}",
+                      markup=False, highlight=False)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from shoestring.generate import generate_text
 
@@ -183,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: every catalogue device")
     p.add_argument("--mode", default="pretrain", choices=["pretrain", "full-finetune", "lora"])
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-base-dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of LoRA's frozen base weights")
+    p.add_argument("--lora-base-dtype", choices=["bf16", "fp32", "nf4"],
+                   help="dtype of LoRA's frozen base weights (nf4: QLoRA's 4 bits); default: bf16 and nf4 are both tried")
     p.add_argument("--seq-len", type=int, help="default: the model's context, at most 4096")
     p.add_argument("--global-batch-tokens", default="1M", help="tokens per optimizer step (default 1M)")
     p.add_argument("--deadline", help="wall-time limit, e.g. 48h or 3d")
@@ -206,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="bundled corpus name (shakespeare, stdlib) or a path to .txt/.jsonl files")
     p.add_argument("--out", help="output directory (default: derived from the corpus)")
     p.set_defaults(func=cmd_data_prepare)
+    p = data_sub.add_parser("instruct-demo", help="write the project's small instruction set (reverse four words) as .jsonl")
+    p.add_argument("out", help="output .jsonl file")
+    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_instruct_demo)
+
+    p = sub.add_parser("compare", help="a fine-tuned run before and after: held-out answers and loss")
+    p.add_argument("run_dir")
+    p.add_argument("--prompts", type=int, default=5, help="held-out prompts to answer (greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("--run", required=True, help="run directory")

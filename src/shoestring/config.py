@@ -185,8 +185,9 @@ class LoRASection(Section):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    # dtype the frozen base weights are held in; bf16 halves them (needs autocast: bf16, fp16 or bf16-pure).
-    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    # dtype the frozen base weights are held in; bf16 halves them (needs autocast: bf16, fp16 or
+    # bf16-pure); nf4 (QLoRA) holds the blocks' linears in 4 bits, the rest in the compute dtype.
+    base_dtype: Literal["fp32", "bf16", "nf4"] = "fp32"
 
     @field_validator("targets")
     @classmethod
@@ -266,6 +267,10 @@ class Config(Section):
         # "auto" resolves to a low precision for it (levers/precision.py).
         if self.lora.enabled and self.lora.base_dtype == "bf16" and self.precision.mode == "fp32":
             raise ValueError("lora.base_dtype = 'bf16' needs precision.mode auto, bf16, bf16-pure or fp16, not 'fp32'")
+        if self.lora.enabled and self.lora.base_dtype == "nf4" and self.parallel.strategy in ("yafsdp", "deepspeed"):
+            raise ValueError(f"lora.base_dtype = 'nf4' does not run with parallel.strategy = '{self.parallel.strategy}': it "
+                             "packs or moves every weight as a plain tensor, and an NF4 weight is a tensor subclass "
+                             "(codes + scales); use ddp or fsdp2")
         return self
 
     @model_validator(mode="after")

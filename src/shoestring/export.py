@@ -10,6 +10,7 @@ import torch
 
 from shoestring.config import Config, build_config
 from shoestring.errors import UserError
+from shoestring.levers.lora import dequantized, nf4_tensor_class
 from shoestring.parallel import strategy_class
 from shoestring.train import checkpoint as ckpt
 from shoestring.train.trainer import CONFIG_FILE
@@ -24,12 +25,16 @@ def run_config(run_dir: Path) -> Config:
 
 def checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], ckpt.CheckpointRef]:
     """The newest complete checkpoint's full state dict (CPU), consolidated from the shards of
-    the strategy that wrote it (named in that checkpoint's own config)."""
+    the strategy that wrote it (named in that checkpoint's own config); an NF4 base (QLoRA)
+    comes back dequantised, as plain tensors."""
     ref = ckpt.resolve_resume(run_dir / "checkpoints", fallback=True, warn=lambda m: None)
     if ref is None:
         raise UserError(f"{run_dir} has no complete checkpoint", "train it first (shoestring train ...)")
     saved = build_config(ckpt.load_file(ref, "trainer.pt")["config"], str(ref.path))
-    return strategy_class(saved.parallel.strategy).consolidated_weights(ref.path), ref
+    if saved.lora.enabled and saved.lora.base_dtype == "nf4":
+        nf4_tensor_class()  # imported quietly, before unpickling needs it
+    weights = strategy_class(saved.parallel.strategy).consolidated_weights(ref.path)
+    return {k: dequantized(v) for k, v in weights.items()}, ref
 
 
 def export_safetensors(run_dir: Path, out: Path | None = None) -> tuple[Path, ckpt.CheckpointRef]:

@@ -38,10 +38,18 @@ class TrainingData:
     source: HFSource | None = None
 
 
-def lora_settings(cfg: Config) -> LoRASettings:
+def lora_settings(cfg: Config, quantize: bool = True) -> LoRASettings:
+    """The lever's settings; an NF4 base dequantises into the compute dtype (fp32 under fp32).
+    `quantize=False`: the same modules over a plain base (a checkpoint's dequantised weights)."""
     c = cfg.lora
-    dtype = torch.bfloat16 if c.base_dtype == "bf16" else torch.float32
-    return LoRASettings(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), base_dtype=dtype)
+    if c.base_dtype == "nf4":
+        from shoestring.levers.precision import PrecisionPolicy
+
+        dtype = PrecisionPolicy(cfg.precision.mode).compute_dtype
+    else:
+        dtype = torch.bfloat16 if c.base_dtype == "bf16" else torch.float32
+    return LoRASettings(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), base_dtype=dtype,
+                        nf4=quantize and c.base_dtype == "nf4")
 
 
 def special_tokens(tok_cfg: dict) -> dict[str, str]:
@@ -153,7 +161,7 @@ def load_run(run_dir: Path) -> RunModel:
     else:
         tokenizer, tok_cfg, hf_config = load_tokenizer(prepared_dir(cfg) / "tokenizer.json"), {}, None
         model = build_plain_model(cfg, tokenizer.get_vocab_size(), torch.device("cpu"))
-    shape_model(cfg, model)
+    shape_model(cfg, model, quantize=False)  # an NF4 base comes back dequantised
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     for p in model.parameters():
         p.data = p.data.float()

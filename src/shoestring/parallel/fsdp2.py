@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from shoestring.config import ParallelSection
+from shoestring.errors import UserError
+from shoestring.levers.lora import dequantize_nf4, is_nf4
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel import dist
@@ -87,9 +89,12 @@ class FSDP2(Strategy):
 
     def _sharded_state(self, saved_keys: set[str] | None = None) -> dict:
         """What a checkpoint holds: the shards, and the loss scaler's state when there is one
-        (left out on load when the checkpoint has none: a run resumed in another precision)."""
+        (left out on load when the checkpoint has none: a run resumed in another precision). An
+        NF4 base (QLoRA) goes to disk dequantised, as plain shards: DCP reshards those on load
+        and export reads them without torchao; the NF4 codes themselves are rebuilt from
+        model.source on resume (`load`)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": {k: _dequantized(v) for k, v in model_sd.items()}, "optim": optim_sd}
         if self.scaler.is_enabled() and (saved_keys is None or any(k.startswith("scaler.") for k in saved_keys)):
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -101,7 +106,13 @@ class FSDP2(Strategy):
         reader = dcp.FileSystemReader(require_file(directory, DCP_DIR))
         state = self._sharded_state(set(reader.read_metadata().state_dict_metadata))
         dcp.load(state, storage_reader=reader)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        quantised = {k: v for k, v in get_state_dict(self.model, [])[0].items() if is_nf4(v.to_local())}
+        for key, weight in quantised.items():  # frozen: the rebuilt base must be the checkpoint's
+            if not torch.equal(_dequantized(weight).to_local(), state["model"].pop(key).to_local()):
+                raise UserError(f"the NF4 base weight {key} differs from the checkpoint's",
+                                "model.source changed since the run started: resume from the same source")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not quantised))
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -127,3 +138,10 @@ class FSDP2(Strategy):
 
     def unwrapped(self) -> Llama:
         return self.model
+
+
+def _dequantized(t: torch.Tensor) -> torch.Tensor:
+    """A sharded NF4 weight as a plain sharded tensor (each rank's rows are whole NF4 blocks)."""
+    if not (isinstance(t, DTensor) and is_nf4(t.to_local())):
+        return t
+    return DTensor.from_local(dequantize_nf4(t.to_local()), t.device_mesh, t.placements, shape=t.shape, stride=t.stride())

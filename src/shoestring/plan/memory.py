@@ -8,12 +8,15 @@ Composes what each lever knows about itself:
 * saved activations: the checkpointing lever (`estimate_saved_activation_bytes`, eager or
   compiled blocks), plus the embedding output and final norm outside the blocks;
 * loss buffers: the chunked cross-entropy keeps grad_hidden (tokens x dim) and grad_weight
-  (vocab x dim) from forward to backward, and one chunk's fp32 logits while it runs;
+  (vocab x dim, unless the head is frozen) from forward to backward, and one chunk's fp32
+  logits while it runs;
 * the working set of backward: one block's activations (recomputed, for checkpointed blocks)
   and their gradients, alive while that block runs backward, after the loss's chunk buffers
   are freed: only what exceeds those counts;
 * autocast's weight casts (bf16/fp16 autocast keeps a low-precision copy of every weight while
   the step runs; under FSDP2 / ZeRO-3 only a block's worth at a time);
+* a quantised base (QLoRA's NF4): the dequantised copy of the largest weight and its indices,
+  alive while that weight's matmul runs (the lever's `nf4_working_bytes`);
 * communication buffers: DDP buckets, FSDP2 / ZeRO-3 gathered blocks and unsharded gradients,
   ZeRO reduce buckets, the YaFSDP engine's preallocated buffers (its own `buffer_bytes`);
 * framework overhead: measured per device class (CUDA context and workspaces from the
@@ -56,6 +59,7 @@ class Levers:
     micro_batch: int = 1
     grad_accum: int = 1
     compiled: bool = False  # blocks under torch.compile (the compile lever's rule: `compile_wanted`)
+    base_dtype: str = ""  # LoRA's frozen base: bf16 | fp32 | nf4 ("": nothing frozen)
 
     @property
     def sharded_params(self) -> bool:
@@ -109,7 +113,7 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
     """Exact model-state bytes per rank after an optimizer step (the steady state)."""
     policy = PrecisionPolicy(levers.precision)
     if levers.strategy in ("deepspeed", "yafsdp"):  # flat partitions: the engine's own estimate
-        frozen = trainable.frozen_params * trainable.frozen_bytes
+        frozen = trainable.frozen_state_bytes()
         if levers.strategy == "yafsdp":  # the frozen base (LoRA) is sharded with the rest
             est = YaFSDP.state_bytes(trainable.n_params, world, policy, levers.parallel_options(), frozen)
         else:  # ZeRO replicates it (in its fp16/bf16 modes, cast to half precision)
@@ -119,9 +123,8 @@ def state_bytes(trainable: Trainable, levers: Levers, world: int) -> dict[str, i
         return est
     fsdp = levers.strategy == "fsdp2"
     local = _local_total(trainable, world, fsdp)
-    frozen = trainable.frozen_params * trainable.frozen_bytes
+    frozen = trainable.frozen_state_bytes(world if fsdp else 1)
     if fsdp:
-        frozen = -(-frozen // world)
         # fp32 shards whatever the precision: under bf16-pure they are the masters
         return {"params": frozen + 4 * local, "grads": 4 * local, "master": 0,
                 "optimizer": 8 * local + STEP_COUNTER_BYTES * len(trainable.shapes)}
@@ -143,7 +146,8 @@ def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_
     per_block = block_saved_tensors(a, b, seq_len, levers.precision, device_type, levers.compiled)
     working = sum(n for _, n in per_block["none"])  # one block's full set, live during its backward
     outside = tokens * a.dim * residual * 2 + tokens * 4  # embedding output, final norm input/rstd
-    kept = tokens * a.dim * compute + a.vocab_size * a.dim * 4  # grad_hidden, grad_weight: into backward
+    head = a.vocab_size * a.dim * 4 if not trainable.frozen_params else 0  # a frozen head (LoRA) gets no gradient
+    kept = tokens * a.dim * compute + head  # grad_hidden, grad_weight: into backward
     # + one chunk's logits while it runs (a final soft-cap keeps its tanh and 1 - tanh^2 beside them)
     loss = kept + (5 if a.final_softcap else 3) * min(LOSS_CHUNK, tokens) * a.vocab_size * 4
     if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
@@ -177,6 +181,8 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
     low = levers.precision in ("bf16", "fp16") and levers.weight_bytes() == 4  # DeepSpeed's fp16 holds fp16 weights
     cast = trainable.n_params + (trainable.frozen_params if trainable.frozen_bytes == 4 else 0)
     out: dict[str, int] = {"autocast_casts": 2 * cast if low else 0}
+    if trainable.dequant_working:
+        out["dequantised"] = trainable.dequant_working
     if levers.strategy == "yafsdp":
         policy, options = PrecisionPolicy(levers.precision), levers.parallel_options()
         base = FrozenBase.counted(trainable.n_params, trainable.frozen_params, trainable.frozen_bytes)
@@ -192,7 +198,7 @@ def comm_and_cast_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, w
         root = info.n_params - a.n_layers * info.block_params
         blocks = a.n_layers if device_type == "cpu" or not levers.reshard_after_forward else 2
         share = (root + blocks * info.block_params) / info.n_params  # of the model gathered at once
-        frozen = trainable.frozen_params * min(gather, trainable.frozen_bytes)  # frozen: no gradient
+        frozen = min(trainable.frozen_state_bytes(), trainable.frozen_params * gather)  # frozen: no gradient
         out["gathered_params"] = int(share * (trainable.n_params * gather + frozen))
         out["unsharded_grads"] = int(share * trainable.n_params * 4)
     elif levers.strategy == "ddp" and world > 1:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from functools import cache, cached_property, partial
 from typing import Callable
 
+import torch
+
 from shoestring.errors import UserError
-from shoestring.levers.lora import LoRASettings, estimate, saved_activation_bytes, target_shapes
+from shoestring.levers.lora import (LoRASettings, estimate, frozen_base_bytes, nf4_dequant_bytes, nf4_working_bytes,
+                                   saved_activation_bytes, target_shapes)
 from shoestring.models import PRESETS, ModelArgs, build_model
 
 Shape = tuple[int, ...]
@@ -52,10 +55,21 @@ class Trainable:
     frozen_bytes: int = 2
     # bytes one block's trainable add to saved activations: (tokens, precision, compiled) -> bytes
     block_activation_bytes: Callable[[int, str, bool], int] | None = None
+    # A quantised base (QLoRA's NF4): its exact bytes per rank split `shards` ways (else
+    # frozen_params x frozen_bytes), the traffic of one dequantisation pass (compiled or not)
+    # and the transient of the largest dequantised weight.
+    frozen_sharded: Callable[[int], int] | None = None
+    dequant_bytes: Callable[[bool], int] | None = None
+    dequant_working: int = 0
 
     @cached_property
     def n_params(self) -> int:
         return sum(_numel(s) for s in self.shapes)
+
+    def frozen_state_bytes(self, shards: int = 1) -> int:
+        if self.frozen_sharded is not None:
+            return self.frozen_sharded(shards)
+        return -(-self.frozen_params * self.frozen_bytes // shards)
 
 
 TrainableEstimate = Callable[[ModelInfo], Trainable]
@@ -87,15 +101,19 @@ def full_trainable(info: ModelInfo) -> Trainable:
 
 
 def lora_trainable(info: ModelInfo, rank: int = 16, targets: tuple[str, ...] = LORA_TARGETS,
-                   frozen_bytes: int = 2) -> Trainable:
+                   frozen_bytes: int = 2, nf4: bool = False) -> Trainable:
     """LoRA: per target linear (in -> out) an A (rank x in) and a B (out x rank) adapter; the
-    base (all original weights) frozen, stored in `frozen_bytes` (bf16 by default). The lever
-    owns which linears exist, their shapes and the frozen count (levers/lora.py)."""
+    base (all original weights) frozen, stored in `frozen_bytes` (bf16 by default), the blocks'
+    linears in NF4 with `nf4` (QLoRA). The lever owns which linears exist, their shapes, the
+    frozen count and an NF4 base's bytes and dequantisation traffic (levers/lora.py)."""
     dims = target_shapes(info.args)
     shapes = tuple(s for _ in range(info.args.n_layers) for t in targets for s in ((rank, dims[t][0]), (dims[t][1], rank)))
-    settings = LoRASettings(rank=rank, targets=targets)
+    settings = LoRASettings(rank=rank, targets=targets, base_dtype=torch.bfloat16 if frozen_bytes == 2 else torch.float32, nf4=nf4)
+    quantised = {} if not nf4 else dict(
+        frozen_sharded=partial(frozen_base_bytes, info.args, settings, "bf16"),
+        dequant_bytes=partial(nf4_dequant_bytes, info.args, settings), dequant_working=nf4_working_bytes(info.args, settings))
     return Trainable(shapes, frozen_params=estimate(info.args, settings).frozen_params, frozen_bytes=frozen_bytes,
-                     block_activation_bytes=partial(saved_activation_bytes, info.args, settings))
+                     block_activation_bytes=partial(saved_activation_bytes, info.args, settings), **quantised)
 
 
 def lora_flops_per_token(info: ModelInfo, trainable: Trainable, seq_len: int) -> float:

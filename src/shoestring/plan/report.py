@@ -24,7 +24,8 @@ def _dollars(cost: float) -> str:
 def plan_dict(p: Plan) -> dict[str, Any]:
     l = p.levers
     return {
-        "device": p.device.key, "count": p.count, "precision": l.precision, "checkpointing": l.checkpointing,
+        "device": p.device.key, "count": p.count, "precision": l.precision, "lora_base_dtype": l.base_dtype or None,
+        "checkpointing": l.checkpointing,
         "strategy": l.strategy, "strategy_label": l.strategy_label(), "zero_stage": l.zero_stage,
         "reshard_after_forward": l.reshard_after_forward, "offload": l.offload,
         "micro_batch": l.micro_batch, "grad_accum": l.grad_accum, "global_batch_sequences": p.global_batch,
@@ -63,7 +64,8 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
         t.add_column(col, justify="right" if col in ("#", "tokens/s", "wall", "$") else "left")
     for i, p in enumerate(one_per_option(r.plans, limit), 1):
         wall = f"{p.wall_h:.1f} h" + ("" if p.meets_deadline else " (late)")
-        t.add_row(str(i), f"{p.device.key}:{p.count}", p.levers.precision, p.levers.checkpointing, p.levers.strategy_label(),
+        precision = p.levers.precision + (f", base {p.levers.base_dtype}" if p.levers.base_dtype else "")
+        t.add_row(str(i), f"{p.device.key}:{p.count}", precision, p.levers.checkpointing, p.levers.strategy_label(),
                   f"{p.levers.micro_batch} x {p.levers.grad_accum}",
                   f"{p.memory.total / GiB:.1f}/{p.device.memory_bytes / GiB:.0f} ({_components(p, 3)})",
                   f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost))

@@ -37,7 +37,7 @@ class Request:
     spot: bool = False
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_base_dtype: str = "bf16"  # the frozen base's dtype (config lora.base_dtype)
+    lora_base_dtype: str | None = None  # the frozen base's dtype (config lora.base_dtype); None: searched
     fixed: tuple[tuple[str, object], ...] = ()  # levers the user set (train --auto): name -> value
     ranks: int | None = None  # local hardware: processes to split this machine into
     compile: bool | str = "auto"  # train.compile: whether blocks run compiled is the compile lever's rule
@@ -123,15 +123,19 @@ def _precisions(device: Device, mode: str, fixed: dict[str, object], bf16_base: 
     return [str(chosen)]
 
 
-def _strategies(device: Device, count: int, precision: str) -> list[Levers]:
-    """Candidate strategies."""
+def _strategies(device: Device, count: int, precision: str, base_dtype: str = "") -> list[Levers]:
+    """Candidate strategies (an NF4 base runs under single, ddp and fsdp2 only: the others pack
+    or move every weight as a plain tensor)."""
     base = Levers(precision, "none", "single")
+    nf4 = base_dtype == "nf4"
     if count == 1:
         out = [base]
-        if device.kind == "cuda":
+        if device.kind == "cuda" and not nf4:
             out.append(replace(base, strategy="deepspeed", zero_stage=2, offload=True))
         return out
     out = [replace(base, strategy="ddp")]
+    if nf4:
+        return out + [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False)]
     out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False),
             replace(base, strategy="yafsdp")]
     out += [replace(base, strategy="deepspeed", zero_stage=z) for z in (1, 2, 3)]
@@ -170,10 +174,22 @@ def compiled(setting: bool | str, device: Device, precision: str) -> bool:
     return bool(decide(setting, device.facts(), PrecisionPolicy(precision)).value)
 
 
-def trainable_for(req: Request, info: ModelInfo, seq_len: int) -> tuple[Trainable, float]:
-    """What trains, and the FLOPs per token that costs."""
+def base_dtypes(req: Request) -> tuple[str, ...]:
+    """LoRA's frozen-base dtypes to try: the one asked for, else bf16 and QLoRA's NF4 (which wins
+    only where bf16 does not fit: its dequantisation costs time); "" when nothing is frozen."""
+    if req.mode != "lora":
+        return ("",)
+    return (req.lora_base_dtype,) if req.lora_base_dtype else ("bf16", "nf4")
+
+
+def trainable_for(req: Request, info: ModelInfo, seq_len: int, base_dtype: str = "",
+                  precision: str = "bf16") -> tuple[Trainable, float]:
+    """What trains, and the FLOPs per token that costs. An NF4 base keeps its unquantised part
+    (embedding, head, norms) in the compute dtype: fp32 under fp32, else 16 bits."""
     if req.mode == "lora":
-        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 2 if req.lora_base_dtype == "bf16" else 4)
+        base = base_dtype or req.lora_base_dtype or "bf16"
+        wide = base == "fp32" or (base == "nf4" and precision == "fp32")
+        trainable = lora_trainable(info, req.lora_rank, tuple(req.lora_targets), 4 if wide else 2, nf4=base == "nf4")
         return trainable, lora_flops_per_token(info, trainable, seq_len)
     return full_trainable(info), info.flops_per_token(seq_len)
 
@@ -183,7 +199,7 @@ def plan_exactly(req: Request, device: Device, count: int, levers: Levers) -> Pl
     device: what the accuracy benchmark compares with what it measured on that device."""
     info = model_info(req.model)
     seq_len = _validate(req, info)
-    trainable, flops = trainable_for(req, info, seq_len)
+    trainable, flops = trainable_for(req, info, seq_len, levers.base_dtype, levers.precision)
     levers = replace(levers, compiled=compiled(req.compile, device, levers.precision))
     return _plan(info, trainable, levers, device, count, seq_len, flops, req)
 
@@ -191,27 +207,31 @@ def plan_exactly(req: Request, device: Device, count: int, levers: Levers) -> Pl
 def search(req: Request) -> Result:
     info = model_info(req.model)
     seq_len = _validate(req, info)
-    trainable, flops = trainable_for(req, info, seq_len)
+    trainables: dict[tuple[str, str], tuple[Trainable, float]] = {}  # (base dtype, precision) -> what trains
     global_seqs = max(1, min(req.global_batch_tokens, int(req.tokens)) // seq_len)
     fixed = dict(req.fixed)
     plans: list[Plan] = []
     misses: list[Plan] = []
     for device, count in _hardware(req):
         per_device = -(-global_seqs // count)
-        for precision in _precisions(device, req.mode, fixed, req.mode == "lora" and trainable.frozen_bytes == 2):
-            if not device.supports(compute_dtype(precision)):
-                continue
-            blocks_compiled = compiled(req.compile, device, precision)
-            for strat in _strategies(device, count, precision):
-                for mode in CHECKPOINTING if "checkpointing" not in fixed else (str(fixed["checkpointing"]),):
-                    levers = replace(strat, checkpointing=mode, compiled=blocks_compiled)
-                    if not _matches(levers, {k: v for k, v in fixed.items() if k not in ("micro_batch", "grad_accum")}):
-                        continue
-                    plan = _best_micro_batch(info, trainable, levers, device, count, per_device, seq_len, flops, req, fixed)
-                    (plans if plan.fits else misses).append(plan)
+        for base in base_dtypes(req):
+            for precision in _precisions(device, req.mode, fixed, base == "bf16"):
+                if not device.supports(compute_dtype(precision)):
+                    continue
+                if (base, precision) not in trainables:
+                    trainables[base, precision] = trainable_for(req, info, seq_len, base, precision)
+                trainable, flops = trainables[base, precision]
+                blocks_compiled = compiled(req.compile, device, precision)
+                for strat in _strategies(device, count, precision, base):
+                    for mode in CHECKPOINTING if "checkpointing" not in fixed else (str(fixed["checkpointing"]),):
+                        levers = replace(strat, checkpointing=mode, compiled=blocks_compiled, base_dtype=base)
+                        if not _matches(levers, {k: v for k, v in fixed.items() if k not in ("micro_batch", "grad_accum")}):
+                            continue
+                        plan = _best_micro_batch(info, trainable, levers, device, count, per_device, seq_len, flops, req, fixed)
+                        (plans if plan.fits else misses).append(plan)
     plans.sort(key=_rank)
     misses.sort(key=lambda p: (p.cost, p.overflow))
-    return Result(req, info, trainable, seq_len, plans, misses)
+    return Result(req, info, trainable_for(req, info, seq_len)[0], seq_len, plans, misses)
 
 
 def one_per_option(plans: list[Plan], limit: int) -> list[Plan]:
@@ -302,22 +322,23 @@ def require_fit(result: Result) -> None:
 
 def _untried_options(result: Result) -> list[str]:
     """What else could fit, leaving out what the request already says: other devices when it
-    named some (the whole catalogue was searched otherwise), a shorter sequence, LoRA, and a
-    bf16 base under LoRA."""
+    named some (the whole catalogue was searched otherwise), a shorter sequence, LoRA, and an
+    NF4 base under LoRA (searched unless the request fixed the base)."""
     req = result.request
     options = ["larger devices (--hardware)"] if req.hardware else []
     if result.seq_len > 256:
         options.append(f"a --seq-len shorter than {result.seq_len}")
     if req.mode != "lora":
         options.append("--mode lora")
-    elif req.lora_base_dtype != "bf16":
-        options.append("--lora-base-dtype bf16")
+    elif req.lora_base_dtype in ("fp32", "bf16"):
+        options.append("--lora-base-dtype " + ("bf16 or nf4" if req.lora_base_dtype == "fp32" else "nf4"))
     return options
 
 
 def describe(p: Plan) -> str:
     l = p.levers
-    return (f"{p.device.key}:{p.count} {l.precision} ckpt={l.checkpointing} {l.strategy_label()} "
+    base = f" base={l.base_dtype}" if l.base_dtype else ""
+    return (f"{p.device.key}:{p.count} {l.precision}{base} ckpt={l.checkpointing} {l.strategy_label()} "
             f"mb={l.micro_batch}x{l.grad_accum}")
 
 

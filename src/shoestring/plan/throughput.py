@@ -1,7 +1,9 @@
 """Step time of one candidate plan: compute, recompute, communication and offload.
 
     compute   = tokens per device per step x FLOPs per token / (peak[dtype] x achievable MFU);
-                for LoRA the removed FLOPs save only their matmul time (`compute_seconds`)
+                for LoRA the removed FLOPs save only their matmul time (`compute_seconds`); an
+                NF4 base adds its dequantisation, memory-bound, in forward and backward (and in
+                a checkpointed block's recompute): the lever's bytes / memory bandwidth
     recompute = checkpointing's extra time: its matmul FLOP fraction on GPUs (`full`, `every:K`);
                 the device class's measured multiplier where element-wise work dominates (CPU)
     comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
@@ -136,10 +138,12 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
                                            levers.grad_accum, base)
         return f * sum(moved.values())
     # fsdp2 / zero-3: all-gather params in forward (+ again in backward when resharded) and
-    # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too.
+    # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too, in their
+    # own dtype where that is smaller (a bf16 or NF4 base).
     gather = levers.weight_bytes()
     gathers = 2 if levers.reshard_after_forward else 1
-    per_micro = f * (info.n_params * gather * gathers + n * 4)
+    gathered = n * gather + min(trainable.frozen_state_bytes(), trainable.frozen_params * gather)
+    per_micro = f * (gathered * gathers + n * 4)
     return per_micro * levers.grad_accum
 
 
@@ -160,6 +164,11 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
     compute = compute_seconds(tokens * flops_per_token / peak, tokens * info.flops_per_token(seq_len) / peak,
                               achievable_mfu(device, levers.precision, levers.compiled))
     recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len, levers.compiled) - 1.0)
+    if trainable.dequant_bytes is not None:  # a quantised base: one memory-bound pass per forward, backward, recompute
+        dequant = levers.grad_accum * trainable.dequant_bytes(levers.compiled) / (device.mem_bw_gbs * 1e9)
+        compute += 2 * dequant
+        if parse_mode(levers.checkpointing)[0] != "offload":
+            recompute += dequant * len(checkpointed_blocks(info.args.n_layers, levers.checkpointing)) / info.args.n_layers
     comm = comm_bytes(info, trainable, levers, world) / (device.link_gbs(world) * 1e9)
     hidden = overlap(device, levers) * (compute + recompute)
     exposed = max(comm - hidden, comm * 0.1) if comm else 0.0

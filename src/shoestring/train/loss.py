@@ -6,7 +6,7 @@ gradient) are the largest activation of the step: tiny preset, 16x256 tokens, vo
 we form its logits, take the loss, and compute the gradients w.r.t. the hidden states and the
 head weight right away (the loss is a scalar, so its upstream gradient is a single number
 applied in backward). What stays alive until backward is `grad_hidden` (tokens x dim) and
-`grad_weight` (vocab x dim) instead of the logits.
+`grad_weight` (vocab x dim; not computed for a frozen head, as under LoRA) instead of the logits.
 
 A final-logit soft-cap (Gemma 2: logits -> c tanh(logits / c)) is applied per chunk; its
 derivative (1 - tanh^2) multiplies the softmax gradient before it reaches hidden and weight.
@@ -25,11 +25,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 softcap: float) -> torch.Tensor:
         needs_grad = hidden.requires_grad or weight.requires_grad
+        head_trains = weight.requires_grad  # a frozen head (LoRA) needs no vocab x dim gradient
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if head_trains else None
         for start in range(0, hidden.shape[0], chunk):
             h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
             logits = (h @ weight.T).float()
@@ -49,18 +50,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     g.mul_(1 - tanh.square_())
                 g = g.to(h.dtype)
                 grad_hidden[start : start + chunk] = g @ weight
-                grad_weight += (g.T @ h).float()
+                if head_trains:
+                    grad_weight += (g.T @ h).float()
         loss = loss / n_valid
         if needs_grad:
             grad_hidden.div_(n_valid)
-            grad_weight = grad_weight.div_(n_valid).to(weight.dtype)
+            grad_weight = grad_weight.div_(n_valid).to(weight.dtype) if head_trains else None
             ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight * grad_out.to(grad_weight.dtype), None, None, None
+        grad_weight = None if grad_weight is None else grad_weight * grad_out.to(grad_weight.dtype)
+        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
 def cross_entropy_from_hidden(

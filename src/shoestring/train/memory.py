@@ -230,11 +230,21 @@ class SavedActivationCounter:
 # Model state
 # --------------------------------------------------------------------------------------------
 
+def _held(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors holding `t`'s bytes: a wrapper subclass (a quantised NF4 weight, also as
+    a DTensor's local shard) holds its inner tensors, not the storage its shape suggests."""
+    t = _local(t)
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None:
+        yield t
+        return
+    for name in flatten()[0]:
+        yield from _held(getattr(t, name))
+
+
 def _unique_bytes(tensors: Iterable[torch.Tensor], seen: set) -> int:
     total = 0
-    for t in tensors:
-        if t is None:
-            continue
+    for t in (inner for outer in tensors if outer is not None for inner in _held(outer)):
         key = _storage_key(t)
         if key in seen:
             continue
