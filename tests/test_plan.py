@@ -126,11 +126,13 @@ def test_yafsdp_state_and_buffer_bytes_exact(preset):
             assert comm_and_cast_bytes(info, full_trainable(info), levers, n, "cpu")["buffers"] == counted["buffers"]
 
 
-def test_70b_full_search_is_fast():
+def test_70b_full_search_stays_interactive():
+    """A guard against a search that grows combinatorially (0.44 s idle on the 2-core CI
+    machine), not a speed target: the bound leaves room for a machine shared with other jobs."""
     search(Request("llama3-70b", 2e9))  # warm: meta build of the model
     t0 = time.perf_counter()
     result = search(Request("llama3-70b", 2e9))
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 10.0
     assert result.plans and result.plans[0].fits
 
 
