@@ -23,25 +23,11 @@ from types import TracebackType
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from shoestring.parallel.cost import sent_fraction
+
 _BACKENDS = ("gloo:", "nccl:", "mpi:", "ucc:")
 _ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
              "signed char": 1, "unsigned char": 1, "bool": 1, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1}
-
-
-def sent_fraction(collective: str, world: int) -> float:
-    """Bytes one rank sends per byte of the collective's input tensor (ring algorithms)."""
-    f = (world - 1) / world
-    if collective.endswith(":recv"):  # point-to-point: the sender counts the bytes
-        return 0.0
-    if collective.endswith(":send"):
-        return 1.0
-    if "all_reduce" in collective or "allreduce" in collective:
-        return 2 * f
-    if "all_gather" in collective or "allgather" in collective:
-        return world - 1  # the input is this rank's chunk; each chunk travels N-1 hops
-    if "broadcast" in collective:
-        return 1.0
-    return f  # reduce_scatter, all_to_all, reduce
 
 
 @dataclass
