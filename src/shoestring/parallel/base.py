@@ -196,6 +196,11 @@ class Strategy(abc.ABC):
         for the planner, which composes it without asking which strategy it is."""
         raise NotImplementedError(f"{cls.__name__} has no cost model")
 
+    def comm_groups(self) -> dict[tuple[int, ...], str]:
+        """The ranks of each sub-group this strategy communicates in, and the span it stands
+        for in its cost model ("group", "across"), for the comm meter; none: the world only."""
+        return {}
+
     @staticmethod
     def label(options: ParallelSection) -> str:
         """A short name for this strategy with these options, for plan tables."""

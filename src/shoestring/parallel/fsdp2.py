@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -42,7 +43,7 @@ from shoestring.models.llama import Llama
 from shoestring.parallel import dist
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
                                       scaled_step)
-from shoestring.parallel.cost import (STEP_COUNTER_BYTES, Collective, Cost, Workload, dim0_shard_numel, dim0_shard_total,
+from shoestring.parallel.cost import (STEP_COUNTER_BYTES, Collective, Cost, Workload, dim0_shard_total,
                                       gathered_block_buffers,
                                       shard_group_size, torch_reduce_scatter)
 from shoestring.train.memory import model_state_bytes
@@ -63,7 +64,7 @@ class FSDP2(Strategy):
         self.rank, self.world_size = dist.rank(), dist.world_size()
         group = shard_group_size(options.shard_group, self.world_size, dist.local_world_size())
         self.hybrid = group < self.world_size
-        mesh = device_mesh(device.type, self.world_size, group)
+        self.mesh = mesh = device_mesh(device.type, self.world_size, group)
         shard = dict(mesh=mesh, reshard_after_forward=options.reshard_after_forward, mp_policy=mixed_precision(policy),
                      offload_policy=CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy())
         blocks = list(model.layers)
@@ -150,13 +151,13 @@ class FSDP2(Strategy):
     @classmethod
     def cost(cls, w: Workload) -> Cost:
         """fp32 shards of each trained tensor over the shard group, padded on dim 0 as FSDP2 lays
-        them out (exact); a frozen base (LoRA) sharded with them. Per micro-step: every block's
-        weights gathered in the policy's dtype in forward and again in backward (once when
-        kept after forward; within groups of N when re-sharded to N), the root unit (embedding,
-        norm, head: FSDP2 keeps the root gathered from forward to backward) once, and every
-        unit's fp32 gradient reduce-scattered; across groups (hybrid) the gradient shards are
-        all-reduced once per step."""
-        g, a = w.group, w.args
+        them out (exact); a frozen base (LoRA) sharded with them. Per micro-step: every unit's
+        weights (each block, and the root: embedding, norm, head) gathered in the policy's dtype
+        in forward and again in backward (once when kept after forward; within groups of N when
+        re-sharded to N), and every unit's fp32 gradient reduce-scattered; across groups (hybrid)
+        the gradient shards are all-reduced once per step. Measured on gloo (tests/test_hybrid.py):
+        these bytes, plus the gradient norm's scalars."""
+        g = w.group
         local = dim0_shard_total(w.shapes, g)
         state = {"params": w.frozen_state(g) + 4 * local, "grads": 4 * local, "master": 0,
                  "optimizer": 8 * local + STEP_COUNTER_BYTES * len(w.shapes)}
@@ -165,17 +166,15 @@ class FSDP2(Strategy):
             return Cost(state, offloaded=offloaded)
         p = cls.weight_dtype(w.policy).itemsize
         reshard = w.options.reshard_after_forward
-        root_local = 0 if w.frozen_params else (
-            (1 if a.tie_embeddings else 2) * dim0_shard_numel((a.vocab_size, a.dim), g) + dim0_shard_numel((a.dim,), g))
         frozen = min(w.frozen_state(1), w.frozen_params * p)  # gathered in its own dtype where smaller
-        blocks = (local - root_local) * p + frozen / g
-        units, accum = a.n_layers + 1, w.grad_accum
-        gathers = [Collective("all_gather", accum * (blocks + root_local * p), accum * units, "group", "weights (forward)")]
+        units, accum = w.args.n_layers + 1, w.grad_accum
+        weights = accum * (local * p + frozen / g)  # every unit's shards, gathered once
+        gathers = [Collective("all_gather", weights, accum * units, "group", "weights (forward)")]
         if reshard is True:
-            gathers.append(Collective("all_gather", accum * blocks, accum * a.n_layers, "group", "weights (backward)"))
+            gathers.append(Collective("all_gather", weights, accum * units, "group", "weights (backward)"))
         elif reshard:  # re-sharded to groups of `reshard` ranks: backward gathers inside those
-            gathers.append(Collective("all_gather", accum * blocks * g / reshard, accum * a.n_layers, "group",
-                                      "weights (backward)", size=reshard))
+            gathers.append(Collective("all_gather", weights * g / reshard, accum * units, "group", "weights (backward)",
+                                      size=reshard))
         scatter = Collective(torch_reduce_scatter(w.device_type), accum * 4 * local * g, accum * units, "group", "gradients")
         across = [Collective("all_reduce", 4 * local, units, "across", "gradient shards")] if w.replicas > 1 else []
         return Cost(state, gathered_block_buffers(w, p, frozen), (*gathers, scatter, *across), overlap=0.8, offloaded=offloaded)
@@ -187,6 +186,12 @@ class FSDP2(Strategy):
         if options.shard_group is not None:
             label += f"/hsdp:{options.shard_group}"
         return label + ("+offload" if options.cpu_offload else "")
+
+    def comm_groups(self) -> dict[tuple[int, ...], str]:
+        if not self.hybrid:
+            return {}
+        return {tuple(tdist.get_process_group_ranks(self.mesh.get_group(dim))): span
+                for dim, span in (("shard", "group"), ("replicate", "across"))}
 
     def memory(self) -> dict[str, int]:
         return {**model_state_bytes(self.model, self.optimizer), "master": 0}

@@ -27,15 +27,23 @@ def _traffic(p: Plan) -> str:
             f"per step, {s.comm_total_s:.2f} s of communication ({s.comm_s:.2f} s not hidden)")
 
 
+def _topology_aware(p: Plan) -> bool:
+    return p.levers.shard_group is not None or not isinstance(p.levers.reshard_after_forward, bool)
+
+
 def why_network(best: Plan, plans: list[Plan]) -> str:
-    """The winner's traffic over each link, beside the best plan of another strategy on the same
-    hardware: why it wins, in bytes over the slow links and the time they take."""
+    """The winner's traffic over each link, beside the best plan on the same hardware that
+    communicates differently (a flat one when the winner keeps traffic inside nodes, else
+    another strategy): why it wins, in bytes over the slow links and the time they take."""
     line = f"network: {best.levers.strategy_label()} sends {_traffic(best)}"
-    rival = next((p for p in plans if (p.device.key, p.count) == (best.device.key, best.count)
-                  and p.levers.strategy_label() != best.levers.strategy_label()), None)
+    if _topology_aware(best):
+        kind, differs = "sharding flat", lambda p: not _topology_aware(p)
+    else:
+        kind, differs = "with another strategy", lambda p: p.levers.strategy_label() != best.levers.strategy_label()
+    rival = next((p for p in plans if (p.device.key, p.count) == (best.device.key, best.count) and differs(p)), None)
     if rival is not None:
-        line += (f"; next best, {rival.levers.strategy_label()} ({rival.levers.precision}, ckpt={rival.levers.checkpointing}, "
-                 f"${_dollars(rival.cost)}), sends {_traffic(rival)}")
+        line += (f"; the best plan {kind}, {rival.levers.strategy_label()} ({rival.levers.precision}, "
+                 f"ckpt={rival.levers.checkpointing}, ${_dollars(rival.cost)}), sends {_traffic(rival)}")
     return line
 
 
