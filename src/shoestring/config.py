@@ -218,6 +218,13 @@ class ParallelSection(Section):
     reshard_after_forward: bool | int = True
     cpu_offload: bool = False
     prefetch: int = Field(default=1, ge=0)
+    # fsdp2, yafsdp: where the state is sharded. None: over every rank (flat); "node": within each
+    # node (LOCAL_WORLD_SIZE ranks); N: within groups of N consecutive ranks (N divides the world).
+    # The state is replicated across groups, whose gradient shards are all-reduced once a step
+    # (hybrid sharding, HSDP): the heavy gathers stay inside a group. `reshard_after_forward = N`
+    # differs: it shards the state over every rank and only re-shards the gathered weights to
+    # groups of N after forward, so that backward's gathers stay inside those groups.
+    shard_group: Literal["node"] | int | None = None
     # yafsdp: prefetch the next block's gather and overlap gradient reduce-scatters with backward
     # (true), or wait for every collective where it is issued (false: no overlap, same result);
     # dtype gradients are reduce-scattered in (they are accumulated in fp32 either way).
@@ -237,6 +244,8 @@ class ParallelSection(Section):
             raise ValueError("parallel.offload_params needs parallel.zero_stage = 3 (only ZeRO-3 partitions parameters)")
         if not isinstance(self.reshard_after_forward, bool) and self.reshard_after_forward < 2:
             raise ValueError("parallel.reshard_after_forward must be true, false or a group size >= 2")
+        if isinstance(self.shard_group, int) and self.shard_group < 1:
+            raise ValueError("parallel.shard_group must be \"node\" or a group size >= 1")
         return self
 
 

@@ -37,6 +37,11 @@ def world_size() -> int:
     return tdist.get_world_size() if active() else 1
 
 
+def local_world_size() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; the world without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -83,6 +83,7 @@ from shoestring.models.llama import Llama, ModelArgs
 from shoestring.parallel import dist
 from shoestring.parallel.base import (OptimizerSettings, RankAgreedGradScaler, StepResult, Strategy, WithLoss, adamw,
                                       require_file, scaled_step)
+from shoestring.parallel.cost import Cost, Workload
 from shoestring.parallel.flat import FlatLayout
 from shoestring.train import checkpoint as ckpt
 
@@ -668,6 +669,12 @@ class YaFSDP(Strategy):
         trained = sum(_padded(k, world_size) for k, t in resident if t)
         return {"all_gather_bytes": gathers * (p if trains else f) + trained * p,
                 "reduce_scatter_bytes": (grad_accum * (n * blk + out) if trains else 0) * r + trained * r}
+
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        from shoestring.parallel.yafsdp_cost import engine_cost  # an adapter over the estimates above
+
+        return engine_cost(w)
 
     def memory(self) -> dict[str, int]:
         buffers = [*self.gather_buf, *self.grad_buf, *self.rs_out, *self.resident.values(), *self.resident_grad.values()]
