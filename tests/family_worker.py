@@ -33,7 +33,7 @@ def _config(source: str, parallel: dict, lora: bool):
     from shoestring.config import build_config
 
     return build_config({"model": {"source": source}, "data": {"format": "instruct", "corpus": "unused.jsonl", "seq_len": SEQ},
-                         "train": {"lr": 1e-2, "weight_decay": 0.0, "device": "cpu"}, "precision": {"mode": "fp32"},
+                         "train": {"lr": 1e-2, "weight_decay": 0.0, "device": "cpu", "compile": False}, "precision": {"mode": "fp32"},
                          "parallel": parallel, "lora": LORA if lora else {"enabled": False}})
 
 
