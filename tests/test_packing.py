@@ -117,6 +117,24 @@ def test_packed_row_is_each_document_alone():
     assert (model.logits(model(x))[0, lengths[0]:] - packed[lengths[0]:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_checkpointed_blocks_take_the_document_ids(mode):
+    """Recomputed blocks get the ids again (selective keeps the masked attention's outputs)."""
+    from shoestring.levers.checkpointing import apply_checkpointing
+
+    torch.manual_seed(0)
+    plain = build_model(ARGS)
+    wrapped = build_model(ARGS)
+    wrapped.load_state_dict(plain.state_dict())
+    apply_checkpointing(wrapped, mode)
+    x, doc = torch.randint(0, 97, (2, 24)), _doc_ids(2, 24, seed=2)
+    y = torch.randint(0, 97, (2, 24))
+    grads = [torch.autograd.grad(cross_entropy_from_hidden(m(x, doc), m.lm_head.weight, y), list(m.parameters()))
+             for m in (plain, wrapped)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_best_fit_fills_rows():
     lengths = [7, 6, 5, 4, 3, 3, 2, 1, 9, 8]
     rows = pack(lengths, 10)
