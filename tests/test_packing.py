@@ -142,6 +142,7 @@ def test_best_fit_fills_rows():
     assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
     assert len(rows) == 5  # 48 tokens in rows of 10: five, the fewest there can be
     assert pack([4, 4, 4], 4) == [[0], [1], [2]] and pack([], 8) == []
+    assert pack([1, 3, 2, 4], 5) == [[0, 3], [1, 2]]  # rows in the order of their first example
 
 
 def _formatter():
@@ -171,6 +172,14 @@ def test_packed_loss_mask_stays_inside_each_document():
     alone = [(tuple(padded.x[i, :n]), tuple(padded.y[i, :n])) for i, (n,) in enumerate(padded.lengths)]
     assert sorted(pieces) == sorted(alone)
     assert (padded.y[:, :][np.arange(40) >= np.array(padded.lengths)] == IGNORE_INDEX).all()
+
+
+def test_one_example_a_row_packs_into_the_padded_rows():
+    convs = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]
+             for p in reverse_examples(9)]
+    padded, packed = build_rows(convs, _formatter(), 16, 0), build_rows(convs, _formatter(), 16, 0, packing=True)
+    assert np.array_equal(padded.x, packed.x) and np.array_equal(padded.y, packed.y)
+    assert packed.lengths == padded.lengths == [[12]] * 9
 
 
 def test_sampler_counts_each_steps_documents():

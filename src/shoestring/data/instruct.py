@@ -12,7 +12,7 @@ tokens but the first as targets (IGNORE_INDEX outside the responses). Rows are b
 load time, in one of two ways:
 * packed (`data.packing = true`, the default): several examples per row, placed best-fit
   decreasing (each example, longest first, into the fullest row it still fits), the tail
-  padded. Each row carries a document id per position (`doc`), which the model turns into a
+  padded; rows in the order of their first example. Each row carries a document id per position (`doc`), which the model turns into a
   document mask and RoPE positions that restart at each example (models/llama.py), so every
   example is computed exactly as if alone in its row. A target never crosses from one example
   into the next: each example's targets are its own tokens.
@@ -179,7 +179,9 @@ def encode_examples(conversations: list[list[dict[str, str]]], fmt: ChatFormatte
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: indices of `lengths` per row, each row's sum at most `capacity`.
     The longest example first, each into the row with the least room that still holds it (a new
-    row when none does): rows come out nearly full when short examples remain to fill gaps."""
+    row when none does): rows come out nearly full when short examples remain to fill gaps.
+    Rows are then put in the order of their first example, each in file order, so that rows of
+    one example each are exactly the padded rows (and the first rows hold the first examples)."""
     rows: list[list[int]] = []
     room: dict[int, list[int]] = {}  # free positions -> rows with exactly that many
     free: list[int] = []  # sorted keys of `room` with rows
@@ -199,7 +201,7 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
             if not room.get(left):
                 bisect.insort(free, left)
             room.setdefault(left, []).append(r)
-    return rows
+    return sorted(sorted(r) for r in rows)
 
 
 def build_rows(conversations: list[list[dict[str, str]]], fmt: ChatFormatter, seq_len: int, pad_id: int,
