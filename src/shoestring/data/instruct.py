@@ -12,10 +12,11 @@ tokens but the first as targets (IGNORE_INDEX outside the responses). Rows are b
 load time, in one of two ways:
 * packed (`data.packing = true`, the default): several examples per row, placed best-fit
   decreasing (each example, longest first, into the fullest row it still fits), the tail
-  padded; rows in the order of their first example. Each row carries a document id per position (`doc`), which the model turns into a
-  document mask and RoPE positions that restart at each example (models/llama.py), so every
-  example is computed exactly as if alone in its row. A target never crosses from one example
-  into the next: each example's targets are its own tokens.
+  padded; rows in the order of their first example. Each row carries a document id per
+  position (`doc`), which the model turns into a document mask and RoPE positions that restart
+  at each example (models/llama.py), so every example is computed exactly as if alone in its
+  row. A target never crosses from one example into the next: each example's targets are its
+  own tokens.
 * padded: one example per row, right-padded. Under the causal mask, padding after the real
   tokens leaves their outputs exactly as without it; no document ids are needed.
 

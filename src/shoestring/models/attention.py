@@ -65,8 +65,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     blocked = window or softcap or doc is not None or (q.device.type == "cpu" and torch.compiler.is_compiling())
     if q.device.type != "meta" and blocked:
         return BlockedCausalAttention.apply(q, k, v, scale, window, softcap or 0.0, doc)
-    if doc is not None:  # the meta device (shapes only): any mask gives the same shapes
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 

@@ -469,7 +469,7 @@ class Trainer:
                                     write_extra=strategy.save)
 
     def _summary(self, run: Prepared, steps: int, wall: float, tokens: int, flops: float, saved_act_bytes: int,
-                  comm: CommStats, val_loss: float | None) -> dict[str, Any]:
+                 comm: CommStats, val_loss: float | None) -> dict[str, Any]:
         price, price_source = self._price()
         tps = tokens / wall if wall > 0 else 0.0
         flops_per_s = flops / wall if wall > 0 else 0.0
