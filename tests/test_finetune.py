@@ -213,7 +213,7 @@ def test_loss_mask_covers_responses_only():
 
 
 def test_instruct_sampler_is_resumable_and_rank_split():
-    rows = InstructRows(torch.arange(40 * 4).view(40, 4).numpy(), torch.arange(40 * 4).view(40, 4).numpy(), 0)
+    rows = InstructRows(torch.arange(40 * 4).view(40, 4).numpy(), torch.arange(40 * 4).view(40, 4).numpy(), 0, [[4]] * 40)
     full = InstructSampler(rows, global_batch=8, seed=3)
     batches = [full.next_batch() for _ in range(7)]
     resumed = InstructSampler(rows, global_batch=8, seed=3)

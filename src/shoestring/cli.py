@@ -142,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     c = compare(Path(args.run_dir), args.prompts, args.max_new_tokens)
     hits = [sum(getattr(a, side) == a.expected for a in c.answers) for side in ("before", "after")]
-    console.print(f"held-out loss ({c.val_rows} validation rows, fp32): {c.val_loss_before:.3f} before -> "
+    console.print(f"held-out loss ({c.val_examples} validation examples, fp32): {c.val_loss_before:.3f} before -> "
                   f"{c.val_loss_after:.3f} after; exact answers {hits[0]}/{len(c.answers)} before, {hits[1]}/{len(c.answers)} after",
                   highlight=False)
     for a in c.answers:

@@ -36,7 +36,7 @@ class Comparison:
     answers: list[Answer]
     val_loss_before: float
     val_loss_after: float
-    val_rows: int
+    val_examples: int
 
 
 @contextlib.contextmanager
@@ -63,8 +63,9 @@ class HeldOut:
             raise UserError("the run did not fine-tune on instruction data", "compare applies to runs with data.format = 'instruct'")
         self.run, self.fmt = run, formatter(run.tokenizer, run.tokenizer_config)
         data = load_instruct(Path(cfg.data.corpus), self.fmt, cfg.data.seq_len, pad_id(run.tokenizer, run.tokenizer_config),
-                             cfg.data.val_fraction, cfg.data.skip_malformed)
+                             cfg.data.val_fraction, cfg.data.skip_malformed, cfg.data.packing)
         self.batches = instruct_val_batches(data.val, cfg.train.batch_size, cfg.train.eval_batches)
+        self.examples = sum(len(n) for n in data.val.lengths[: sum(len(b[0]) for b in self.batches)])
         if not self.batches:
             raise UserError(f"{cfg.data.corpus}: no held-out example fits data.seq_len", "raise data.seq_len or data.val_fraction")
         self.turns = [_first_turn(c) for c in data.val_conversations[:prompts]]
@@ -84,7 +85,8 @@ class HeldOut:
     @torch.no_grad()
     def loss(self, model: Llama) -> float:
         """Mean of the per-batch losses, as the trainer's evaluation takes it (here in fp32)."""
-        return sum(cross_entropy_from_hidden(model(x), model.lm_head.weight, y).item() for x, y in self.batches) / len(self.batches)
+        return sum(cross_entropy_from_hidden(model(x, *doc), model.lm_head.weight, y).item()
+                   for x, y, *doc in self.batches) / len(self.batches)
 
 
 def compare(run_dir: Path, prompts: int = 5, max_new_tokens: int = 12) -> Comparison:
@@ -94,7 +96,7 @@ def compare(run_dir: Path, prompts: int = 5, max_new_tokens: int = 12) -> Compar
     with starting_model(run) as start:
         before, loss_before = held.answers(start, max_new_tokens), held.loss(start)
     return Comparison([Answer(m[-1]["content"], expected, b, a) for (m, expected), b, a in zip(held.turns, before, after)],
-                      loss_before, loss_after, sum(len(x) for x, _ in held.batches))
+                      loss_before, loss_after, held.examples)
 
 
 def _first_turn(conversation: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:

@@ -62,6 +62,9 @@ class DataSection(Section):
     # covers response tokens only (see shoestring.data.instruct). Needs model.source's tokenizer.
     format: Literal["text", "instruct"] = "text"
     skip_malformed: bool = False  # instruct: skip (and count) malformed lines instead of stopping
+    # instruct: several examples per row, kept apart by a document mask (no compute on padding);
+    # false: one example per row, right-padded to seq_len.
+    packing: bool = True
 
 
 class Budget(NamedTuple):

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from shoestring.config import Config
-from shoestring.data.instruct import ChatFormatter, InstructSampler, instruct_val_batches, load_instruct
+from shoestring.data.instruct import ChatFormatter, InstructRows, InstructSampler, instruct_val_batches, load_instruct
 from shoestring.data.loader import Batch, BatchSampler, val_batches
 from shoestring.errors import UserError
 from shoestring.levers.lora import LoRASettings
@@ -89,7 +89,7 @@ def _unigram(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     return float(-np.log(counts / counts.sum())[val].mean()) if len(val) else float("nan")
 
 
-def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = print) -> TrainingData:
+def instruct_data(cfg: Config, run_dir: Path, say: Callable[[str], None] = print) -> TrainingData:
     src = read_source(cfg.model.source)
     if cfg.data.seq_len > src.args.max_seq_len:
         raise UserError(f"data.seq_len ({cfg.data.seq_len}) is longer than the model's context ({src.args.max_seq_len})")
@@ -98,10 +98,12 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
     if dist.is_main():
         save_base(src, run_dir)
     data = load_instruct(Path(cfg.data.corpus), formatter(src.tokenizer, src.tokenizer_config), cfg.data.seq_len,
-                         pad_id(src.tokenizer, src.tokenizer_config), cfg.data.val_fraction, cfg.data.skip_malformed)
+                         pad_id(src.tokenizer, src.tokenizer_config), cfg.data.val_fraction, cfg.data.skip_malformed,
+                         cfg.data.packing)
     if data.skipped or data.train.too_long or data.val.too_long:
-        warn(f"instruction data: {data.skipped} malformed lines skipped, "
-              f"{data.train.too_long + data.val.too_long} examples longer than seq_len+1 dropped")
+        say(f"instruction data: {data.skipped} malformed lines skipped, "
+            f"{data.train.too_long + data.val.too_long} examples longer than seq_len+1 dropped")
+    say(describe_rows(data.train, cfg.data.packing))
     t = cfg.train
     return TrainingData(
         vocab=src.args.vocab_size,
@@ -110,6 +112,13 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
         unigram=_unigram(data.train.target_tokens(), data.val.target_tokens(), src.args.vocab_size),
         source=src,
     )
+
+
+def describe_rows(rows: InstructRows, packing: bool) -> str:
+    examples, real = sum(len(n) for n in rows.lengths), sum(sum(n) for n in rows.lengths)
+    how = "packed" if packing else "padded, one per row"
+    return (f"instruction data: {examples} training examples in {len(rows)} rows of {rows.x.shape[1]} ({how}), "
+            f"{1 - real / rows.x.size:.1%} padding")
 
 
 def text_data(cfg: Config, data_dir: Path) -> TrainingData:

@@ -7,15 +7,27 @@ none) renders the conversation, and every assistant turn is a target span. Text 
 span by span at the template's own boundaries, so the prompt tokens are exactly those a
 generation prompt (`add_generation_prompt=True`) gives at inference time.
 
-Rows are padded, one example per row: our attention is plain causal SDPA, which cannot keep a
-packed row's documents from attending to each other, and right padding under a causal mask
-leaves the real tokens' outputs exactly as if unpadded (pad targets are IGNORE_INDEX).
+An example of L tokens takes L - 1 positions of a row: its tokens but the last as inputs, its
+tokens but the first as targets (IGNORE_INDEX outside the responses). Rows are built once, at
+load time, in one of two ways:
+* packed (`data.packing = true`, the default): several examples per row, placed best-fit
+  decreasing (each example, longest first, into the fullest row it still fits), the tail
+  padded; rows in the order of their first example. Each row carries a document id per
+  position (`doc`), which the model turns into a document mask and RoPE positions that restart
+  at each example (models/llama.py), so every example is computed exactly as if alone in its
+  row. A target never crosses from one example into the next: each example's targets are its
+  own tokens.
+* padded: one example per row, right-padded. Under the causal mask, padding after the real
+  tokens leaves their outputs exactly as without it; no document ids are needed.
 
-`InstructSampler` is `BatchSampler` over those rows (same order, resume and rank semantics).
+`InstructSampler` is `BatchSampler` over those rows (same order, resume and rank semantics);
+`documents(step)` gives the lengths of the examples a step computes, so that throughput and MFU
+count real tokens, not padding.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,11 +140,15 @@ def _raise(message: str) -> None:
 
 @dataclass
 class InstructRows:
-    """Padded rows: x/y int64 arrays (n, seq_len); y is IGNORE_INDEX outside the responses."""
+    """x/y int64 arrays (n, seq_len), y IGNORE_INDEX outside the responses; `doc` (n, seq_len)
+    int64 document ids of packed rows (the padding tail its own document), None for padded rows;
+    `lengths[i]`: the positions each example takes in row i (the rest is padding)."""
 
     x: np.ndarray
     y: np.ndarray
     too_long: int  # examples dropped because prompt + response exceed seq_len + 1 tokens
+    lengths: list[list[int]]
+    doc: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -140,24 +156,75 @@ class InstructRows:
     def target_tokens(self) -> np.ndarray:
         return self.y[self.y != IGNORE_INDEX]
 
+    def batch(self, ids: np.ndarray | slice) -> Batch:
+        """(x, y), and the document ids when packed, of rows `ids`."""
+        tensors = (self.x[ids], self.y[ids]) + (() if self.doc is None else (self.doc[ids],))
+        return tuple(torch.from_numpy(t) for t in tensors)
 
-def build_rows(conversations: list[list[dict[str, str]]], fmt: ChatFormatter, seq_len: int, pad_id: int) -> InstructRows:
-    xs, ys, too_long = [], [], 0
+
+def encode_examples(conversations: list[list[dict[str, str]]], fmt: ChatFormatter,
+                    seq_len: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Each example as (inputs, targets) of L - 1 positions; and how many were dropped for
+    exceeding seq_len + 1 tokens."""
+    out, too_long = [], 0
     for messages in conversations:
         ids, target = fmt.tokens(messages)
         if len(ids) > seq_len + 1:
             too_long += 1
             continue
-        row = np.full(seq_len + 1, pad_id, dtype=np.int64)
-        row[: len(ids)] = ids
-        y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-        t = np.asarray(target[1:], dtype=bool)
-        y[: len(t)][t] = row[1 : len(ids)][t]
-        xs.append(row[:-1])
-        ys.append(y)
-    if not xs:
-        return InstructRows(np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64), too_long)
-    return InstructRows(np.stack(xs), np.stack(ys), too_long)
+        ids = np.asarray(ids, dtype=np.int64)
+        out.append((ids[:-1], np.where(np.asarray(target[1:], dtype=bool), ids[1:], IGNORE_INDEX)))
+    return out, too_long
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of `lengths` per row, each row's sum at most `capacity`.
+    The longest example first, each into the row with the least room that still holds it (a new
+    row when none does): rows come out nearly full when short examples remain to fill gaps.
+    Rows are then put in the order of their first example, each in file order, so that rows of
+    one example each are exactly the padded rows (and the first rows hold the first examples)."""
+    rows: list[list[int]] = []
+    room: dict[int, list[int]] = {}  # free positions -> rows with exactly that many
+    free: list[int] = []  # sorted keys of `room` with rows
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, lengths[i])
+        if at == len(free):
+            r, left = len(rows), capacity
+            rows.append([])
+        else:
+            left = free[at]
+            r = room[left].pop()
+            if not room[left]:
+                del free[at]
+        rows[r].append(i)
+        left -= lengths[i]
+        if left:
+            if not room.get(left):
+                bisect.insort(free, left)
+            room.setdefault(left, []).append(r)
+    return sorted(sorted(r) for r in rows)
+
+
+def build_rows(conversations: list[list[dict[str, str]]], fmt: ChatFormatter, seq_len: int, pad_id: int,
+               packing: bool = False) -> InstructRows:
+    examples, too_long = encode_examples(conversations, fmt, seq_len)
+    groups = pack([len(x) for x, _ in examples], seq_len) if packing else [[i] for i in range(len(examples))]
+    x = np.full((len(groups), seq_len), pad_id, dtype=np.int64)
+    y = np.full((len(groups), seq_len), IGNORE_INDEX, dtype=np.int64)
+    doc = np.empty((len(groups), seq_len), dtype=np.int64) if packing else None
+    lengths = []
+    for r, group in enumerate(groups):
+        at = 0
+        for d, i in enumerate(group):
+            ex, ey = examples[i]
+            x[r, at : at + len(ex)], y[r, at : at + len(ex)] = ex, ey
+            if doc is not None:
+                doc[r, at : at + len(ex)] = d
+            at += len(ex)
+        if doc is not None:
+            doc[r, at:] = len(group)
+        lengths.append([len(examples[i][0]) for i in group])
+    return InstructRows(x, y, too_long, lengths, doc)
 
 
 @dataclass
@@ -177,10 +244,10 @@ def split_conversations(convs: list[list[dict[str, str]]], val_fraction: float) 
 
 
 def load_instruct(path: Path, fmt: ChatFormatter, seq_len: int, pad_id: int, val_fraction: float,
-                  skip_malformed: bool) -> InstructData:
+                  skip_malformed: bool, packing: bool = False) -> InstructData:
     convs, skipped = read_jsonl(path, skip_malformed)
     train_c, val_c = split_conversations(convs, val_fraction)
-    train, val = build_rows(train_c, fmt, seq_len, pad_id), build_rows(val_c, fmt, seq_len, pad_id)
+    train, val = (build_rows(c, fmt, seq_len, pad_id, packing) for c in (train_c, val_c))
     if len(train) == 0:
         raise UserError(f"{path}: every training example is longer than data.seq_len + 1 = {seq_len + 1} tokens",
                         "raise data.seq_len")
@@ -188,7 +255,7 @@ def load_instruct(path: Path, fmt: ChatFormatter, seq_len: int, pad_id: int, val
 
 
 class InstructSampler(BatchSampler):
-    """`BatchSampler`'s order, resume and rank split over padded rows instead of token windows."""
+    """`BatchSampler`'s order, resume and rank split over instruction rows instead of token windows."""
 
     def __init__(self, rows: InstructRows, global_batch: int, grad_accum: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
@@ -199,11 +266,14 @@ class InstructSampler(BatchSampler):
         return len(self.rows)
 
     def _gather_rows(self, ids: np.ndarray) -> Batch:
-        return torch.from_numpy(self.rows.x[ids]), torch.from_numpy(self.rows.y[ids])
+        return self.rows.batch(ids)
+
+    def documents(self, step: int) -> np.ndarray:
+        rows = self._entries(step * self.global_batch, self.global_batch)
+        return np.asarray([n for r in rows for n in self.rows.lengths[r]], dtype=np.int64)
 
 
 def instruct_val_batches(rows: InstructRows, batch_size: int, n_batches: int) -> list[Batch]:
     """Fixed evaluation batches: the first rows in order (one smaller batch when fewer exist)."""
     n = min(len(rows), batch_size * n_batches)
-    return [(torch.from_numpy(rows.x[i : i + batch_size]), torch.from_numpy(rows.y[i : i + batch_size]))
-            for i in range(0, n, batch_size)]
+    return [rows.batch(slice(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]

@@ -15,7 +15,7 @@ import torch
 
 from shoestring.errors import UserError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (x, y), or (x, y, doc) for packed instruction rows (data.instruct)
 
 
 def n_windows(n_tokens: int, seq_len: int) -> int:
@@ -70,6 +70,11 @@ class BatchSampler:
 
     def _gather_rows(self, ids: np.ndarray) -> Batch:
         return _gather(self.tokens, ids, self.seq_len)
+
+    def documents(self, step: int) -> np.ndarray:
+        """Lengths of what the global batch of optimizer step `step` computes as separate
+        sequences, padding left out (here: every window, whole). Throughput and MFU count these."""
+        return np.full(self.global_batch, self.seq_len, dtype=np.int64)
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:

@@ -26,7 +26,9 @@ Each family's difference is one field of `ModelArgs`, default off:
 
 `forward` returns the final hidden states, not logits: the loss is computed from them by
 `shoestring.train.loss`, in chunks, so the `batch x seq x vocab` tensor never exists at once
-(`final_softcap` is applied there too).
+(`final_softcap` is applied there too). Given `doc`, a (batch, seq) document id per token (a
+packed row of instruction examples), each document is computed as if alone in its row: RoPE
+positions restart at its first token and its queries see only its own keys.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoestring.models.attention import causal_attention
-from shoestring.models.rope import RopeScaling, apply_rope, attention_factor, inv_freq, rope_tables
+from shoestring.models.rope import RopeScaling, apply_rope, attention_factor, document_positions, inv_freq, rope_tables
 
 MLP_ACTS = ("silu", "gelu_tanh")
 
@@ -161,7 +163,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -169,7 +171,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        y = causal_attention(q, k, v, self.scale, self.window, self.softcap)
+        y = causal_attention(q, k, v, self.scale, self.window, self.softcap, doc)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -210,11 +212,11 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.post_norms = args.post_norms
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
         if not self.post_norms:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc)
             return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, doc))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -263,11 +265,16 @@ class Llama(nn.Module):
         if a.local_rope_theta is not None:
             self.inv_freq_local.copy_(inv_freq(a.head_dim, a.local_rope_theta, None, self.inv_freq.device))
 
-    def rope(self, seq_len: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables (seq_len, head_dim) of the global layers, or of the local ones."""
+    def rope(self, seq_len: int, local: bool = False, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables of the global layers, or of the local ones: (seq_len, head_dim) for
+        positions 0..seq_len-1, or (batch, 1, seq, head_dim) for (batch, seq) `positions`."""
+        if positions is None:
+            positions = torch.arange(seq_len, device=self.inv_freq.device)
+        else:
+            positions = positions[:, None]
         if local:
-            return rope_tables(self.inv_freq_local, seq_len)
-        return rope_tables(self.inv_freq, seq_len, attention_factor(self.args.rope_scaling))
+            return rope_tables(self.inv_freq_local, positions)
+        return rope_tables(self.inv_freq, positions, attention_factor(self.args.rope_scaling))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)
@@ -275,17 +282,19 @@ class Llama(nn.Module):
             x = x * torch.tensor(math.sqrt(self.args.dim), dtype=x.dtype)
         return x
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> final hidden states (batch, seq, dim)."""
+    def forward(self, tokens: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, seq) -> final hidden states (batch, seq, dim); `doc` (batch, seq): the
+        document of each token in a packed row (contiguous runs), None for one per row."""
         t = tokens.shape[1]
         if t > self.args.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.args.max_seq_len}")
-        tables = {False: self.rope(t)}
+        positions = None if doc is None else document_positions(doc)
+        tables = {False: self.rope(t, positions=positions)}
         if self.args.local_rope_theta is not None:
-            tables[True] = self.rope(t, local=True)
+            tables[True] = self.rope(t, local=True, positions=positions)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, *tables[self.args.is_local(i)])
+            x = layer(x, *tables[self.args.is_local(i)], doc)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

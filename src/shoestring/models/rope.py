@@ -91,18 +91,28 @@ def _yarn(base: torch.Tensor, head_dim: int, theta: float, s: RopeScaling) -> to
     return base / s.factor * (1 - keep) + base * keep
 
 
-def rope_tables(freqs: torch.Tensor, seq_len: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (seq_len, head_dim) for positions 0..seq_len-1, rotate-half layout,
-    times `scale`. Made per forward (seq x head_dim each, shared by all layers), not kept for
-    the whole context: a 128k-token model would hold hundreds of MiB of tables otherwise."""
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=freqs.device), freqs)
+def rope_tables(freqs: torch.Tensor, positions: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (*positions.shape, head_dim) in the rotate-half layout, times `scale`.
+    `positions` is arange(seq) for plain rows, (batch, seq) where positions restart at each
+    document of a packed row. Made per forward (shared by all layers), not kept for the whole
+    context: a 128k-token model would hold hundreds of MiB of tables otherwise."""
+    angles = positions.to(torch.float32)[..., None] * freqs
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos(), angles.sin()
     return (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)
 
 
+def document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) document ids, each document one contiguous run -> each token's position
+    within its document (0 at every document's first token)."""
+    index = torch.arange(doc.shape[-1], device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=-1).values
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim) or, per row, (batch, 1, seq, head_dim)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

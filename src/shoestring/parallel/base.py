@@ -116,8 +116,8 @@ class WithLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_from_hidden(self.model(x), self.model.lm_head.weight, y, softcap=self.model.args.final_softcap)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+        return cross_entropy_from_hidden(self.model(x, doc), self.model.lm_head.weight, y, softcap=self.model.args.final_softcap)
 
 
 def replicated_state_bytes(n_params: int, policy: PrecisionPolicy) -> dict[str, int]:
@@ -140,29 +140,31 @@ class Strategy(abc.ABC):
     world_size: int = 1
     device: torch.device
     policy: PrecisionPolicy
-    module: nn.Module  # the wrapped model: forward(x, y) -> loss
+    module: nn.Module  # the wrapped model: forward(x, y, doc) -> loss
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @abc.abstractmethod
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool,
+                         doc: torch.Tensor | None = None) -> torch.Tensor:
         """Loss of one micro-batch, backpropagated with `loss_scale` (1/accumulation steps).
+        `doc`: the document ids of packed rows (the model's argument), None for one per row.
         Returns the unscaled loss, detached, still on the device."""
 
     @abc.abstractmethod
     def step(self, lr: float) -> StepResult:
         """Clip, apply the optimizer update at `lr`, zero the gradients."""
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None) -> torch.Tensor:
         with self.policy.autocast(self.device.type):
-            return self.module(x, y)
+            return self.module(x, y, doc)
 
     @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
         """Loss without gradients (same precision as training)."""
-        return self._loss(x, y)
+        return self._loss(x, y, doc)
 
     @abc.abstractmethod
     def save(self, directory: Path) -> None:

@@ -126,9 +126,10 @@ class DeepSpeed(Strategy):
         if self.stage == 3:  # the tied head weight is used by the loss, outside lm_head's own forward
             deepspeed.zero.register_external_parameter(self.engine.module, model.lm_head.weight)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool,
+                         doc: torch.Tensor | None = None) -> torch.Tensor:
         self.engine.set_gradient_accumulation_boundary(last_micro_step)
-        loss = self._loss(x, y)
+        loss = self._loss(x, y, doc)
         self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
         return loss.detach()
 

@@ -80,13 +80,14 @@ class FSDP2(Strategy):
         self.optimizer = make_adamw(self.params, settings, device)
         self.scaler = policy.make_scaler(device.type)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool,
+                         doc: torch.Tensor | None = None) -> torch.Tensor:
         # Gradients are reduce-scattered after every micro-step (not only the last): the
         # accumulated gradient then stays sharded, which is the point of FSDP. Across groups
         # (hybrid) the shards are all-reduced on the last micro-step only.
         if self.hybrid:
             self.module.set_requires_all_reduce(last_micro_step)
-        loss = self._loss(x, y)
+        loss = self._loss(x, y, doc)
         self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
 

@@ -49,9 +49,10 @@ class SingleDevice(Strategy):
         """Hook: suppress gradient synchronisation on non-final micro-steps."""
         return contextlib.nullcontext()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool,
+                         doc: torch.Tensor | None = None) -> torch.Tensor:
         with contextlib.nullcontext() if last_micro_step else self.no_sync():
-            loss = self._loss(x, y)
+            loss = self._loss(x, y, doc)
             self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
 

@@ -504,8 +504,9 @@ class YaFSDP(Strategy):
         self.rs_pending[s] = None
 
     # ---- the Strategy interface ---------------------------------------------------------------
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
-        loss = self._loss(x, y)
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool,
+                         doc: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self._loss(x, y, doc)
         self.scaler.scale(loss * loss_scale).backward()
         for s in (0, 1, 2):
             self._reduced(s)

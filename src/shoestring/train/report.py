@@ -25,9 +25,15 @@ def _or_dash(value: float | None, spec: str) -> str:
     return "—" if value is None else spec.format(value)
 
 
+def _padding(summary: dict[str, Any]) -> str:
+    """How much of what was computed was padding (tokens/s and MFU leave it out)."""
+    pad, processed = summary.get("padding_tokens", 0), summary.get("tokens_processed", 0)
+    return f", + {pad:,} padding ({pad / processed:.1%} of those processed; not in tokens/s or MFU)" if pad else ""
+
+
 def print_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
     table = Table(title=f"run {run_dir}", show_header=False)
-    table.add_row("tokens", f"{summary['tokens']:,} in {summary['steps_run']} steps")
+    table.add_row("tokens", f"{summary['tokens']:,} in {summary['steps_run']} steps" + _padding(summary))
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
     precision = summary["precision"]

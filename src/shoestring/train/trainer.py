@@ -25,7 +25,7 @@ from rich.console import Console
 from shoestring import __version__
 from shoestring.build import Resolved, build_strategy, pick_device, resolve_auto
 from shoestring.config import Config
-from shoestring.data.loader import BatchSampler
+from shoestring.data.loader import Batch, BatchSampler
 from shoestring.errors import RunError, UserError
 from shoestring.finetune import instruct_data, text_data
 from shoestring.levers.precision import DeviceFacts
@@ -43,7 +43,7 @@ from shoestring.train.schedule import lr_at
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 # Fields whose change would make a resumed run a different run.
-RUN_DEFINING = ("model", "lora", "data.format", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
+RUN_DEFINING = ("model", "lora", "data.format", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len", "data.packing",
                 "train.batch_size", "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
                 "train.weight_decay", "train.beta1", "train.beta2")
 
@@ -109,6 +109,8 @@ class Logged:
     lr: float
     grad_norm: torch.Tensor
     skipped: bool
+    tokens: int  # real tokens of the step (padding excluded), all ranks
+    flops: float  # model FLOPs of those tokens
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,13 @@ class Prepared:
     """What the loop runs on, made once by `Trainer._prepare`."""
     strategy: Strategy
     sampler: BatchSampler
-    evals: list[tuple[torch.Tensor, torch.Tensor]]
+    evals: list[Batch]
     start: int  # the step to run next (a resumed run's saved step)
     ref: ckpt.CheckpointRef | None  # the checkpoint resumed from
     metrics: MetricsLog | NullMetrics
     unigram: float  # val loss of a context-free model: the bar a trained model must clear
-    tokens_per_step: int
-    flops_per_token: float
+    tokens_per_step: int  # processed: batch x seq_len, padding included
+    flops_per_token: Callable[[int], float]  # training FLOPs per token of a sequence that long
     peak_flops: float  # measured matmul peak of all ranks in the compute dtype: the MFU yardstick
     resolved: Resolved  # the config's `auto` settings as decided for this device, and why
     facts: DeviceFacts  # what the device measured (rank 0's probe)
@@ -219,7 +221,7 @@ class Trainer:
         nan_skips = 0
         last_val: float | None = None
         t_log = t_run = time.perf_counter()
-        tokens_run = 0
+        tokens_run, flops_run = 0, 0.0
         last_ref = run.ref
         step = start
 
@@ -243,9 +245,10 @@ class Trainer:
                         kept = f"last good checkpoint: {last_ref.path}" if last_ref else "no checkpoint was saved yet"
                         raise RunError(f"non-finite loss/gradients at step {step} (update skipped, weights unchanged); {kept}",
                                        "lower train.lr, use precision bf16/fp32, or set train.nan_policy = 'skip'")
-                pending.append(Logged(step, loss, lr, result.grad_norm, result.skipped))
+                tokens, flops = step_work(run.sampler.documents(step), run.flops_per_token)
+                pending.append(Logged(step, loss, lr, result.grad_norm, result.skipped, tokens, flops))
                 step += 1
-                tokens_run += run.tokens_per_step
+                tokens_run, flops_run = tokens_run + tokens, flops_run + flops
                 if measuring:
                     self._sync()
                     self.budget.lap_step()
@@ -257,8 +260,8 @@ class Trainer:
 
                 if step % cfg.train.log_every == 0 or step == total or stopping or resolving:
                     now = time.perf_counter()
-                    tps = len(pending) * run.tokens_per_step / (now - t_log)
-                    last_loss = self._log(run, pending, tps, saved_act_bytes)
+                    tps = sum(p.tokens for p in pending) / (now - t_log)
+                    last_loss = self._log(run, pending, now - t_log, saved_act_bytes)
                     progress.update(step, last_loss, tps)
                     pending.clear()
                     t_log = now
@@ -282,7 +285,7 @@ class Trainer:
         if stopping and step < total:
             self.console.print(f"stopped at step {step}; checkpoint {last_ref.path}\n"
                                f"resume with: shoestring train {self.run_dir / CONFIG_FILE} --resume auto")
-        summary = self._summary(run, step - start, wall, tokens_run, saved_act_bytes, comm, last_val)
+        summary = self._summary(run, step - start, wall, tokens_run, flops_run, saved_act_bytes, comm, last_val)
         if strategy.is_main:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
@@ -360,7 +363,7 @@ class Trainer:
         return Prepared(
             strategy=strategy, sampler=sampler, evals=evals, start=start, ref=ref, metrics=metrics, unigram=data.unigram,
             tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
-            flops_per_token=strategy.unwrapped().flops_per_token(cfg.data.seq_len),
+            flops_per_token=strategy.unwrapped().flops_per_token,
             peak_flops=facts.rate(cfg.precision.mode) * strategy.world_size, resolved=resolved, facts=facts,
             spent_before=spent_before)
 
@@ -378,10 +381,9 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/] {resolved.warning}", highlight=False)
         return resolved, facts
 
-    def _mfu(self, run: Prepared, tokens_per_s: float) -> float | None:
-        """MFU against the run's measured peak; an impossible one (above 1) is reported once, as
-        the measuring error it is, and comes back as None."""
-        flops = tokens_per_s * run.flops_per_token
+    def _mfu(self, run: Prepared, flops: float) -> float | None:
+        """MFU of `flops` model FLOP/s against the run's measured peak; an impossible one (above
+        1) is reported once, as the measuring error it is, and comes back as None."""
         error = probe.mfu_error(flops, run.peak_flops)
         if error and not self._mfu_reported:
             self.console.print(f"[yellow]warning:[/] {error}", highlight=False)
@@ -399,24 +401,27 @@ class Trainer:
         counted = None
         with self.peak.excluding(measure_comm), CommMeter(self.strategy.world_size, measure_comm, self.strategy.comm_groups()) as meter:
             for m in range(accum):
-                x, y = (self._to_device(t) for t in sampler.next_batch())
+                x, y, *doc = (self._to_device(t) for t in sampler.next_batch())  # doc: packed rows' document ids
                 with SavedActivationCounter() if count and m == 0 else nullcontext() as counter:
-                    loss = self.strategy.forward_backward(x, y, 1.0 / accum, m == accum - 1)
+                    loss = self.strategy.forward_backward(x, y, 1.0 / accum, m == accum - 1, *doc)
                 if counter is not None:
                     counted = counter.bytes
                 loss_sum += loss.float()
             result = self.strategy.step(lr)
         return loss_sum / accum, result, counted, meter.stats if meter.enabled else None
 
-    def _log(self, run: Prepared, pending: list[Logged], tps: float, saved_act_bytes: int) -> float:
-        """Write the pending steps' records (one sync for all of them); the last loss."""
+    def _log(self, run: Prepared, pending: list[Logged], seconds: float, saved_act_bytes: int) -> float:
+        """Write the pending steps' records (one sync for all of them, `seconds` their wall time);
+        the last loss. Throughput and MFU count real tokens; `pad_tokens` is the rest."""
+        tps, flops = sum(p.tokens for p in pending) / seconds, sum(p.flops for p in pending) / seconds
         mem = {**run.strategy.memory(), "activations_saved": saved_act_bytes,
                "device_peak": self.peak.bytes()}
         # Loss averaged over ranks (each saw its share of the batch); the norm is global.
         values = dist.mean(torch.stack([torch.stack([p.loss.float(), p.grad_norm.float()]) for p in pending])).tolist()
         for p, (loss, grad_norm) in zip(pending, values):
             run.metrics.write({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "skipped": p.skipped,
-                               "tokens_per_s": tps, "mfu": self._mfu(run, tps), "peak_flops": run.peak_flops, "memory": mem})
+                               "tokens": p.tokens, "pad_tokens": run.tokens_per_step - p.tokens, "tokens_per_s": tps,
+                               "mfu": self._mfu(run, flops), "peak_flops": run.peak_flops, "memory": mem})
         return values[-1][0]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -436,15 +441,15 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def _evaluate(self, strategy: Strategy, batches: list[tuple[torch.Tensor, torch.Tensor]],
+    def _evaluate(self, strategy: Strategy, batches: list[Batch],
                   lap: Callable[[], None] | None = None) -> float:
         """Mean val loss over ranks; `lap` (when given) is called before the first batch and
         after each, the device synchronized."""
         if lap is not None:
             lap()
         losses = []
-        for x, y in batches:
-            losses.append(strategy.eval_loss(x.to(self.device), y.to(self.device)).float())
+        for batch in batches:
+            losses.append(strategy.eval_loss(*(t.to(self.device) for t in batch)).float())
             if lap is not None:
                 self._sync()
                 lap()
@@ -463,10 +468,11 @@ class Trainer:
         return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last,
                                     write_extra=strategy.save)
 
-    def _summary(self, run: Prepared, steps: int, wall: float, tokens: int, saved_act_bytes: int, comm: CommStats,
-                 val_loss: float | None) -> dict[str, Any]:
+    def _summary(self, run: Prepared, steps: int, wall: float, tokens: int, flops: float, saved_act_bytes: int,
+                 comm: CommStats, val_loss: float | None) -> dict[str, Any]:
         price, price_source = self._price()
         tps = tokens / wall if wall > 0 else 0.0
+        flops_per_s = flops / wall if wall > 0 else 0.0
         last_loss = None
         metrics_path = self.run_dir / "metrics.jsonl"
         for line in reversed(metrics_path.read_text().splitlines()):
@@ -479,11 +485,13 @@ class Trainer:
         peak = self.peak.bytes()
         return {
             "steps_run": steps,
-            "tokens": tokens,
+            "tokens": tokens,  # real tokens: padding excluded (tokens/s and MFU count these)
+            "tokens_processed": steps * run.tokens_per_step,
+            "padding_tokens": steps * run.tokens_per_step - tokens,
             "wall_s": wall,
             "tokens_per_s": tps,
-            "mfu": self._mfu(run, tps) if tps else None,
-            "mfu_error": probe.mfu_error(tps * run.flops_per_token, run.peak_flops),
+            "mfu": self._mfu(run, flops_per_s) if tps else None,
+            "mfu_error": probe.mfu_error(flops_per_s, run.peak_flops),
             "peak_flops": run.peak_flops,  # the yardstick: measured matmul peak, all ranks, compute dtype
             "precision": {"mode": run.resolved.precision.value, "reason": run.resolved.precision.reason,
                           "warning": run.resolved.warning, "matmul_flops": dict(run.facts.matmul_flops)},
@@ -510,6 +518,13 @@ class Trainer:
         if self.cfg.run.price_per_hour is not None:
             return self.cfg.run.price_per_hour, "config run.price_per_hour"
         return default_price(self.device)
+
+
+def step_work(lengths: np.ndarray, flops_per_token: Callable[[int], float]) -> tuple[int, float]:
+    """(real tokens, model FLOPs) of a step that computes sequences of `lengths` (padding left
+    out): each token's FLOPs at its own sequence's length, since attention sees that many keys."""
+    sizes, counts = np.unique(lengths, return_counts=True)
+    return int(lengths.sum()), float(sum(int(c) * int(n) * flops_per_token(int(n)) for n, c in zip(sizes, counts)))
 
 
 def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
