@@ -34,3 +34,8 @@ class DDP(SingleDevice):
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.ddp.no_sync()
+
+    def discard(self) -> bool:
+        """Peers may be waiting in the step's bucket all-reduces (and the reducer expects the
+        backward it began to finish): the step is redone after a restart, not here."""
+        return False

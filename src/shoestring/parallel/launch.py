@@ -5,6 +5,9 @@ worker via `torch.distributed.run`, so `torchrun -m shoestring train ...` by han
 thing. torchrun watches the workers: when one fails it stops the others and reports the failing
 rank; with `--max-restarts` it restarts the whole group, and the restarted workers resume from
 the newest checkpoint (`TORCHELASTIC_RESTART_COUNT` > 0 turns the run into `--resume auto`).
+A rank that ran out of memory where it could not recover in process exits with
+`RESTART_EXIT` (shoestring.train.adapt): the launcher then starts the ranks again itself, resuming
+at the smaller micro-batch that rank recorded, restarts or not.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from dataclasses import dataclass
 
 from shoestring.errors import RunError
+
+RESTART_EXIT = 75  # a rank asks for a restart from the last checkpoint (shoestring.train.adapt)
 
 
 @dataclass(frozen=True)
@@ -41,16 +46,21 @@ def torchrun_args(opts: LaunchOptions, worker_argv: list[str]) -> list[str]:
     return args + ["-m", "shoestring", *worker_argv]
 
 
-def launch(opts: LaunchOptions, worker_argv: list[str]) -> int:
-    """Run the workers to completion; 0 when every rank succeeded."""
+def launch(opts: LaunchOptions, worker_argv: list[str], restart_argv: list[str]) -> int:
+    """Run the workers to completion, started again with `restart_argv` (resuming) whenever a
+    rank asks for it; 0 when every rank succeeded."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; ranks share the cores
-    try:
-        torchrun(torchrun_args(opts, worker_argv))
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        raise RunError(f"rank {rank} failed (exit code {failure.exitcode}); the other ranks were stopped",
-                       "see that rank's error above; fix it and rerun with --resume auto") from None
-    return 0
+    argv = worker_argv
+    while True:
+        try:
+            torchrun(torchrun_args(opts, argv))
+            return 0
+        except ChildFailedError as err:
+            if not any(f.exitcode == RESTART_EXIT for f in err.failures.values()):
+                rank, failure = err.get_first_failure()
+                raise RunError(f"rank {rank} failed (exit code {failure.exitcode}); the other ranks were stopped",
+                               "see that rank's error above; fix it and rerun with --resume auto") from None
+        argv = restart_argv

@@ -1,0 +1,94 @@
+"""Runs that adapt to running out of memory (shoestring.train.adapt): under a real RLIMIT_DATA
+cap the micro-batch halves until the step fits, the optimisation unchanged; at micro-batch 1 the
+run stops with the planner's breakdown, keeping its checkpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shoestring.config import parse_bytes
+from shoestring.data.loader import BatchSampler
+from shoestring.train import adapt
+from shoestring.train import checkpoint as ckpt
+from shoestring.train.metrics import read_metrics
+from tests.runs import write_config
+
+CAPPED = Path(__file__).with_name("capped.py")
+# The micro model at 32 x 128 tokens per micro-step: ~60 MiB of activations at micro-batch 32,
+# a few at 1; the caps below are MiB over the process's data segment after its imports
+# (model, data, optimizer and the step itself must fit in them).
+SHAPE = dict(data__seq_len=128, train__batch_size=32, train__steps=3, train__eval_every=100, run__save_every=2,
+             train__memory_budget="64GiB")  # the planner then starts at the largest split: the cap must shrink it
+TOO_SMALL_FOR_32 = 110
+
+
+def capped(cap_mib: int, ranks: str, *args: str, timeout: float = 300) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, str(CAPPED), str(cap_mib), ranks, *args], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_resplit_serves_the_same_samples_per_step():
+    tokens = np.arange(20_000) % 500
+    one = BatchSampler(tokens, 16, global_batch=8, grad_accum=1, seed=3)
+    x1, _ = one.batch(5)
+    halves = BatchSampler(tokens, 16, global_batch=8, grad_accum=1, seed=3)
+    halves.resplit(4)
+    assert halves.micro_batch == 2
+    x4 = np.concatenate([halves.batch(5, m)[0].numpy() for m in range(4)])
+    assert (x4 == x1.numpy()).all()
+
+
+def test_helpers():
+    assert adapt.smaller(32, 32) == 16 and adapt.smaller(12, 12) == 6 and adapt.smaller(12, 6) == 3
+    assert adapt.smaller(12, 3) == 1 and adapt.smaller(8, 1) is None
+    assert adapt.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"))
+    assert adapt.is_oom(MemoryError()) and not adapt.is_oom(RuntimeError("shape mismatch"))
+    assert parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes("500MB") == 500 * 2**20 and parse_bytes("64") == 64
+
+
+def test_oom_halves_micro_batch_and_matches_a_run_started_there(make_config, tmp_path):
+    run = tmp_path / "capped"
+    cfg = write_config(make_config, tmp_path / "capped.toml", run__dir=str(run), **SHAPE)
+    code, out = capped(TOO_SMALL_FOR_32, "0", "train", str(cfg))
+    assert code == 0, out
+    summary = json.loads((run / "summary.json").read_text())["adapt"]
+    settled = summary["micro_batch"]
+    assert summary["micro_batch_start"] == 32 and settled < 32, summary
+    assert summary["grad_accum"] == 32 // settled and summary["oom_events"] >= 1
+    assert summary["steps_redone"] == summary["oom_events"] and summary["restarts"] == 0
+    assert re.search(r"out of memory at step \d: micro-batch 32 -> 16, accumulation 2 .*; step redone", out), out
+    assert [r["micro_batch"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r][-1] == settled
+
+    ref = tmp_path / "ref"
+    ref_cfg = write_config(make_config, tmp_path / "ref.toml", run__dir=str(ref), **SHAPE, train__micro_batch=settled)
+    code, out = capped(0, "none", "train", str(ref_cfg))
+    assert code == 0, out
+    np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
+    assert len(losses(run)) == 3
+
+
+def test_micro_batch_one_not_fitting_stops_with_the_breakdown(make_config, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(make_config, tmp_path / "run.toml", run__dir=str(run), **{**SHAPE, "train__steps": 2})
+    code, out = capped(0, "none", "train", str(cfg))
+    assert code == 0, out
+    kept = ckpt.latest_complete(run / "checkpoints")
+    more = write_config(make_config, tmp_path / "more.toml", run__dir=str(run), **{**SHAPE, "train__steps": 4})
+    code, out = capped(TOO_SMALL_FOR_1, "0", "train", str(more), "--resume", "auto")
+    assert code == 1, out
+    assert "out of memory" in out and "micro-batch 1" in out and "GiB predicted per rank" in out, out
+    assert f"last good checkpoint: {kept.path}" in out and "checkpointing.mode" in out, out
+    ckpt.verify(ckpt.latest_complete(run / "checkpoints"))
+    assert ckpt.latest_complete(run / "checkpoints").step == 2
