@@ -5,6 +5,7 @@ run stops with the planner's breakdown, keeping its checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +28,7 @@ CAPPED = Path(__file__).with_name("capped.py")
 SHAPE = dict(data__seq_len=128, train__batch_size=32, train__steps=3, train__eval_every=100, run__save_every=2,
              train__memory_budget="64GiB")  # the planner then starts at the largest split: the cap must shrink it
 TOO_SMALL_FOR_32 = 110
+TOO_SMALL_FOR_1 = 100
 
 
 def capped(cap_mib: int, ranks: str, *args: str, timeout: float = 300) -> tuple[int, str]:
@@ -80,15 +82,42 @@ def test_oom_halves_micro_batch_and_matches_a_run_started_there(make_config, tmp
 
 
 def test_micro_batch_one_not_fitting_stops_with_the_breakdown(make_config, tmp_path):
+    # One sequence of 4096 tokens needs about what 32 of 128 do: more than the cap, though the
+    # set-up (data, model, optimizer, the checkpoint resumed from) fits in it.
+    long = {**SHAPE, "model__max_seq_len": 4096, "data__seq_len": 4096, "train__batch_size": 2, "train__steps": 2}
     run = tmp_path / "run"
-    cfg = write_config(make_config, tmp_path / "run.toml", run__dir=str(run), **{**SHAPE, "train__steps": 2})
+    cfg = write_config(make_config, tmp_path / "run.toml", run__dir=str(run), **long)
     code, out = capped(0, "none", "train", str(cfg))
     assert code == 0, out
     kept = ckpt.latest_complete(run / "checkpoints")
-    more = write_config(make_config, tmp_path / "more.toml", run__dir=str(run), **{**SHAPE, "train__steps": 4})
+    more = write_config(make_config, tmp_path / "more.toml", run__dir=str(run), **{**long, "train__steps": 4})
     code, out = capped(TOO_SMALL_FOR_1, "0", "train", str(more), "--resume", "auto")
     assert code == 1, out
     assert "out of memory" in out and "micro-batch 1" in out and "GiB predicted per rank" in out, out
     assert f"last good checkpoint: {kept.path}" in out and "checkpointing.mode" in out, out
     ckpt.verify(ckpt.latest_complete(run / "checkpoints"))
     assert ckpt.latest_complete(run / "checkpoints").step == 2
+
+
+def test_fsdp2_one_rank_out_of_memory_restarts_smaller_and_matches(make_config, tmp_path):
+    """Rank 1 alone is capped: it records the halved micro-batch and exits; torchrun stops rank 0
+    (blocked in FSDP2's gathers, or not) and restarts both, which resume at the smaller split."""
+    shape = {**SHAPE, "train__batch_size": 64, "parallel__strategy": "fsdp2"}  # 32 per rank
+    run = tmp_path / "capped"
+    cfg = write_config(make_config, tmp_path / "capped.toml", run__dir=str(run), **shape)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=3",
+                str(CAPPED), "150", "1", "train", str(cfg)]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())["adapt"]
+    settled = summary["micro_batch"]
+    assert summary["micro_batch_start"] == 32 and settled < 32 and summary["restarts"] == summary["oom_events"] >= 1
+    assert all(not e.in_process and e.rank == 1 for e in adapt.events(run) if e.kind == "oom")
+
+    ref = tmp_path / "ref"
+    ref_cfg = write_config(make_config, tmp_path / "ref.toml", run__dir=str(ref), **shape, train__micro_batch=settled)
+    proc = subprocess.run([sys.executable, "-m", "shoestring", "train", str(ref_cfg), "--nproc", "2"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
+    assert len(losses(run)) == 3

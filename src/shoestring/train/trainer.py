@@ -360,7 +360,7 @@ class Trainer:
             set_rng_state(saved["rng"])
             start, spent_before = saved["step"], saved.get("budget_spent_s", 0.0)
             self.console.print(f"resumed from {ref.path} at step {start}")
-        if ref is not None and strategy.is_main:
+        if strategy.is_main:
             self._record_restart(start, BudgetClock.now() - t_start)
         if strategy.is_main:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
