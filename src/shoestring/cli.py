@@ -39,7 +39,7 @@ def _worker_argv(args: argparse.Namespace, restart: bool = False) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
     from shoestring.parallel import dist
-    from shoestring.parallel.launch import LaunchOptions, launch, restart_count
+    from shoestring.parallel.launch import LaunchOptions, check_elastic, launch, restart_count
     from shoestring.train.adapt import RestartSmaller
     from shoestring.train.report import print_summary
     from shoestring.train.trainer import Trainer
@@ -54,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     if (args.nproc or args.nnodes != "1") and not dist.launched():
         opts = LaunchOptions(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
+        check_elastic(opts, cfg.train.batch_size, cfg.train.micro_batch, cfg.parallel.strategy)
         return launch(opts, _worker_argv(args), _worker_argv(args, restart=True))
     resume, overwrite = args.resume, args.overwrite
     if restart_count() > 0:  # torchrun restarted the group after a failure: continue, never wipe

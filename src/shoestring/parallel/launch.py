@@ -12,10 +12,11 @@ at the smaller micro-batch that rank recorded, restarts or not.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
-from shoestring.errors import RunError
+from shoestring.errors import RunError, UserError
 
 RESTART_EXIT = 75  # a rank asks for a restart from the last checkpoint (shoestring.train.adapt)
 
@@ -27,6 +28,33 @@ class LaunchOptions:
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # host:port of the rendezvous (multi-node)
     max_restarts: int = 0
+
+
+def world_sizes(opts: LaunchOptions) -> list[int]:
+    """Every number of ranks the job may run on: nodes from MIN to MAX, `nproc` ranks each."""
+    low, _, high = opts.nnodes.partition(":")
+    return [n * opts.nproc for n in range(int(low), int(high or low) + 1)]
+
+
+def check_elastic(opts: LaunchOptions, batch_size: int, micro_batch: int | str, strategy: str) -> None:
+    """Refuse at start a job that a change of world size (`--nnodes MIN:MAX`: a node lost or
+    back) could not continue: a global batch that does not split over some world (each rank's
+    share re-derives the accumulation, keeping the batch), or a strategy whose checkpoints
+    resume only on the world that saved them."""
+    sizes = world_sizes(opts)
+    if len(sizes) > 1 and strategy == "deepspeed":
+        raise UserError(f"--nnodes {opts.nnodes}: DeepSpeed checkpoints resume only on the number of ranks that saved them, "
+                        "so the job could not continue after a node is lost or added",
+                        "use parallel.strategy fsdp2, yafsdp or ddp (they reshard), or a fixed --nnodes")
+    step = micro_batch if isinstance(micro_batch, int) else 1
+    bad = [w for w in sizes if batch_size % (w * step)]
+    if bad:
+        need = math.lcm(*sizes) * step
+        raise UserError(f"train.batch_size {batch_size} does not split over {', '.join(map(str, bad))} ranks "
+                        f"(--nnodes {opts.nnodes} x --nproc {opts.nproc}"
+                        + (f", train.micro_batch {micro_batch}" if step > 1 else "") + ")",
+                        f"use a train.batch_size that every world divides: a multiple of {need} "
+                        f"(e.g. {', '.join(map(str, sorted({max(need, batch_size // need * need), (batch_size // need + 1) * need})))})")
 
 
 def restart_count() -> int:
