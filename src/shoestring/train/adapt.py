@@ -136,6 +136,21 @@ def restart_pending(run_events: list[Event]) -> bool:
     return asked > done
 
 
+def logged_since(metrics: Path, step: int, tokens_per_step: int) -> tuple[int, float]:
+    """Steps `metrics.jsonl` logged from `step` on (done, and to be done again after resuming
+    there), and their wall time from their logged speed; a line cut by a kill ends the count."""
+    steps, seconds = 0, 0.0
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record.get("step", -1) >= step and "loss" in record:
+            steps += 1
+            seconds += tokens_per_step / record["tokens_per_s"] if record.get("tokens_per_s") else 0.0
+    return steps, seconds
+
+
 def report(run_events: list[Event], start: int, current: int, accum: int, price: float) -> dict[str, Any]:
     """The summary's account: micro-batch then and now, steps redone, restarts, and their cost."""
     device_s = sum(e.lost_s * e.devices for e in run_events)

@@ -361,8 +361,7 @@ class Trainer:
             start, spent_before = saved["step"], saved.get("budget_spent_s", 0.0)
             self.console.print(f"resumed from {ref.path} at step {start}")
         if strategy.is_main:
-            self._record_restart(start, BudgetClock.now() - t_start)
-        if strategy.is_main:
+            self._record_restart(start, BudgetClock.now() - t_start, cfg.train.batch_size * cfg.data.seq_len)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
             metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / "metrics.jsonl",
                                                            resume_step=start if ref is not None else None)
@@ -407,7 +406,8 @@ class Trainer:
             self.console.print(f"micro-batch: {split.micro} x {split.accum} accumulation x {world} ranks (set in the config)")
             return split
         largest, why = max(1, t.batch_size // (t.grad_accum * world)), "train.grad_accum's split"
-        shrunk = adapt.settled(adapt.events(self.run_dir)) or (saved or {}).get("micro_batch")
+        limits = [m for m in (adapt.settled(adapt.events(self.run_dir)), (saved or {}).get("micro_batch_limit")) if m]
+        shrunk = min(limits, default=None)
         if shrunk is not None and shrunk < largest:
             largest, why = shrunk, "what an out-of-memory error left the run with"
         budget, source = adapt.memory_budget(t.memory_budget, self.device)
@@ -421,14 +421,19 @@ class Trainer:
                            f"{why}; {fit})", highlight=False)
         return split
 
-    def _record_restart(self, step: int, setup_s: float) -> None:
+    def _record_restart(self, step: int, setup_s: float, tokens_per_step: int) -> None:
         """A start that continues a run after a restart (out of memory, or torchrun's after a lost
-        rank) is an event: its set-up before the first step is what the restart cost."""
+        rank) is an event: it cost its set-up before the first step and, after a lost rank, the
+        steps logged past the checkpoint resumed from (their time from their logged speed; an
+        out-of-memory error counted its own)."""
         run_events = adapt.events(self.run_dir)
         reason = "out of memory" if adapt.restart_pending(run_events) else "torchrun restart" if restart_count() else None
-        if reason:
-            adapt.record(self.run_dir, adapt.Event("restart", step, lost_s=setup_s, devices=self.strategy.world_size,
-                                                   reason=reason))
+        if reason is None:
+            return
+        redone, lost = (0, 0.0) if reason == "out of memory" else adapt.logged_since(self.run_dir / "metrics.jsonl", step,
+                                                                                       tokens_per_step)
+        adapt.record(self.run_dir, adapt.Event("restart", step, in_process=False, redone=redone, lost_s=setup_s + lost,
+                                               devices=self.strategy.world_size, reason=reason))
 
     def _mfu(self, run: Prepared, tokens_per_s: float) -> float | None:
         """MFU against the run's measured peak; an impossible one (above 1) is reported once, as
@@ -559,7 +564,8 @@ class Trainer:
         files = {}
         if strategy.is_main:
             trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
-                             "config": self.cfg.to_dict(), "version": __version__, "micro_batch": self.split.micro}
+                             "config": self.cfg.to_dict(), "version": __version__,
+                             "micro_batch_limit": adapt.settled(adapt.events(self.run_dir))}
             if self.budget is not None:
                 trainer_state["budget_spent_s"] = self.budget.spent()
             files["trainer.pt"] = ckpt.torch_bytes(trainer_state)
