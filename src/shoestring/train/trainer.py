@@ -8,6 +8,7 @@ moment and resumed follows the uninterrupted run's loss curve exactly.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import shutil
@@ -81,6 +82,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_rng_state(device: torch.device) -> list[torch.Tensor]:
+    """What a step may draw from (dropout: torch's generators; the sampler has its own, and
+    nothing in a step uses numpy's or Python's): cheap enough to take every step."""
+    return [torch.get_rng_state(), *([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])]
+
+
+def set_step_rng_state(device: torch.device, state: list[torch.Tensor]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class StopRequest:
@@ -450,7 +463,7 @@ class Trainer:
         """`_attempt_step`, redone at a smaller micro-batch while it runs out of memory (or the run
         restarts or stops: `_shrink`)."""
         while True:
-            rng, started = rng_state(), time.perf_counter()
+            rng, started = step_rng_state(self.device), time.perf_counter()
             self._phase = "micro-step"
             try:
                 return self._attempt_step(sampler, lr, count, measure_comm)
@@ -482,7 +495,7 @@ class Trainer:
             result = self.strategy.step(lr)
         return loss_sum / accum, result, counted, meter.stats if meter.enabled else None
 
-    def _shrink(self, sampler: BatchSampler, step: int, rng: dict[str, Any], lost_s: float, error: str) -> None:
+    def _shrink(self, sampler: BatchSampler, step: int, rng: list[torch.Tensor], lost_s: float, error: str) -> None:
         """After an out-of-memory error in `step`: redo the step here at half the micro-batch,
         or record that and restart (`RestartSmaller`), or stop with the planner's breakdown
         (see shoestring.train.adapt for which, and why)."""
@@ -496,8 +509,11 @@ class Trainer:
             raise adapt.does_not_fit(f"on rank {rank} at step {step}, micro-batch {split.micro} ({why}; {error})",
                                      describe_breakdown(estimate, budget), self.last_ref.path if self.last_ref else None)
         if strategy.world_size == 1 and strategy.discard():
+            gc.collect()  # whatever a reference cycle still holds of the failed step
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the smaller step should not meet the failed one's fragments
             sampler.rewind(step)
-            set_rng_state(rng)
+            set_step_rng_state(self.device, rng)
             event = adapt.Event("oom", step, rank, split.micro, new, redone=1, lost_s=lost_s, reason=error)
             split.micro = new
             sampler.resplit(split.accum)
