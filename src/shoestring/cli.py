@@ -26,19 +26,21 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override one config value (repeatable)")
 
 
-def _worker_argv(args: argparse.Namespace) -> list[str]:
-    """The `train` command line each rank runs: this one without the launch flags."""
+def _worker_argv(args: argparse.Namespace, restart: bool = False) -> list[str]:
+    """The `train` command line each rank runs: this one without the launch flags (`restart`:
+    continuing the run from its last checkpoint, never wiping it)."""
     argv = ["--debug"] if args.debug else []
     argv += ["train", args.config, *(f"--set={o}" for o in args.overrides)]
-    if args.resume:
-        argv.append(f"--resume={args.resume}")
-    return argv + (["--overwrite"] if args.overwrite else [])
+    if restart or args.resume:
+        argv.append(f"--resume={'auto' if restart else args.resume}")
+    return argv + (["--overwrite"] if args.overwrite and not restart else [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
     from shoestring.parallel import dist
-    from shoestring.parallel.launch import LaunchOptions, launch, restart_count
+    from shoestring.parallel.launch import LaunchOptions, check_elastic, launch, restart_count
+    from shoestring.train.adapt import RestartSmaller
     from shoestring.train.report import print_summary
     from shoestring.train.trainer import Trainer
 
@@ -52,12 +54,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     if (args.nproc or args.nnodes != "1") and not dist.launched():
         opts = LaunchOptions(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
-        return launch(opts, _worker_argv(args))
+        check_elastic(opts, cfg.train.batch_size, cfg.train.micro_batch, cfg.parallel.strategy)
+        return launch(opts, _worker_argv(args), _worker_argv(args, restart=True))
     resume, overwrite = args.resume, args.overwrite
     if restart_count() > 0:  # torchrun restarted the group after a failure: continue, never wipe
         resume, overwrite = "auto", False
-    trainer = Trainer(cfg, console=console)
-    summary = trainer.run(resume=resume, overwrite=overwrite)
+    while True:
+        trainer = Trainer(cfg, console=console)
+        try:
+            summary = trainer.run(resume=resume, overwrite=overwrite)
+            break
+        except RestartSmaller as err:
+            if dist.launched():  # the launcher (or torchrun's --max-restarts) restarts every rank
+                raise
+            console.print(f"[yellow]{err.problem}[/]", highlight=False)  # alone: restart here
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(trainer.run_dir)})})
+            resume, overwrite = "auto", False
     print_summary(trainer.console, summary, Path(cfg.run.dir))  # quiet on ranks other than 0
     return 0
 
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShoestringError as err:
         if args.debug:
             raise
-        err_console.print(f"{_rank_prefix()}[bold red]error:[/] {err.line()}", highlight=False)
+        err_console.print(f"{_rank_prefix()}[bold red]error:[/] {escape(err.line())}", highlight=False)
         return err.exit_code
     except KeyboardInterrupt as err:
         if args.debug:

@@ -93,6 +93,18 @@ def parse_budget(text: str) -> Budget:
     return budget
 
 
+_BYTES = re.compile(_NUMBER + r"\s*([kmgt]i?b|b)?", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '500MB', '1.5g' -> bytes (binary multiples either way: memory is sized in them)."""
+    m = _BYTES.fullmatch(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not an amount of memory: write e.g. '24GiB' or '500MB'")
+    unit = (m.group(2) or "b").lower()[0]
+    return int(float(m.group(1)) * 1024 ** "bkmgt".index(unit))
+
+
 class TrainSection(Section):
     # The most optimizer steps; with `budget`, the run takes the steps that fit, up to this many.
     steps: int = Field(default=400, gt=0)
@@ -107,6 +119,16 @@ class TrainSection(Section):
     # Global batch in sequences per optimizer step, over all ranks and accumulation steps.
     batch_size: int = Field(default=16, gt=0)
     grad_accum: int = Field(default=1, gt=0)
+    # Sequences per rank per micro-step. "auto": the largest that the planner predicts fits in
+    # `memory_budget`, at most batch_size / (grad_accum x ranks); on an out-of-memory error it
+    # halves and accumulation doubles (the global batch, hence the optimisation, unchanged), and
+    # the run keeps the smaller one from then on, across resumes (shoestring.train.adapt). A
+    # number fixes it (accumulation = batch_size / (micro_batch x ranks)); an OOM then stops.
+    micro_batch: int | Literal["auto"] = "auto"
+    # Bytes a rank may use for the automatic micro-batch ("24GiB", "500MB"); None: the device's
+    # free memory (CPU: available host memory, or the RLIMIT_DATA cap, shared by the node's
+    # ranks) less a 10% margin.
+    memory_budget: str | None = None
     lr: float = Field(default=3e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_steps: int = Field(default=40, ge=0)
@@ -125,6 +147,21 @@ class TrainSection(Section):
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
     nan_policy: Literal["stop", "skip"] = "stop"
     max_nan_skips: int = Field(default=5, ge=0)
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or a number of sequences >= 1")
+        return v
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory_parses(cls, v: str | None) -> str | None:
+        if v is None or v.strip().lower() in ("none", "auto"):
+            return None
+        parse_bytes(v)
+        return v
 
     @field_validator("budget")
     @classmethod

@@ -45,12 +45,8 @@ class BatchSampler:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        split = grad_accum * world_size
-        if global_batch % split:
-            raise UserError(
-                f"global batch {global_batch} does not divide into grad_accum {grad_accum} × world size {world_size}",
-                f"make train.batch_size a multiple of {split}",
-            )
+        self.global_batch, self.world_size = global_batch, world_size
+        self.resplit(grad_accum)
         self.windows = self._count_windows(tokens, seq_len)
         if self.windows < global_batch:
             raise UserError(
@@ -58,11 +54,24 @@ class BatchSampler:
                 f"fewer than one global batch of {global_batch}",
                 "use a larger corpus, a smaller data.seq_len or a smaller train.batch_size",
             )
-        self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
-        self.grad_accum, self.rank, self.world_size = grad_accum, rank, world_size
-        self.micro_batch = global_batch // split
+        self.tokens, self.seq_len, self.seed, self.rank = tokens, seq_len, seed, rank
         self.step, self.micro_step = 0, 0  # the position next_batch() serves
         self._perms: dict[int, np.ndarray] = {}
+
+    def resplit(self, grad_accum: int) -> None:
+        """Serve each step in `grad_accum` micro-steps per rank: the step's entries are the same
+        (the same optimisation), only cut into other slices."""
+        split = grad_accum * self.world_size
+        if self.global_batch % split:
+            raise UserError(
+                f"global batch {self.global_batch} does not divide into grad_accum {grad_accum} × world size {self.world_size}",
+                f"make train.batch_size a multiple of {split}",
+            )
+        self.grad_accum, self.micro_batch = grad_accum, self.global_batch // split
+
+    def rewind(self, step: int) -> None:
+        """Serve `step` from its first micro-step again (a discarded partial step is redone)."""
+        self.step, self.micro_step = step, 0
 
     # Hooks: what the sampler draws from (token windows here; padded rows in data.instruct).
     def _count_windows(self, tokens: np.ndarray, seq_len: int) -> int:

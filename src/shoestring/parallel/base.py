@@ -157,6 +157,13 @@ class Strategy(abc.ABC):
     def step(self, lr: float) -> StepResult:
         """Clip, apply the optimizer update at `lr`, zero the gradients."""
 
+    def discard(self) -> bool:
+        """Drop a partial step's gradients after an out-of-memory error, so this process can redo
+        the step; False where it cannot: with peers that may be waiting inside a collective of
+        the step, or an engine whose internal state the error left mid-way (the run then
+        restarts from its last checkpoint; shoestring.train.adapt)."""
+        return False
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None) -> torch.Tensor:
         with self.policy.autocast(self.device.type):
             return self.module(x, y, doc)

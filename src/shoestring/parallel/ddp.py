@@ -48,3 +48,8 @@ class DDP(SingleDevice):
         bucket = int(w.options.bucket_cap_mb * 2**20)
         reduce = Collective("all_reduce", grads, -(-grads // bucket), "world", "gradients")
         return replace(single, buffers={"comm_buckets": min(2 * bucket, 4 * w.n_params)}, collectives=(reduce,), overlap=0.8)
+
+    def discard(self) -> bool:
+        """Peers may be waiting in the step's bucket all-reduces (and the reducer expects the
+        backward it began to finish): the step is redone after a restart, not here."""
+        return False

@@ -5,14 +5,20 @@ worker via `torch.distributed.run`, so `torchrun -m shoestring train ...` by han
 thing. torchrun watches the workers: when one fails it stops the others and reports the failing
 rank; with `--max-restarts` it restarts the whole group, and the restarted workers resume from
 the newest checkpoint (`TORCHELASTIC_RESTART_COUNT` > 0 turns the run into `--resume auto`).
+A rank that ran out of memory where it could not recover in process exits with
+`RESTART_EXIT` (shoestring.train.adapt): the launcher then starts the ranks again itself, resuming
+at the smaller micro-batch that rank recorded, restarts or not.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
-from shoestring.errors import RunError
+from shoestring.errors import RunError, UserError
+
+RESTART_EXIT = 75  # a rank asks for a restart from the last checkpoint (shoestring.train.adapt)
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,33 @@ class LaunchOptions:
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # host:port of the rendezvous (multi-node)
     max_restarts: int = 0
+
+
+def world_sizes(opts: LaunchOptions) -> list[int]:
+    """Every number of ranks the job may run on: nodes from MIN to MAX, `nproc` ranks each."""
+    low, _, high = opts.nnodes.partition(":")
+    return [n * opts.nproc for n in range(int(low), int(high or low) + 1)]
+
+
+def check_elastic(opts: LaunchOptions, batch_size: int, micro_batch: int | str, strategy: str) -> None:
+    """Refuse at start a job that a change of world size (`--nnodes MIN:MAX`: a node lost or
+    back) could not continue: a global batch that does not split over some world (each rank's
+    share re-derives the accumulation, keeping the batch), or a strategy whose checkpoints
+    resume only on the world that saved them."""
+    sizes = world_sizes(opts)
+    if len(sizes) > 1 and strategy == "deepspeed":
+        raise UserError(f"--nnodes {opts.nnodes}: DeepSpeed checkpoints resume only on the number of ranks that saved them, "
+                        "so the job could not continue after a node is lost or added",
+                        "use parallel.strategy fsdp2, yafsdp or ddp (they reshard), or a fixed --nnodes")
+    step = micro_batch if isinstance(micro_batch, int) else 1
+    bad = [w for w in sizes if batch_size % (w * step)]
+    if bad:
+        need = math.lcm(*sizes) * step
+        raise UserError(f"train.batch_size {batch_size} does not split over {', '.join(map(str, bad))} ranks "
+                        f"(--nnodes {opts.nnodes} x --nproc {opts.nproc}"
+                        + (f", train.micro_batch {micro_batch}" if step > 1 else "") + ")",
+                        f"use a train.batch_size that every world divides: a multiple of {need} "
+                        f"(e.g. {', '.join(map(str, sorted({max(need, batch_size // need * need), (batch_size // need + 1) * need})))})")
 
 
 def restart_count() -> int:
@@ -41,16 +74,21 @@ def torchrun_args(opts: LaunchOptions, worker_argv: list[str]) -> list[str]:
     return args + ["-m", "shoestring", *worker_argv]
 
 
-def launch(opts: LaunchOptions, worker_argv: list[str]) -> int:
-    """Run the workers to completion; 0 when every rank succeeded."""
+def launch(opts: LaunchOptions, worker_argv: list[str], restart_argv: list[str]) -> int:
+    """Run the workers to completion, started again with `restart_argv` (resuming) whenever a
+    rank asks for it; 0 when every rank succeeded."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; ranks share the cores
-    try:
-        torchrun(torchrun_args(opts, worker_argv))
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        raise RunError(f"rank {rank} failed (exit code {failure.exitcode}); the other ranks were stopped",
-                       "see that rank's error above; fix it and rerun with --resume auto") from None
-    return 0
+    argv = worker_argv
+    while True:
+        try:
+            torchrun(torchrun_args(opts, argv))
+            return 0
+        except ChildFailedError as err:
+            if not any(f.exitcode == RESTART_EXIT for f in err.failures.values()):
+                rank, failure = err.get_first_failure()
+                raise RunError(f"rank {rank} failed (exit code {failure.exitcode}); the other ranks were stopped",
+                               "see that rank's error above; fix it and rerun with --resume auto") from None
+        argv = restart_argv

@@ -71,6 +71,12 @@ class SingleDevice(Strategy):
             self.master.masters_to_model()
         return StepResult(grad_norm=grad_norm.detach(), skipped=skipped)
 
+    def discard(self) -> bool:
+        """Alone, nothing else holds the step: its gradients are all there is to drop (the loss
+        scaler and the optimizer move only in `step`)."""
+        self.model.zero_grad(set_to_none=True)
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),

@@ -9,9 +9,15 @@ resolved config (the probe and the search run once, before the ranks start).
 
 from __future__ import annotations
 
+import torch
+
 from shoestring.config import Config
 from shoestring.errors import UserError
-from shoestring.plan.search import Plan, Request, describe, require_fit, search
+from shoestring.models import ModelArgs
+from shoestring.plan.catalogue import budget_device
+from shoestring.plan.memory import Levers, MemoryEstimate, estimate_memory
+from shoestring.plan.model import info_for
+from shoestring.plan.search import Plan, Request, describe, require_fit, search, trainable_for
 
 RUNNABLE = ("single", "ddp", "fsdp2", "yafsdp")  # deepspeed is an optional extra: only when the config asks for it
 
@@ -90,3 +96,45 @@ def describe_choice(plan: Plan, chosen: list[str]) -> str:
     m = plan.memory
     return (f"auto plan: {describe(plan)}: predicted peak {m.total / 2**30:.2f} of {plan.device.memory_bytes / 2**30:.1f} GiB "
             f"per rank, {plan.tokens_per_s:,.0f} tokens/s; setting {', '.join(chosen) or 'nothing (all levers were set)'}")
+
+
+def config_levers(cfg: Config, micro_batch: int, grad_accum: int) -> Levers:
+    """The planner's levers for a resolved config (its `auto` settings decided)."""
+    p, strategy = cfg.parallel, cfg.parallel.strategy
+    offload = (strategy == "fsdp2" and p.cpu_offload) or (strategy == "deepspeed" and p.offload_optimizer)
+    return Levers(str(cfg.precision.mode), cfg.checkpointing.mode, strategy,
+                  zero_stage=p.zero_stage if strategy == "deepspeed" else 0,
+                  reshard_after_forward=p.reshard_after_forward is not False, offload=offload,
+                  micro_batch=micro_batch, grad_accum=grad_accum, compiled=bool(cfg.train.compile),
+                  base_dtype=cfg.lora.base_dtype if cfg.lora.enabled else "")
+
+
+def step_memory(cfg: Config, args: ModelArgs, world: int, micro_batch: int, device: torch.device,
+                budget: int) -> MemoryEstimate:
+    """Predicted peak bytes per rank of a resolved config's run of `args` at this micro-batch."""
+    lora, seq = cfg.lora, cfg.data.seq_len
+    req = Request(cfg.model.preset, tokens=1.0, mode="lora" if lora.enabled else "pretrain", seq_len=seq,
+                  lora_rank=lora.rank, lora_targets=tuple(lora.targets), lora_base_dtype=lora.base_dtype)
+    info = info_for(cfg.model.source or cfg.model.preset, args)
+    levers = config_levers(cfg, micro_batch, 1)
+    trainable, _ = trainable_for(req, info, seq, levers.base_dtype, levers.precision)
+    return estimate_memory(info, trainable, levers, world, seq, budget_device(device, budget))
+
+
+def fitting_micro_batch(cfg: Config, args: ModelArgs, world: int, per_rank: int, largest: int, device: torch.device,
+                        budget: int) -> tuple[int, MemoryEstimate]:
+    """The largest micro-batch dividing the rank's `per_rank` sequences, at most `largest`, whose
+    predicted peak fits in `budget` bytes (1 when none does), with that prediction."""
+    sizes = [m for m in range(min(largest, per_rank), 0, -1) if per_rank % m == 0]
+    for m in sizes:
+        estimate = step_memory(cfg, args, world, m, device, budget)
+        if estimate.total <= budget:
+            return m, estimate
+    return 1, estimate
+
+
+def describe_breakdown(estimate: MemoryEstimate, budget: int) -> str:
+    """'params 0.10 + activations 1.20 + ... = 1.50 GiB predicted, budget 1.00 GiB' (largest first)."""
+    parts = sorted(((k, v) for k, v in estimate.components.items() if v), key=lambda kv: -kv[1])
+    text = " + ".join(f"{k} {v / 2**30:.2f}" for k, v in parts)
+    return f"{text} = {estimate.total / 2**30:.2f} GiB predicted per rank, budget {budget / 2**30:.2f} GiB"

@@ -159,10 +159,21 @@ def probe_cpu(ranks: int) -> dict[str, Any]:
 def cpu_device(probed: dict[str, Any]) -> Device:
     """The local CPU as a device, from what `probe_cpu` measured (now, or saved with a benchmark
     row) and the current calibration's non-tensor memory."""
-    link, cal = probed["link_gbs"], calibration("cpu")
-    return replace(devices()["cpu"], key="local", name=probed["name"], memory_bytes=probed["memory_bytes"],
+    link = probed["link_gbs"]
+    return replace(budget_device(torch.device("cpu"), probed["memory_bytes"]), key="local", name=probed["name"],
                    tflops={**probed["tflops"], "fp16": 0.0, "fp8": 0.0}, intra_gbs=link, inter_gbs=link,
-                   per_node=max(probed["ranks"], 1), overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB),
+                   per_node=max(probed["ranks"], 1))
+
+
+def budget_device(device: torch.device, memory_bytes: int) -> Device:
+    """This device's catalogue class with `memory_bytes` to spend (a run's memory budget): what
+    a memory estimate needs, without probing anything (the CPU's non-tensor memory calibrated)."""
+    key = catalogue_key(device)
+    entry = devices()[key] if key in devices() else devices()["h100-80gb"]
+    if device.type != "cpu":
+        return replace(entry, memory_bytes=memory_bytes)
+    cal = calibration("cpu")
+    return replace(entry, memory_bytes=memory_bytes, overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB),
                    compile_overhead_bytes=int(cal.get("compiled", {}).get("rss_compile_gb", 0.0) * GB))
 
 

@@ -92,6 +92,11 @@ def model_info(name: str, max_seq_len: int | None = None) -> ModelInfo:
         from dataclasses import replace
 
         args = replace(args, max_seq_len=max_seq_len)
+    return info_for(name, args)
+
+
+def info_for(name: str, args: ModelArgs) -> ModelInfo:
+    """A model of these exact arguments (a run's: its tokenizer's vocabulary, a source's shape)."""
     model = build_model(args, "meta")
     return ModelInfo(name, args, tuple(tuple(p.shape) for p in model.parameters()))
 

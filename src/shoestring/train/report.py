@@ -45,6 +45,13 @@ def print_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> N
     for name, value in summary["memory_bytes"].items():
         table.add_row(f"memory: {name}", human_bytes(value))
     table.add_row("cost", f"${summary['cost_usd']:.4f} at ${summary['price_per_device_hour']}/device-hour ({summary['price_source']})")
+    adapted = summary.get("adapt")
+    if adapted is not None:
+        table.add_row("micro-batch", f"{adapted['micro_batch']} per rank x {adapted['grad_accum']} accumulation"
+                      + (f" (started at {adapted['micro_batch_start']})" if adapted["micro_batch_start"] != adapted["micro_batch"] else ""))
+        if adapted["oom_events"] or adapted["restarts"]:
+            table.add_row("adapted", f"{adapted['oom_events']} out-of-memory, {adapted['restarts']} restarts: "
+                                     f"{adapted['steps_redone']} steps redone, {adapted['lost_s']:,.1f} s, ${adapted['lost_usd']:.4f} lost")
     budget = summary.get("budget")
     if budget is not None:
         planned = "not planned yet" if budget["steps"] is None else f"{budget['steps']} steps"

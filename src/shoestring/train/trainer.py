@@ -8,6 +8,7 @@ moment and resumed follows the uninterrupted run's loss curve exactly.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import shutil
@@ -31,8 +32,11 @@ from shoestring.finetune import instruct_data, text_data
 from shoestring.levers.precision import DeviceFacts
 from shoestring.parallel import StepResult, Strategy, dist
 from shoestring.parallel.comm import CommMeter, CommStats
+from shoestring.parallel.launch import restart_count
 from shoestring.plan import probe
+from shoestring.plan.auto import describe_breakdown, fitting_micro_batch, step_memory
 from shoestring.plan.catalogue import default_price
+from shoestring.train import adapt
 from shoestring.train import checkpoint as ckpt
 from shoestring.train.budget import BudgetClock, budget_seconds
 from shoestring.train.memory import RunPeak, SavedActivationCounter
@@ -80,6 +84,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_rng_state(device: torch.device) -> list[torch.Tensor]:
+    """What a step may draw from (dropout: torch's generators; the sampler has its own, and
+    nothing in a step uses numpy's or Python's): cheap enough to take every step."""
+    return [torch.get_rng_state(), *([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])]
+
+
+def set_step_rng_state(device: torch.device, state: list[torch.Tensor]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class StopRequest:
     """SIGTERM/SIGINT: finish the step, save, exit 0. A second signal aborts at once."""
 
@@ -111,6 +127,7 @@ class Logged:
     skipped: bool
     tokens: int  # real tokens of the step (padding excluded), all ranks
     flops: float  # model FLOPs of those tokens
+    micro_batch: int
 
 
 @dataclass(frozen=True)
@@ -175,7 +192,8 @@ class Trainer:
         steps = () if self.cfg.train.budget else ("train.steps",)
         safe = config_differences(saved, self.cfg.to_dict(), (*steps, "train.budget", "train.eval_every", "train.log_every",
                                                                "run.save_every", "run.keep_last", "checkpointing.mode",
-                                                               "train.grad_accum", "train.compile", "precision.mode",
+                                                               "train.grad_accum", "train.micro_batch",
+                                                               "train.memory_budget", "train.compile", "precision.mode",
                                                                "parallel.strategy"))
         for d in safe:
             self.console.print(f"[yellow]resuming with a changed setting[/]: {d}")
@@ -207,7 +225,7 @@ class Trainer:
 
     def _run(self, resume: str | None, overwrite: bool) -> dict[str, Any]:
         t_start = BudgetClock.now()  # a budget counts from here: data preparation and build included
-        run = self._prepare(resume, overwrite)
+        run = self._prepare(resume, overwrite, t_start)
         strategy, start = run.strategy, run.start
         self.peak = RunPeak(self.device)
         self.budget = self._budget_clock(run, t_start)
@@ -222,8 +240,9 @@ class Trainer:
         last_val: float | None = None
         t_log = t_run = time.perf_counter()
         tokens_run, flops_run = 0, 0.0
-        last_ref = run.ref
-        step = start
+        last_ref = self.last_ref = run.ref
+        step = self.saved_step = start
+        self.saved_at = time.perf_counter()
 
         with self.stop.installed(), train_progress(self.console, total, start, strategy.is_main) as progress:
             stopping = self._stopping()
@@ -235,7 +254,7 @@ class Trainer:
                 # The run's first micro-step is counted for saved activations; its third step of a
                 # multi-rank run is profiled for its collectives (the first two carry one-off set-up
                 # traffic, e.g. DDP's bucket rebuild).
-                loss, result, counted, measured = self._optimizer_step(run.sampler, lr, count=step == start,
+                loss, result, counted, measured = self._optimizer_step(run.sampler, lr, step, count=step == start,
                                                                        measure_comm=step == start + 2)
                 saved_act_bytes = counted if counted is not None else saved_act_bytes
                 comm = measured or comm
@@ -246,7 +265,8 @@ class Trainer:
                         raise RunError(f"non-finite loss/gradients at step {step} (update skipped, weights unchanged); {kept}",
                                        "lower train.lr, use precision bf16/fp32, or set train.nan_policy = 'skip'")
                 tokens, flops = step_work(run.sampler.documents(step), run.flops_per_token)
-                pending.append(Logged(step, loss, lr, result.grad_norm, result.skipped, tokens, flops))
+                pending.append(Logged(step, loss, lr, result.grad_norm, result.skipped, tokens, flops,
+                                      self.split.micro))
                 step += 1
                 tokens_run, flops_run = tokens_run + tokens, flops_run + flops
                 if measuring:
@@ -275,7 +295,7 @@ class Trainer:
                 save_due = cfg.run.save_every and step % cfg.run.save_every == 0
                 t_save = BudgetClock.now()
                 if save_due or step == total or stopping or resolving:
-                    last_ref = self._save(strategy, run.sampler, step)
+                    last_ref = self.last_ref = self._save(strategy, run.sampler, step)
                 if resolving:
                     total = self._resolve_budget(step, total, BudgetClock.now() - t_save, progress)
                     measuring = False
@@ -325,7 +345,7 @@ class Trainer:
         if dist.is_main():
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
 
-    def _prepare(self, resume: str | None, overwrite: bool) -> Prepared:
+    def _prepare(self, resume: str | None, overwrite: bool, t_start: float) -> Prepared:
         """The run directory claimed, data, the strategy built (and restored when resuming)."""
         cfg = self.cfg
         if resume is not None and resume != "auto":
@@ -342,7 +362,10 @@ class Trainer:
         data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
         sampler = data.sampler(strategy.rank, strategy.world_size)
-        # The same eval set on any world size: each rank scores its slice of every batch.
+        self.split = self._split(saved)
+        sampler.resplit(self.split.accum)
+        # The same eval set on any world size and micro-batch: each rank scores its slice of
+        # every batch, a micro-batch at a time.
         evals = [tuple(t.tensor_split(strategy.world_size)[strategy.rank] for t in batch) for batch in
                  data.val_batches(cfg.train.batch_size // cfg.train.grad_accum, cfg.train.eval_batches)]
 
@@ -355,6 +378,7 @@ class Trainer:
             start, spent_before = saved["step"], saved.get("budget_spent_s", 0.0)
             self.console.print(f"resumed from {ref.path} at step {start}")
         if strategy.is_main:
+            self._record_restart(start, BudgetClock.now() - t_start, cfg.train.batch_size * cfg.data.seq_len)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
             metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / "metrics.jsonl",
                                                            resume_step=start if ref is not None else None)
@@ -381,6 +405,53 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/] {resolved.warning}", highlight=False)
         return resolved, facts
 
+    def _split(self, saved: dict[str, Any] | None) -> adapt.Split:
+        """The micro-batch this run starts at: a fixed `train.micro_batch`, else the largest (at
+        most the config's split, and the smallest an out-of-memory error left the run with) the
+        planner predicts fits in every rank's memory budget; said in one line."""
+        t, world = self.cfg.train, self.strategy.world_size
+        if t.batch_size % world:
+            works = ", ".join(str(n) for n in range(1, t.batch_size + 1) if t.batch_size % n == 0)
+            raise UserError(f"train.batch_size ({t.batch_size}) does not divide over {world} ranks",
+                            f"run on {works} ranks, or make train.batch_size a multiple of {world}")
+        per_rank = t.batch_size // world
+        if t.micro_batch != "auto":
+            if per_rank % t.micro_batch:
+                raise UserError(f"train.micro_batch ({t.micro_batch}) does not divide a rank's {per_rank} sequences "
+                                f"(train.batch_size {t.batch_size} over {world} ranks)", "use a divisor, or 'auto'")
+            split = adapt.Split(per_rank, t.micro_batch, fixed=True)
+            self.console.print(f"micro-batch: {split.micro} x {split.accum} accumulation x {world} ranks (set in the config)")
+            return split
+        largest, why = max(1, t.batch_size // (t.grad_accum * world)), "train.grad_accum's split"
+        limits = [m for m in (adapt.settled(adapt.events(self.run_dir)), (saved or {}).get("micro_batch_limit")) if m]
+        shrunk = min(limits, default=None)
+        if shrunk is not None and shrunk < largest:
+            largest, why = shrunk, "what an out-of-memory error left the run with"
+        budget, source = adapt.memory_budget(t.memory_budget, self.device)
+        micro, estimate = fitting_micro_batch(self.cfg, self.strategy.unwrapped().args, world, per_rank, largest,
+                                              self.device, budget)
+        micro = -dist.maximum(-micro)  # every rank's budget holds it (all divide the same per_rank)
+        split = adapt.Split(per_rank, micro, fixed=False)
+        fit = (f"predicted {estimate.total / 2**30:.2f} of {budget / 2**30:.2f} GiB ({source})" if estimate.total <= budget
+               else f"predicted not to fit even so ({describe_breakdown(estimate, budget)}): trying it")
+        self.console.print(f"micro-batch: {micro} x {split.accum} accumulation x {world} ranks (auto: at most {largest}, "
+                           f"{why}; {fit})", highlight=False)
+        return split
+
+    def _record_restart(self, step: int, setup_s: float, tokens_per_step: int) -> None:
+        """A start that continues a run after a restart (out of memory, or torchrun's after a lost
+        rank) is an event: it cost its set-up before the first step and, after a lost rank, the
+        steps logged past the checkpoint resumed from (their time from their logged speed; an
+        out-of-memory error counted its own)."""
+        run_events = adapt.events(self.run_dir)
+        reason = "out of memory" if adapt.restart_pending(run_events) else "torchrun restart" if restart_count() else None
+        if reason is None:
+            return
+        redone, lost = (0, 0.0) if reason == "out of memory" else adapt.logged_since(self.run_dir / "metrics.jsonl", step,
+                                                                                       tokens_per_step)
+        adapt.record(self.run_dir, adapt.Event("restart", step, in_process=False, redone=redone, lost_s=setup_s + lost,
+                                               devices=self.strategy.world_size, reason=reason))
+
     def _mfu(self, run: Prepared, flops: float) -> float | None:
         """MFU of `flops` model FLOP/s against the run's measured peak; an impossible one (above
         1) is reported once, as the measuring error it is, and comes back as None."""
@@ -390,13 +461,29 @@ class Trainer:
             self._mfu_reported = True
         return probe.mfu(flops, run.peak_flops)
 
-    def _optimizer_step(self, sampler: BatchSampler, lr: float, count: bool,
+    def _optimizer_step(self, sampler: BatchSampler, lr: float, step: int, count: bool,
                         measure_comm: bool) -> tuple[torch.Tensor, StepResult, int | None, CommStats | None]:
-        """One optimizer step over `train.grad_accum` micro-steps: the mean loss (on the device: no
+        """`_attempt_step`, redone at a smaller micro-batch while it runs out of memory (or the run
+        restarts or stops: `_shrink`)."""
+        while True:
+            rng, started = step_rng_state(self.device), time.perf_counter()
+            self._phase = "micro-step"
+            try:
+                return self._attempt_step(sampler, lr, count, measure_comm)
+            except Exception as err:
+                if not adapt.is_oom(err):
+                    raise
+                failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            # Outside the handler: the failed step's frames, and the activations they held, are freed.
+            self._shrink(sampler, step, rng, time.perf_counter() - started, failed)
+
+    def _attempt_step(self, sampler: BatchSampler, lr: float, count: bool,
+                      measure_comm: bool) -> tuple[torch.Tensor, StepResult, int | None, CommStats | None]:
+        """One optimizer step over the split's micro-steps: the mean loss (on the device: no
         sync), the strategy's result, and when asked the first micro-step's saved-activation
         bytes and the step's measured collectives (the meter costs nothing when off; the
         profiler's own memory on the measured step is left out of the run's peak)."""
-        accum = self.cfg.train.grad_accum
+        accum = self.split.accum
         loss_sum = torch.zeros((), device=self.device)
         counted = None
         with self.peak.excluding(measure_comm), CommMeter(self.strategy.world_size, measure_comm, self.strategy.comm_groups()) as meter:
@@ -407,8 +494,44 @@ class Trainer:
                 if counter is not None:
                     counted = counter.bytes
                 loss_sum += loss.float()
+            self._phase = "optimizer step"
             result = self.strategy.step(lr)
         return loss_sum / accum, result, counted, meter.stats if meter.enabled else None
+
+    def _shrink(self, sampler: BatchSampler, step: int, rng: list[torch.Tensor], lost_s: float, error: str) -> None:
+        """After an out-of-memory error in `step`: redo the step here at half the micro-batch,
+        or record that and restart (`RestartSmaller`), or stop with the planner's breakdown
+        (see shoestring.train.adapt for which, and why)."""
+        split, strategy, rank = self.split, self.strategy, self.strategy.rank
+        new = None if split.fixed or self._phase != "micro-step" else adapt.smaller(split.per_rank, split.micro)
+        if new is None:
+            why = ("train.micro_batch is fixed" if split.fixed else "micro-batch 1" if self._phase == "micro-step"
+                   else "in the optimizer step, which the micro-batch does not change")
+            budget, _ = adapt.memory_budget(self.cfg.train.memory_budget, self.device)
+            estimate = step_memory(self.cfg, strategy.unwrapped().args, strategy.world_size, split.micro, self.device, budget)
+            raise adapt.does_not_fit(f"on rank {rank} at step {step}, micro-batch {split.micro} ({why}; {error})",
+                                     describe_breakdown(estimate, budget), self.last_ref.path if self.last_ref else None)
+        if strategy.world_size == 1 and strategy.discard():
+            gc.collect()  # whatever a reference cycle still holds of the failed step
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the smaller step should not meet the failed one's fragments
+            sampler.rewind(step)
+            set_step_rng_state(self.device, rng)
+            event = adapt.Event("oom", step, rank, split.micro, new, redone=1, lost_s=lost_s, reason=error)
+            split.micro = new
+            sampler.resplit(split.accum)
+            adapt.record(self.run_dir, event)
+            self.console.print(f"[yellow]out of memory[/] at step {step}: micro-batch {event.micro_from} -> {new}, "
+                               f"accumulation {split.accum} (global batch unchanged); step redone", highlight=False)
+            return
+        since = self.last_ref.path if self.last_ref else "the start"
+        adapt.record(self.run_dir, adapt.Event("oom", step, rank, split.micro, new, in_process=False,
+                                               redone=step - self.saved_step + 1, lost_s=time.perf_counter() - self.saved_at,
+                                               devices=strategy.world_size, reason=error))
+        raise adapt.RestartSmaller(f"out of memory on rank {rank} at step {step}, micro-batch {split.micro}: the ranks restart "
+                                   f"from {since} at micro-batch {new}",
+                                   "`shoestring train --nproc` restarts them on its own; under torchrun by hand give "
+                                   "--max-restarts, or rerun with --resume auto")
 
     def _log(self, run: Prepared, pending: list[Logged], seconds: float, saved_act_bytes: int) -> float:
         """Write the pending steps' records (one sync for all of them, `seconds` their wall time);
@@ -420,7 +543,7 @@ class Trainer:
         values = dist.mean(torch.stack([torch.stack([p.loss.float(), p.grad_norm.float()]) for p in pending])).tolist()
         for p, (loss, grad_norm) in zip(pending, values):
             run.metrics.write({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "skipped": p.skipped,
-                               "tokens": p.tokens, "pad_tokens": run.tokens_per_step - p.tokens, "tokens_per_s": tps,
+                               "micro_batch": p.micro_batch, "tokens": p.tokens, "pad_tokens": run.tokens_per_step - p.tokens, "tokens_per_s": tps,
                                "mfu": self._mfu(run, flops), "peak_flops": run.peak_flops, "memory": mem})
         return values[-1][0]
 
@@ -448,8 +571,10 @@ class Trainer:
         if lap is not None:
             lap()
         losses = []
-        for batch in batches:
-            losses.append(strategy.eval_loss(*(t.to(self.device) for t in batch)).float())
+        for batch in batches:  # (x, y) or (x, y, doc), split into micro-batches: eval fits where training does
+            parts = [(len(micro[0]), strategy.eval_loss(*(t.to(self.device) for t in micro)).float())
+                     for micro in zip(*(t.split(self.split.micro) for t in batch))]
+            losses.append(sum(n * loss for n, loss in parts) / len(batch[0]))
             if lap is not None:
                 self._sync()
                 lap()
@@ -461,12 +586,14 @@ class Trainer:
         files = {}
         if strategy.is_main:
             trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
-                             "config": self.cfg.to_dict(), "version": __version__}
+                             "config": self.cfg.to_dict(), "version": __version__,
+                             "micro_batch_limit": adapt.settled(adapt.events(self.run_dir))}
             if self.budget is not None:
                 trainer_state["budget_spent_s"] = self.budget.spent()
             files["trainer.pt"] = ckpt.torch_bytes(trainer_state)
-        return ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last,
-                                    write_extra=strategy.save)
+        ref = ckpt.save_checkpoint(self.ckpt_dir, step, files, keep_last=self.cfg.run.keep_last, write_extra=strategy.save)
+        self.saved_step, self.saved_at = step, time.perf_counter()
+        return ref
 
     def _summary(self, run: Prepared, steps: int, wall: float, tokens: int, flops: float, saved_act_bytes: int,
                  comm: CommStats, val_loss: float | None) -> dict[str, Any]:
@@ -511,7 +638,14 @@ class Trainer:
             "price_per_device_hour": price,
             "price_source": price_source,
             "budget": self.budget.report() if self.budget is not None else None,
+            "adapt": self._adapt_report(price),
         }
+
+    def _adapt_report(self, price: float) -> dict[str, Any]:
+        run_events = adapt.events(self.run_dir)
+        shrunk = [e for e in run_events if e.kind == "oom"]
+        start = shrunk[0].micro_from if shrunk else self.split.micro
+        return adapt.report(run_events, start, self.split.micro, self.split.accum, price)
 
     def _price(self) -> tuple[float, str]:
         """USD per device-hour, and where the figure comes from."""
