@@ -61,7 +61,7 @@ class FakeCollectives:
     """World of one whose collectives complete only at `wait()`; until then a gather's output is
     NaN (a block computing with it would poison the loss)."""
 
-    rank, world_size, p2p = 0, 1, False
+    rank, world_size, replica, replicas, p2p = 0, 1, 0, 1, False
 
     def all_gather(self, out, shard):
         out.fill_(float("nan"))

@@ -9,6 +9,10 @@ all-to-all (N-1)/N of the input, broadcast the buffer, a point-to-point send its
 receive nothing). Gloo has no native reduce-scatter: torch runs an all-reduce of the full input
 there, which this meter sees (and counts) as such.
 
+Point-to-point sends are also counted by their tag (`by_tag`), read from the `c10d::send` call
+that issued each one: an engine that tags its transfers by link (yafsdp: within a shard group or
+across groups) gets its bytes per link measured, which the payload alone cannot tell.
+
 `busy_s` is the time collectives were running on the backend's threads (overlapping calls
 counted once): communication time, whether or not compute hid it. A point-to-point receive runs
 from when it is posted, so one posted ahead (a prefetch) counts its wait for the peer's send.
@@ -50,6 +54,7 @@ class CommStats:
     calls: int = 0
     busy_s: float = 0.0
     by_collective: dict[str, float] = field(default_factory=dict)
+    by_tag: dict[int, float] = field(default_factory=dict)  # point-to-point sends
 
 
 class CommMeter:
@@ -76,7 +81,13 @@ class CommMeter:
             return
         self._prof.__exit__(kind, err, tb)
         intervals = []
-        for event in self._prof.profiler.kineto_results.events():
+        events = self._prof.profiler.kineto_results.events()
+        issued: dict[int, list[tuple[int, int, int]]] = {}  # thread -> (start, end, tag) of its c10d::send calls
+        for event in events:
+            if event.name() == "c10d::send":
+                issued.setdefault(event.start_thread_id(), []).append((event.start_ns(), event.end_ns(),
+                                                                       event.concrete_inputs()[3]))
+        for event in events:
             name = event.name()
             if not name.startswith(_BACKENDS) or not event.shapes():
                 continue
@@ -87,6 +98,9 @@ class CommMeter:
             self.stats.bytes_sent += sent
             self.stats.calls += 1
             self.stats.by_collective[name] = self.stats.by_collective.get(name, 0.0) + sent
+            if name.endswith(":send"):
+                tag = next((t for a, b, t in issued.get(event.start_thread_id(), []) if a <= event.start_ns() <= b), -1)
+                self.stats.by_tag[tag] = self.stats.by_tag.get(tag, 0.0) + sent
             intervals.append((event.start_ns(), event.start_ns() + event.duration_ns()))
         self.stats.busy_s = _union_ns(intervals) / 1e9
 

@@ -24,6 +24,13 @@ waits every collective where it is issued (no prefetch, no overlap: the benchmar
 isolate the buffer scheme). The invariant of `units.Slot` is checked on every use (a few
 compares); a violation raises.
 
+Hybrid sharding (`parallel.shard_group`). Everything above happens within a group of ranks
+that holds one whole sharded copy of the state (`collectives.Collectives`); the groups hold the
+same shards. In `step`, before anything reads the shard gradient, it is all-reduced across the
+groups (one collective per step, after the last micro-step: not overlapped with backward), so
+every group applies the same update. The gradient norm is one group's, and one group writes the
+checkpoint, which is then a flat checkpoint of that group's size (`relayout` reads it on any).
+
 LoRA. With a frozen base the streamed units hold frozen matrices: a frozen unit has a shard in
 the dtype `cast_model` would hold it in (bf16 under bf16-pure or `lora.base_dtype = "bf16"`) and
 nothing else: no master, gradient buffer, reduce-scatter or optimizer state. It never changes,
@@ -86,13 +93,15 @@ class YaFSDP(Strategy):
     def __init__(self, model: Llama, policy: PrecisionPolicy, settings: OptimizerSettings, device: torch.device,
                  options: ParallelSection, comm: Collectives | None = None):
         self.device, self.policy, self.settings, self.model = device, policy, settings, model
-        comm = comm or Collectives(p2p=options.gloo_collectives == "p2p")
+        comm = comm or Collectives(p2p=options.gloo_collectives == "p2p", shard_group=options.shard_group)
         self.comm = Counted(comm)
-        self.rank, self.world_size = comm.rank, comm.world_size
+        # Shards within this rank's group; data parallel over every rank of every group.
+        self.shard_rank, self.shards, self.replica = comm.rank, comm.world_size, comm.replica
+        self.rank, self.world_size = comm.replica * comm.world_size + comm.rank, comm.replicas * comm.world_size
         self.overlap = options.async_collectives
         self.module = WithLoss(model)
         by_name = dict(model.named_parameters())
-        blocks, outer, resident = split(model, self.world_size)
+        blocks, outer, resident = split(model, self.shards)
         self.layouts = [*blocks, *outer, *resident]
         offset = dict(zip((u.unit for u in self.layouts), storage_offsets(self.layouts)))
         trained = [u for u in self.layouts if u.trainable]
@@ -110,7 +119,8 @@ class YaFSDP(Strategy):
         for u in self.layouts:
             store = self.master if u.trainable else self.frozen
             full = u.flatten([by_name[n[0]] for n in u.names], store.dtype)
-            store[offset[u.unit] : offset[u.unit] + u.shard].copy_(full[self.rank * u.shard : (self.rank + 1) * u.shard])
+            mine = full[self.shard_rank * u.shard : (self.shard_rank + 1) * u.shard]
+            store[offset[u.unit] : offset[u.unit] + u.shard].copy_(mine)
         self.grad = torch.zeros_like(self.master)
         self.moments = torch.zeros(2, total, dtype=torch.float32, device=device)
         ranges = [(0, n_decay), (n_decay, total)]
@@ -349,6 +359,8 @@ class YaFSDP(Strategy):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._reduce_resident()
+        if self.world_size > self.shards:  # hybrid: the same shard of every group, summed
+            self.comm.wait(self.comm.all_reduce_across(self.grad))
         self.grad.div_(self.world_size)
         grad_norm, skipped = scaled_step(self.optimizer, self.scaler, self._clip)
         if not skipped:
@@ -360,6 +372,8 @@ class YaFSDP(Strategy):
     def _clip(self) -> torch.Tensor:
         """Clip the shard gradients by their global norm (over ranks); the pre-clip norm."""
         sq = self.grad.square().sum()
+        if self.replica:  # every group holds the same shard gradients: one group's make the norm
+            sq.zero_()
         self.comm.all_reduce(sq)
         grad_norm = sq.sqrt()
         if self.settings.grad_clip > 0:
@@ -375,13 +389,17 @@ class YaFSDP(Strategy):
                 slot.holds = None
 
     def save(self, directory: Path) -> None:
-        relayout.save(directory, self.rank, self.world_size, self.layouts, self.master, self.moments, self.frozen,
+        """One group's shards (the groups hold the same): a checkpoint as a flat run of that group's
+        size writes, which `load` cuts again for any world and group size."""
+        if self.replica:
+            return
+        relayout.save(directory, self.shard_rank, self.shards, self.layouts, self.master, self.moments, self.frozen,
                       self.scaler.state_dict(), next(iter(self.optimizer.state.values()))["step"])
 
     @torch.no_grad()
     def load(self, directory: Path) -> None:
         for saved in relayout.rank_files(directory):
-            relayout.load_shards(saved, self.layouts, storage_offsets(self.layouts), self.rank, self.master,
+            relayout.load_shards(saved, self.layouts, storage_offsets(self.layouts), self.shard_rank, self.master,
                                  self.moments, self.frozen)
             for state in self.optimizer.state.values():
                 state["step"].fill_(saved["step"])
@@ -396,6 +414,7 @@ class YaFSDP(Strategy):
     buffer_bytes = staticmethod(cost.buffer_bytes)
     uses_p2p = staticmethod(cost.uses_p2p)
     communication_bytes = staticmethod(cost.communication_bytes)
+    sent_bytes = staticmethod(cost.sent_bytes)
 
     def memory(self) -> dict[str, int]:
         steps = sum(nbytes(s["step"]) for s in self.optimizer.state.values())
