@@ -58,7 +58,7 @@ def test_replicated_state_bytes_exact(preset, precision):
     info = model_info(preset)
     for strategy in ("single", "ddp"):
         for n in (1, 2, 8):
-            assert state_bytes(full_trainable(info), Levers(precision, "none", strategy), n) == counted
+            assert state_bytes(info, full_trainable(info), Levers(precision, "none", strategy), n) == counted
 
 
 def _fsdp_counted(preset: str, world: int, precision: str) -> dict[str, int]:
@@ -92,7 +92,7 @@ def test_fsdp2_state_bytes_exact(preset):
     for n in (1, 2, 8):
         for precision in ("bf16", "bf16-pure"):
             counted = {**_fsdp_counted(preset, n, precision), "master": 0}
-            assert state_bytes(full_trainable(info), Levers(precision, "none", "fsdp2"), n) == counted, (n, precision)
+            assert state_bytes(info, full_trainable(info), Levers(precision, "none", "fsdp2"), n) == counted, (n, precision)
 
 
 class _Ranks:
@@ -122,7 +122,7 @@ def test_yafsdp_state_and_buffer_bytes_exact(preset):
                             torch.device("meta"), ParallelSection(strategy="yafsdp"), _Ranks(n))
             counted = engine.memory()
             levers = Levers(precision, "none", "yafsdp")
-            assert {**state_bytes(full_trainable(info), levers, n), "buffers": counted["buffers"]} == counted, (n, precision)
+            assert {**state_bytes(info, full_trainable(info), levers, n), "buffers": counted["buffers"]} == counted, (n, precision)
             assert comm_and_cast_bytes(info, full_trainable(info), levers, n, "cpu")["buffers"] == counted["buffers"]
 
 
@@ -214,7 +214,7 @@ def test_lora_state_bytes_match_the_lever_estimate(precision):
     base = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     lever = estimate(info.args, LoRASettings(rank=8, targets=LORA_TARGETS, base_dtype=base), precision)
     trainable = lora_trainable(info, 8, LORA_TARGETS, base.itemsize)
-    planned = state_bytes(trainable, Levers(precision, "none", "single"), 1)
+    planned = state_bytes(info, trainable, Levers(precision, "none", "single"), 1)
     counters = 4 * len(trainable.shapes)
     assert (planned["params"], planned["grads"], planned["master"], planned["optimizer"] - counters) == \
         (lever.params, lever.grads, lever.master, lever.optimizer)

@@ -373,7 +373,7 @@ def test_the_planner_predicts_the_lora_state_and_buffers(two_ranks):
     info = ModelInfo("test", ARGS, tuple(tuple(p.shape) for p in Llama(ARGS).parameters()))
     trainable = lora_trainable(info, LORA_BF16.rank, LORA_BF16.targets, frozen_bytes=2)
     levers = Levers("bf16", "none", "yafsdp")
-    predicted = state_bytes(trainable, levers, 2)
+    predicted = state_bytes(info, trainable, levers, 2)
     assert all(abs(counted[k] - predicted[k]) <= 64 for k in predicted), (counted, predicted)  # padding, step counters
     assert comm_and_cast_bytes(info, trainable, levers, 2, "cpu")["buffers"] == counted["buffers"]
 

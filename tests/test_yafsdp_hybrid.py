@@ -1,9 +1,9 @@
 """Hybrid sharding in the yafsdp engine (`parallel.shard_group`): 4 gloo ranks as 2 groups x 2.
 
 * The fp32 loss curve and the final weights equal one process's, to fp32 rounding.
-* What one rank sends, measured by `CommMeter` (point-to-point bytes by tag: within its group or
-  across groups; the scalar all-reduces over every rank), equals the engine's `sent_bytes`, and
-  its own counts equal `communication_bytes`.
+* What one rank sends within its group and across groups, measured by `CommMeter`, equals what
+  the engine's cost model (`YaFSDP.cost`, as the planner asks it) predicts; the engine's own
+  counts equal `communication_bytes`.
 * A checkpoint saved on 2x2 resumes on 2 ranks as one group of 2 (1x2, the same as flat 2), flat
   2, 2 groups of 1, and in one process, each continuing the curve.
 * A group size that does not divide the ranks is a UserError.
@@ -27,7 +27,8 @@ from shoestring.models.llama import Llama
 from shoestring.parallel import dist
 from shoestring.parallel.single import SingleDevice
 from shoestring.parallel.yafsdp import YaFSDP
-from shoestring.parallel.yafsdp.collectives import ACROSS_TAG
+from shoestring.plan.memory import Levers, strategy_cost
+from shoestring.plan.model import ModelInfo, full_trainable
 from tests.test_yafsdp import ACCUM, ARGS, SETTINGS, FakeCollectives, _batches, _rel, _shard, _train
 
 STEPS = 3  # saved after the second; the third is metered (the steady state)
@@ -54,7 +55,7 @@ def _worker(rank: int, world: int, port: int, ckpt: Path, queue) -> None:
             losses = _train(ya, batches, 2)
             ya.save(ckpt)
             dist.barrier()
-            with CommMeter(world) as meter:
+            with CommMeter(world, groups=ya.comm_groups()) as meter:
                 losses += _train(ya, batches[2 * ACCUM :], 1)
             out["2x2"] = [dist.mean(torch.tensor(x)).item() for x in losses]
             out["sent"], out["counted"] = meter.stats, ya.comm_stats
@@ -111,18 +112,17 @@ def test_two_groups_of_two_follow_one_process(runs):
 
 def test_bytes_within_and_across_groups_are_the_cost_models(runs):
     _, four, _ = runs
-    options = ParallelSection(strategy="yafsdp", shard_group=2)
-    policy = PrecisionPolicy("fp32")
-    predicted = YaFSDP.sent_bytes(ARGS, 4, policy, options, ACCUM)
-    assert predicted["across"] > 0 and predicted["within"] > 0
+    info = ModelInfo("test", ARGS, tuple(tuple(p.shape) for p in Llama(ARGS).parameters()))
+    levers = Levers("fp32", "none", "yafsdp", grad_accum=ACCUM, shard_group=2)
+    predicted: dict[str, float] = {}
+    for c in strategy_cost(info, full_trainable(info), levers, 4, "cpu").collectives:
+        predicted[c.span] = predicted.get(c.span, 0.0) + c.sent_bytes(2)  # 2 ranks in a group, 2 groups
+    assert set(predicted) == {"group", "across"} and 0 < predicted["across"] < predicted["group"]
+    expected = YaFSDP.communication_bytes(ARGS, 2, PrecisionPolicy("fp32"), levers.parallel_options(), ACCUM, replicas=2)
     for rank, out in four.items():
-        sent = out["sent"]
-        across = sent.by_tag.pop(ACROSS_TAG)
-        assert set(sent.by_tag) == {1, 2}, sent.by_tag  # the within-group all-gathers and reduce-scatters
-        measured = {"within": sum(sent.by_tag.values()), "across": across,
-                    "all": sent.bytes_sent - across - sum(sent.by_tag.values())}
+        measured = out["sent"].by_span
+        assert measured.pop("world", 0) <= 16, measured  # the gradient norm's scalar all-reduce
         assert measured == pytest.approx(predicted, abs=1e-6), (rank, measured, predicted)
-        expected = YaFSDP.communication_bytes(ARGS, 4, policy, options, ACCUM)
         assert {k: out["counted"][k] for k in expected} == expected
 
 
@@ -137,10 +137,10 @@ def test_a_2x2_checkpoint_resumes_on_other_groups_and_worlds(runs):
 
 
 def test_a_group_size_must_divide_the_ranks(monkeypatch):
-    assert dist.shard_group_size(None, 4) == 4 and dist.shard_group_size(2, 4) == 2
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert dist.shard_group_size("node", 4) == 2
-    with pytest.raises(UserError, match="do not divide the 4 ranks"):
-        dist.shard_group_size(3, 4)
+    from shoestring.parallel.yafsdp import Collectives
+
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    with pytest.raises(UserError, match="does not divide 4 ranks"):
+        Collectives(shard_group=3)
     with pytest.raises(ValueError, match="shard_group"):
         ParallelSection(shard_group=0)

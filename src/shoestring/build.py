@@ -23,6 +23,7 @@ from shoestring.levers.precision import Choice, DeviceFacts, PrecisionPolicy, re
 from shoestring.models import Llama, build_model, preset_args
 from shoestring.models.hf import HFSource, load_llama
 from shoestring.parallel import OptimizerSettings, Strategy, dist, strategy_class
+from shoestring.parallel.cost import shard_group_size
 
 
 def pick_device(choice: str) -> torch.device:
@@ -109,21 +110,26 @@ def check_parallel(cfg: Config, device: torch.device, world_size: int) -> None:
     if offload and device.type != "cuda":
         raise UserError(f"parallel.strategy = '{p.strategy}' with offload needs a CUDA device: "
                         "on CPU the state already lives in host memory", "turn the offload options off")
+    if p.shard_group is not None and p.strategy not in ("fsdp2", "yafsdp"):
+        raise UserError(f"parallel.shard_group applies to fsdp2 and yafsdp, not {p.strategy}",
+                        "leave parallel.shard_group unset, or use a sharded strategy")
+    group = shard_group_size(p.shard_group, world_size, dist.local_world_size())
     raf = p.reshard_after_forward
-    if p.strategy == "fsdp2" and not isinstance(raf, bool) and world_size % raf:
-        raise UserError(f"parallel.reshard_after_forward = {raf} does not divide the {world_size} ranks",
-                        "use true, false or a divisor of the number of ranks")
+    if p.strategy == "fsdp2" and not isinstance(raf, bool) and group % raf:
+        raise UserError(f"parallel.reshard_after_forward = {raf} does not divide the {group} ranks the state is sharded over",
+                        "use true, false or a divisor of the number of ranks (of the shard group)")
 
 
 def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
     """FSDP2 splits each NF4 weight (QLoRA) into whole rows, blocks and blocks of scales per rank."""
-    if cfg.parallel.strategy != "fsdp2" or world_size == 1:
+    shards = shard_group_size(cfg.parallel.shard_group, world_size, dist.local_world_size())
+    if cfg.parallel.strategy != "fsdp2" or shards == 1:
         return
     from shoestring.levers.lora import is_nf4, nf4_splits
 
     for name, p in model.named_parameters():
-        if is_nf4(p) and not nf4_splits(tuple(p.shape), world_size):
-            raise UserError(f"FSDP2 cannot split the NF4 weight {name} {tuple(p.shape)} over {world_size} ranks "
+        if is_nf4(p) and not nf4_splits(tuple(p.shape), shards):
+            raise UserError(f"FSDP2 cannot split the NF4 weight {name} {tuple(p.shape)} over {shards} ranks "
                             "into whole rows and 64-weight blocks", "use parallel.strategy = 'ddp', or another number of ranks")
 
 

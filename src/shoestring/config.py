@@ -218,11 +218,12 @@ class ParallelSection(Section):
     reshard_after_forward: bool | int = True
     cpu_offload: bool = False
     prefetch: int = Field(default=1, ge=0)
-    # fsdp2, yafsdp: hybrid sharding. The state is sharded within groups of ranks and replicated
-    # across groups: the all-gathers and reduce-scatters stay inside a group, and only the reduced
-    # gradient shards are all-reduced across groups. None: one group of all ranks (flat); "node":
-    # the ranks of one node (LOCAL_WORLD_SIZE); N: groups of N consecutive ranks (N divides the
-    # number of ranks).
+    # fsdp2, yafsdp: where the state is sharded. None: over every rank (flat); "node": within each
+    # node (LOCAL_WORLD_SIZE ranks); N: within groups of N consecutive ranks (N divides the world).
+    # The state is replicated across groups, whose gradient shards are all-reduced once a step
+    # (hybrid sharding, HSDP): the heavy gathers stay inside a group. `reshard_after_forward = N`
+    # differs: it shards the state over every rank and only re-shards the gathered weights to
+    # groups of N after forward, so that backward's gathers stay inside those groups.
     shard_group: Literal["node"] | int | None = None
     # yafsdp: prefetch the next block's gather and overlap gradient reduce-scatters with backward
     # (true), or wait for every collective where it is issued (false: no overlap, same result);
@@ -241,10 +242,10 @@ class ParallelSection(Section):
     def _options_fit(self) -> "ParallelSection":
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("parallel.offload_params needs parallel.zero_stage = 3 (only ZeRO-3 partitions parameters)")
-        if isinstance(self.shard_group, int) and self.shard_group < 1:
-            raise ValueError("parallel.shard_group must be \"node\", a group size >= 1, or unset (shard over all ranks)")
         if not isinstance(self.reshard_after_forward, bool) and self.reshard_after_forward < 2:
             raise ValueError("parallel.reshard_after_forward must be true, false or a group size >= 2")
+        if isinstance(self.shard_group, int) and self.shard_group < 1:
+            raise ValueError("parallel.shard_group must be \"node\" or a group size >= 1")
         return self
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
+from shoestring.parallel.cost import STEP_COUNTER_BYTES, Cost, Workload
 from shoestring.train.loss import cross_entropy_from_hidden
 
 
@@ -124,6 +125,14 @@ def replicated_state_bytes(n_params: int, policy: PrecisionPolicy) -> dict[str, 
     return {k: n_params * v for k, v in policy.state_bytes_per_param().items()}
 
 
+def replicated_state(w: Workload) -> dict[str, int]:
+    """A full replica's state exactly, as the planner counts it: the trained tensors, the frozen
+    base (LoRA) and AdamW's step counter per tensor."""
+    state = replicated_state_bytes(w.n_params, w.policy)
+    return {**state, "params": state["params"] + w.frozen_state(1),
+            "optimizer": state["optimizer"] + STEP_COUNTER_BYTES * len(w.shapes)}
+
+
 class Strategy(abc.ABC):
     """What the trainer holds. `rank`/`world_size` describe data parallelism."""
 
@@ -180,6 +189,22 @@ class Strategy(abc.ABC):
     def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
         """Estimated model-state bytes per rank (params, grads, master, optimizer), for the
         planner; `memory()` counts the same quantities."""
+
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        """What this strategy costs one rank for `w` (state, buffers, the step's collectives),
+        for the planner, which composes it without asking which strategy it is."""
+        raise NotImplementedError(f"{cls.__name__} has no cost model")
+
+    def comm_groups(self) -> dict[tuple[int, ...], str]:
+        """The ranks of each sub-group this strategy communicates in, and the span it stands
+        for in its cost model ("group", "across"), for the comm meter; none: the world only."""
+        return {}
+
+    @staticmethod
+    def label(options: ParallelSection) -> str:
+        """A short name for this strategy with these options, for plan tables."""
+        return options.strategy
 
     @abc.abstractmethod
     def memory(self) -> dict[str, int]:

@@ -6,11 +6,13 @@ on any number of ranks). Memory per rank is that of one device: DDP buys time, n
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shoestring.levers.lora import is_nf4
+from shoestring.parallel.cost import Collective, Cost, Workload
 from shoestring.parallel.single import SingleDevice
 
 
@@ -34,3 +36,15 @@ class DDP(SingleDevice):
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.ddp.no_sync()
+
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        """A replica's state; every gradient all-reduced once a step over the world, in buckets
+        of `bucket_cap_mb` (one reducing while the next fills: two buckets of fp32 gradients)."""
+        single = super().cost(w)
+        if w.world == 1:
+            return single
+        grads = cls.weight_dtype(w.policy).itemsize * w.n_params
+        bucket = int(w.options.bucket_cap_mb * 2**20)
+        reduce = Collective("all_reduce", grads, -(-grads // bucket), "world", "gradients")
+        return replace(single, buffers={"comm_buckets": min(2 * bucket, 4 * w.n_params)}, collectives=(reduce,), overlap=0.8)

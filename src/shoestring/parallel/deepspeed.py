@@ -38,6 +38,7 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel import dist
 from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
+from shoestring.parallel.cost import STEP_COUNTER_BYTES, Collective, Cost, Workload, gathered_block_buffers
 from shoestring.train.memory import tensor_bytes
 
 DS_DIR, TAG, META = "deepspeed", "state", "deepspeed.json"
@@ -74,6 +75,11 @@ def check_fp16(deepspeed: Any, policy: PrecisionPolicy) -> None:
                         "set precision.init_scale to a power of two, e.g. 65536")
 
 
+def bucket_elements(block_numel: int) -> int:
+    """Reduce / all-gather / prefetch bucket size: one transformer block (`ds_config`)."""
+    return max(block_numel, 2**20)
+
+
 def ds_config(policy: PrecisionPolicy, settings: OptimizerSettings, options: ParallelSection,
               block_numel: int) -> dict[str, Any]:
     """DeepSpeed's JSON config from ours. Its batch bookkeeping is unused (the trainer feeds the
@@ -82,7 +88,7 @@ def ds_config(policy: PrecisionPolicy, settings: OptimizerSettings, options: Par
     Buckets are sized to one transformer block (`block_numel` elements), as FSDP2's units are:
     DeepSpeed's defaults (5e8-element reduce buckets, 5e7-element prefetch) are tuned for
     billion-parameter models and would hold a whole smaller model's gradients in one bucket."""
-    buckets = max(block_numel, 2**20)
+    buckets = bucket_elements(block_numel)
     zero: dict[str, Any] = {"stage": options.zero_stage, "reduce_bucket_size": buckets, "allgather_bucket_size": buckets,
                             "stage3_prefetch_bucket_size": buckets, "stage3_max_live_parameters": 2 * buckets}
     if options.offload_optimizer:
@@ -174,6 +180,37 @@ class DeepSpeed(Strategy):
         w, shard = DeepSpeed.weight_dtype(policy).itemsize, n_params // world_size
         return {"params": w * (shard if options.zero_stage == 3 else n_params), "grads": w * shard,
                 "master": 4 * shard, "optimizer": 8 * shard}
+
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        """`state_bytes`, a frozen base (LoRA) replicated (cast to the weights' dtype in the
+        half-precision modes) and one step counter per param group. ZeRO-1/2 reduce-scatter the
+        gradients and all-gather the updated weights once a step, in one-block buckets (one held
+        at a time); ZeRO-3 gathers each block in forward and backward and reduce-scatters its
+        gradient every micro-step, as FSDP2 does. Gradient partitions persist across steps."""
+        wb, n, opts = cls.weight_dtype(w.policy).itemsize, w.n_params, w.options
+        state = cls.state_bytes(n, w.world, w.policy, opts)
+        state["params"] += w.frozen_params * min(w.frozen_bytes, wb)
+        state["optimizer"] += 2 * STEP_COUNTER_BYTES  # one flat tensor per param group (decay, no-decay)
+        offloaded = ("optimizer", "master") if opts.offload_optimizer else ()
+        if w.world == 1:
+            return Cost(state, offloaded=offloaded, grads_freed=False)
+        if opts.zero_stage < 3:
+            bucket = bucket_elements(w.block_params)
+            calls = -(-n // bucket)
+            moves = (Collective("reduce_scatter", n * wb, calls, "world", "gradients"),
+                     Collective("all_gather", n * wb / w.world, calls, "world", "updated weights"))
+            return Cost(state, {"comm_buckets": min(bucket, n) * wb}, moves, overlap=0.5, offloaded=offloaded,
+                        grads_freed=False)
+        frozen = min(w.frozen_state(1), w.frozen_params * wb)
+        units, accum = w.args.n_layers + 1, w.grad_accum
+        moves = (Collective("all_gather", accum * 2 * (n * wb + frozen) / w.world, accum * units * 2, "world", "weights"),
+                 Collective("reduce_scatter", accum * n * 4, accum * units, "world", "gradients"))
+        return Cost(state, gathered_block_buffers(w, wb, frozen), moves, overlap=0.7, offloaded=offloaded, grads_freed=False)
+
+    @staticmethod
+    def label(options: ParallelSection) -> str:
+        return f"zero-{options.zero_stage}" + ("+offload" if options.offload_optimizer else "")
 
     def memory(self) -> dict[str, int]:
         """Counted from the engine's own buffers: ZeRO-3's partitions (`ds_tensor`), the fp32

@@ -19,8 +19,6 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as tdist
 
-from shoestring.errors import UserError
-
 
 def launched() -> bool:
     """Whether torchrun (or an equivalent launcher) started this process."""
@@ -37,6 +35,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return tdist.get_world_size() if active() else 1
+
+
+def local_world_size() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; the world without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def is_main() -> bool:
@@ -80,17 +83,6 @@ def _store(timeout: timedelta) -> dict[str, Any]:
     store, rank_, size = next(tdist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return {"store": tdist.PrefixStore(f"shoestring/attempt_{attempt}", store), "rank": rank_, "world_size": size}
-
-
-def shard_group_size(option: str | int | None, world: int) -> int:
-    """Ranks in one shard group (`parallel.shard_group`): all of them (None), one node's ("node":
-    torchrun's LOCAL_WORLD_SIZE) or N consecutive ranks. The groups must tile the world."""
-    size = world if option is None else int(os.environ.get("LOCAL_WORLD_SIZE", world)) if option == "node" else option
-    if world % size:
-        raise UserError(f"parallel.shard_group = {option!r} makes groups of {size} ranks, which do not divide the "
-                        f"{world} ranks", "choose a group size that divides the number of ranks, or leave "
-                        "parallel.shard_group unset (shard over all ranks)")
-    return size
 
 
 def hybrid_groups(size: int) -> tuple[tdist.ProcessGroup, tdist.ProcessGroup]:

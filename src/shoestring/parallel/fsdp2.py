@@ -12,8 +12,14 @@ all-reduces the flag (max) over the mesh, so an overflow in any rank's shard ski
 halves the scale on every rank alike. Clipping sees the unscaled gradients (`scaled_step`); the
 scaler's state is saved with the shards.
 
+Hybrid sharding (`parallel.shard_group`, HSDP): a 2-D device mesh (replicate x shard). The state
+is sharded within each group of consecutive ranks and replicated across groups: the all-gathers
+and reduce-scatters stay inside a group, and only the reduced gradient shards are all-reduced
+across groups, once per optimizer step (skipped on the micro-steps before the last).
+
 Checkpoints go through `torch.distributed.checkpoint` (every rank writes its shards into the
-checkpoint's temporary directory), which reshards on load: a run saved on N ranks resumes on M.
+checkpoint's temporary directory), which reshards on load: a run saved on N ranks resumes on M,
+with any shard group (DCP stores each tensor's global layout, not the mesh).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -36,6 +43,9 @@ from shoestring.models.llama import Llama
 from shoestring.parallel import dist
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
                                       scaled_step)
+from shoestring.parallel.cost import (STEP_COUNTER_BYTES, Collective, Cost, Workload, dim0_shard_total,
+                                      gathered_block_buffers,
+                                      shard_group_size, torch_reduce_scatter)
 from shoestring.train.memory import model_state_bytes
 
 DCP_DIR = "dcp"
@@ -52,7 +62,9 @@ class FSDP2(Strategy):
                  options: ParallelSection):
         self.device, self.policy, self.settings, self.model = device, policy, settings, model
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        mesh = init_device_mesh(device.type, (self.world_size,))
+        group = shard_group_size(options.shard_group, self.world_size, dist.local_world_size())
+        self.hybrid = group < self.world_size
+        self.mesh = mesh = device_mesh(device.type, self.world_size, group)
         shard = dict(mesh=mesh, reshard_after_forward=options.reshard_after_forward, mp_policy=mixed_precision(policy),
                      offload_policy=CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy())
         blocks = list(model.layers)
@@ -70,7 +82,10 @@ class FSDP2(Strategy):
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool) -> torch.Tensor:
         # Gradients are reduce-scattered after every micro-step (not only the last): the
-        # accumulated gradient then stays sharded, which is the point of FSDP.
+        # accumulated gradient then stays sharded, which is the point of FSDP. Across groups
+        # (hybrid) the shards are all-reduced on the last micro-step only.
+        if self.hybrid:
+            self.module.set_requires_all_reduce(last_micro_step)
         loss = self._loss(x, y)
         self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
@@ -133,11 +148,64 @@ class FSDP2(Strategy):
         shard = n_params // world_size
         return {"params": 4 * shard, "grads": 4 * shard, "master": 0, "optimizer": 8 * shard}
 
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        """fp32 shards of each trained tensor over the shard group, padded on dim 0 as FSDP2 lays
+        them out (exact); a frozen base (LoRA) sharded with them. Per micro-step: every unit's
+        weights (each block, and the root: embedding, norm, head) gathered in the policy's dtype
+        in forward and again in backward (once when kept after forward; within groups of N when
+        re-sharded to N), and every unit's fp32 gradient reduce-scattered; across groups (hybrid)
+        the gradient shards are all-reduced once per step. Measured on gloo (tests/test_hybrid.py):
+        these bytes, plus the gradient norm's scalars."""
+        g = w.group
+        local = dim0_shard_total(w.shapes, g)
+        state = {"params": w.frozen_state(g) + 4 * local, "grads": 4 * local, "master": 0,
+                 "optimizer": 8 * local + STEP_COUNTER_BYTES * len(w.shapes)}
+        offloaded = ("optimizer", "master", "params", "grads") if w.options.cpu_offload else ()
+        if w.world == 1:
+            return Cost(state, offloaded=offloaded)
+        p = cls.weight_dtype(w.policy).itemsize
+        reshard = w.options.reshard_after_forward
+        frozen = min(w.frozen_state(1), w.frozen_params * p)  # gathered in its own dtype where smaller
+        units, accum = w.args.n_layers + 1, w.grad_accum
+        weights = accum * (local * p + frozen / g)  # every unit's shards, gathered once
+        gathers = [Collective("all_gather", weights, accum * units, "group", "weights (forward)")]
+        if reshard is True:
+            gathers.append(Collective("all_gather", weights, accum * units, "group", "weights (backward)"))
+        elif reshard:  # re-sharded to groups of `reshard` ranks: backward gathers inside those
+            gathers.append(Collective("all_gather", weights * g / reshard, accum * units, "group", "weights (backward)",
+                                      size=reshard))
+        scatter = Collective(torch_reduce_scatter(w.device_type), accum * 4 * local * g, accum * units, "group", "gradients")
+        across = [Collective("all_reduce", 4 * local, units, "across", "gradient shards")] if w.replicas > 1 else []
+        return Cost(state, gathered_block_buffers(w, p, frozen), (*gathers, scatter, *across), overlap=0.8, offloaded=offloaded)
+
+    @staticmethod
+    def label(options: ParallelSection) -> str:
+        reshard = options.reshard_after_forward
+        label = "fsdp2" + ("(no-reshard)" if reshard is False else "" if reshard is True else f"(reshard:{reshard})")
+        if options.shard_group is not None:
+            label += f"/hsdp:{options.shard_group}"
+        return label + ("+offload" if options.cpu_offload else "")
+
+    def comm_groups(self) -> dict[tuple[int, ...], str]:
+        if not self.hybrid:
+            return {}
+        return {tuple(tdist.get_process_group_ranks(self.mesh.get_group(dim))): span
+                for dim, span in (("shard", "group"), ("replicate", "across"))}
+
     def memory(self) -> dict[str, int]:
         return {**model_state_bytes(self.model, self.optimizer), "master": 0}
 
     def unwrapped(self) -> Llama:
         return self.model
+
+
+def device_mesh(device_type: str, world: int, group: int) -> DeviceMesh:
+    """Flat (1-D) when one group holds every rank; else replicate x shard, groups of `group`
+    consecutive ranks along the shard dimension (FSDP2 then shards within and replicates across)."""
+    if group == world:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
 def _dequantized(t: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from torch import nn
 from shoestring.config import ParallelSection
 from shoestring.levers.precision import MasterWeights, PrecisionPolicy, cast_model
 from shoestring.models.llama import Llama
-from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state_bytes,
-                                      require_file, scaled_step)
+from shoestring.parallel.cost import Cost, Workload
+from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state,
+                                      replicated_state_bytes, require_file, scaled_step)
 from shoestring.train import checkpoint as ckpt
 from shoestring.train.memory import model_state_bytes
 
@@ -101,6 +102,10 @@ class SingleDevice(Strategy):
     @staticmethod
     def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options: ParallelSection) -> dict[str, int]:
         return replicated_state_bytes(n_params, policy)
+
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        return Cost(replicated_state(w))
 
     def memory(self) -> dict[str, int]:
         counted = model_state_bytes(self.model, self.optimizer)

@@ -77,6 +77,8 @@ def auto_overrides(cfg: Config, ranks: int) -> tuple[list[str], Plan]:
         out.append(f"parallel.strategy={lv.strategy}")
         if lv.strategy == "fsdp2":
             out.append(f"parallel.reshard_after_forward={str(lv.reshard_after_forward).lower()}")
+            if lv.shard_group:
+                out.append(f"parallel.shard_group={lv.shard_group}")
         if lv.strategy == "deepspeed":
             out.append(f"parallel.zero_stage={lv.zero_stage}")
     if "grad_accum" not in fixed:

@@ -56,6 +56,11 @@ class Device:
     kind: str = "cuda"  # "cuda" or "cpu": which device class's calibration applies
     capability: tuple[int, int] | None = None  # CUDA compute capability
     compile_overhead_bytes: int = 0  # what compiled blocks' runtime adds to `overhead_bytes` (calibrated)
+    # alpha of the alpha-beta model, microseconds: per collective call, per ring step on a link
+    # inside a node and per ring step across nodes (0 on the CPU: gloo's per-call cost is calibrated)
+    call_latency_us: float = 0.0
+    intra_latency_us: float = 0.0
+    inter_latency_us: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)
 
     def peak_flops(self, dtype: str) -> float:
@@ -69,7 +74,7 @@ class Device:
         return DeviceFacts(self.kind, {d: self.peak_flops(d) for d in ("fp32", "bf16", "fp16")}, self.capability)
 
     def link_gbs(self, count: int) -> float:
-        """Per-device collective bandwidth for a group of `count` devices: the slowest link."""
+        """Per-device collective bandwidth for a ring of `count` consecutive devices: the slowest link."""
         return self.intra_gbs if count <= self.per_node else self.inter_gbs
 
     def hourly(self, spot: bool) -> float:
@@ -83,7 +88,8 @@ def _device(key: str, e: dict[str, Any]) -> Device:
         intra_gbs=e["intra_gbs"], inter_gbs=e["inter_gbs"], host_gbs=e["host_gbs"], per_node=e["per_node"],
         price=e["price_per_hour"], spot_price=e.get("spot_price_per_hour", 0.0), mfu=e["mfu"],
         overhead_bytes=int(e["overhead_gb"] * GB), fragmentation=e.get("fragmentation", 0.0),
-        kind="cpu" if key == "cpu" else "cuda",
+        kind="cpu" if key == "cpu" else "cuda", call_latency_us=e.get("call_latency_us", 0.0),
+        intra_latency_us=e.get("intra_latency_us", 0.0), inter_latency_us=e.get("inter_latency_us", 0.0),
         capability=tuple(int(p) for p in e["compute_capability"].split(".")) if "compute_capability" in e else None,
         sources={k: v for k, v in e.items() if k.endswith("_source") or k == "date"},
     )

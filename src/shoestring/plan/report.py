@@ -21,19 +21,46 @@ def _dollars(cost: float) -> str:
     return f"{cost:,.2f}" if cost < 100 else f"{cost:,.0f}"
 
 
+def _traffic(p: Plan) -> str:
+    b, s = p.step.bytes_by_link, p.step
+    return (f"{b.get('intra', 0) / 1e9:,.1f} GB inside nodes and {b.get('inter', 0) / 1e9:,.1f} GB across nodes per device "
+            f"per step, {s.comm_total_s:.2f} s of communication ({s.comm_s:.2f} s not hidden)")
+
+
+def _topology_aware(p: Plan) -> bool:
+    return p.levers.shard_group is not None or not isinstance(p.levers.reshard_after_forward, bool)
+
+
+def why_network(best: Plan, plans: list[Plan]) -> str:
+    """The winner's traffic over each link, beside the best plan on the same hardware that
+    communicates differently (a flat one when the winner keeps traffic inside nodes, else
+    another strategy): why it wins, in bytes over the slow links and the time they take."""
+    line = f"network: {best.levers.strategy_label()} sends {_traffic(best)}"
+    if _topology_aware(best):
+        kind, differs = "sharding flat", lambda p: not _topology_aware(p)
+    else:
+        kind, differs = "with another strategy", lambda p: p.levers.strategy_label() != best.levers.strategy_label()
+    rival = next((p for p in plans if (p.device.key, p.count) == (best.device.key, best.count) and differs(p)), None)
+    if rival is not None:
+        line += (f"; the best plan {kind}, {rival.levers.strategy_label()} ({rival.levers.precision}, "
+                 f"ckpt={rival.levers.checkpointing}, ${_dollars(rival.cost)}), sends {_traffic(rival)}")
+    return line
+
+
 def plan_dict(p: Plan) -> dict[str, Any]:
     l = p.levers
     return {
         "device": p.device.key, "count": p.count, "precision": l.precision, "lora_base_dtype": l.base_dtype or None,
         "checkpointing": l.checkpointing,
         "strategy": l.strategy, "strategy_label": l.strategy_label(), "zero_stage": l.zero_stage,
-        "reshard_after_forward": l.reshard_after_forward, "offload": l.offload,
+        "reshard_after_forward": l.reshard_after_forward, "shard_group": l.shard_group, "offload": l.offload,
         "micro_batch": l.micro_batch, "grad_accum": l.grad_accum, "global_batch_sequences": p.global_batch,
         "seq_len": p.seq_len, "fits": p.fits, "meets_deadline": p.meets_deadline,
         "memory_bytes": {"total": p.memory.total, "capacity": p.device.memory_bytes, **p.memory.components},
         "host_offload_bytes": p.memory.host_bytes,
         "step_s": {"total": p.step.total_s, "compute": p.step.compute_s, "recompute": p.step.recompute_s,
-                   "comm_exposed": p.step.comm_s, "offload": p.step.offload_s},
+                   "comm_exposed": p.step.comm_s, "comm_total": p.step.comm_total_s, "offload": p.step.offload_s},
+        "bytes_sent_per_device_step": p.step.bytes_by_link,
         "tokens_per_s": p.tokens_per_s, "wall_hours": p.wall_h, "cost_usd": p.cost,
         "price_per_device_hour": p.device.hourly(p.spot),
     }
@@ -76,6 +103,8 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
         console.print(f"winner: {describe(best)} — step {s.total_s:.2f} s (compute {s.compute_s:.2f}, recompute "
                       f"{s.recompute_s:.2f}, exposed comm {s.comm_s:.2f}, offload {s.offload_s:.2f}); "
                       f"${best.device.hourly(best.spot):.2f}/device-h")
+        if best.count > 1:
+            console.print(why_network(best, r.plans))
     for p in cheapest_misses(r):
         console.print(f"does not fit: {describe(p)} (would cost ${_dollars(p.cost)}) needs {p.memory.total / GiB:.1f} GiB of "
                       f"{p.device.memory_bytes / GiB:.0f}: over by {p.overflow / GiB:.1f} GiB; largest parts {_components(p)} GiB")

@@ -125,7 +125,7 @@ def _precisions(device: Device, mode: str, fixed: dict[str, object], bf16_base: 
 
 def _strategies(device: Device, count: int, precision: str, base_dtype: str = "") -> list[Levers]:
     """Candidate strategies (an NF4 base runs under single, ddp and fsdp2 only: the others pack
-    or move every weight as a plain tensor)."""
+    or move every weight as a plain tensor), and past one node FSDP2's topology-aware variants."""
     base = Levers(precision, "none", "single")
     nf4 = base_dtype == "nf4"
     if count == 1:
@@ -133,14 +133,34 @@ def _strategies(device: Device, count: int, precision: str, base_dtype: str = ""
         if device.kind == "cuda" and not nf4:
             out.append(replace(base, strategy="deepspeed", zero_stage=2, offload=True))
         return out
-    out = [replace(base, strategy="ddp")]
+    out = [replace(base, strategy="ddp"), replace(base, strategy="fsdp2"),
+           replace(base, strategy="fsdp2", reshard_after_forward=False), *_across_nodes(device, count, base)]
     if nf4:
-        return out + [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False)]
-    out += [replace(base, strategy="fsdp2"), replace(base, strategy="fsdp2", reshard_after_forward=False),
-            replace(base, strategy="yafsdp")]
+        return out
+    out.append(replace(base, strategy="yafsdp"))
     out += [replace(base, strategy="deepspeed", zero_stage=z) for z in (1, 2, 3)]
     if device.kind == "cuda":
         out += [replace(base, strategy="fsdp2", offload=True), replace(base, strategy="deepspeed", zero_stage=3, offload=True)]
+    return out
+
+
+def _across_nodes(device: Device, count: int, base: Levers) -> list[Levers]:
+    """FSDP2 past one node: the state sharded within groups of one node, two, four, ... (each
+    dividing the count: hybrid sharding, only the gradient shards' all-reduce crosses between
+    groups), and weights re-sharded to one node after forward (backward's gathers stay inside
+    a node), flat or within a larger group."""
+    node = device.per_node
+    if count <= node or count % node:
+        return []
+    fsdp2 = replace(base, strategy="fsdp2")
+    out = [replace(fsdp2, reshard_after_forward=node)]
+    group = node
+    while group < count:
+        if count % group == 0:
+            out.append(replace(fsdp2, shard_group=group))
+            if group > node:
+                out.append(replace(fsdp2, shard_group=group, reshard_after_forward=node))
+        group *= 2
     return out
 
 

@@ -6,13 +6,15 @@
                 a checkpointed block's recompute): the lever's bytes / memory bandwidth
     recompute = checkpointing's extra time: its matmul FLOP fraction on GPUs (`full`, `every:K`);
                 the device class's measured multiplier where element-wise work dominates (CPU)
-    comm      = the strategy's bytes per step / per-device link bandwidth, partly hidden
-                behind compute (`OVERLAP`; on the CPU, gloo runs on the cores that compute, so
-                the calibrated `comm_overlap` applies instead), plus a fixed cost per collective
-                call, per strategy (`collective_s` in hardware.toml, calibrated: on gloo each FSDP2
-                group's gather or reduce-scatter costs hooks, copies and synchronisation besides
-                its bytes, YaFSDP's flat buffers about a third of that, DDP's bucketed all-reduce
-                next to nothing)
+    comm      = the strategy's collectives (its own cost model), each priced on the links it
+                crosses (plan/network.py: latency per call and ring step, bytes over the slowest
+                link), partly hidden behind compute (the strategy's `overlap`; on the CPU, gloo
+                runs on the cores that compute, so the calibrated `comm_overlap` applies
+                instead), plus on the CPU a fixed cost per collective call, per strategy
+                (`collective_s` in hardware.toml, calibrated: on gloo each FSDP2 group's gather
+                or reduce-scatter costs hooks, copies and synchronisation besides its bytes,
+                YaFSDP's flat buffers about a third of that, DDP's bucketed all-reduce next to
+                nothing)
     offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
 
 Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
@@ -24,21 +26,14 @@ applies to compiled plans over the eager constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoestring.levers.checkpointing import checkpointed_blocks, estimate_recompute_flops_fraction, parse_mode
-from shoestring.levers.precision import PrecisionPolicy
-from shoestring.parallel.yafsdp import FrozenBase, YaFSDP
 from shoestring.plan.catalogue import Device, calibration
-from shoestring.plan.memory import DS_BUCKET_ELEMENTS, Levers
+from shoestring.plan.memory import Levers, strategy_cost
 from shoestring.plan.model import ModelInfo, Trainable
+from shoestring.plan.network import communication, ring_of
 
-# Fraction of communication time hidden behind compute. DDP all-reduces buckets during
-# backward (the last bucket is exposed); FSDP2 prefetches the next block's all-gather; ZeRO-1/2
-# reduce during backward but all-gather updated params after the step, exposed. YaFSDP prefetches
-# the next block's gather and reduce-scatters during backward like FSDP2 (its root and norms'
-# reduce-scatter in the step is exposed, and small).
-OVERLAP = {"ddp": 0.8, "fsdp2": 0.8, "yafsdp": 0.8, "zero-1": 0.5, "zero-2": 0.5, "zero-3": 0.7, "single": 0.0}
 HOST_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPU Adam on a server host: ~1 B params/s (order of magnitude)
 
 
@@ -48,6 +43,8 @@ class StepTime:
     recompute_s: float
     comm_s: float  # exposed communication
     offload_s: float
+    comm_total_s: float = 0.0  # all communication, before overlap with compute
+    bytes_by_link: dict[str, float] = field(default_factory=dict)  # sent per device per step: intra, inter
 
     @property
     def total_s(self) -> float:
@@ -78,25 +75,17 @@ def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> fl
     return device.mfu
 
 
-def overlap(device: Device, levers: Levers) -> float:
+def overlap(device: Device, info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> float:
+    """Share of communication hidden behind compute: the strategy's own figure on GPUs; on the
+    CPU, where gloo runs on the cores that compute, the calibrated one."""
     if device.kind == "cpu":
         return calibration("cpu").get("comm_overlap", 0.0)
-    return OVERLAP.get(levers.strategy_label().split("+")[0].split("(")[0], 0.7)
+    return strategy_cost(info, trainable, levers, world, device.kind).overlap
 
 
-def collectives(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> int:
-    """Collective calls per optimizer step: DDP's gradient buckets (25 MB) once; the sharded
-    strategies' per-group gathers (twice when resharding after forward) and reduce-scatter on
-    every micro-step, one group per block plus the root; ZeRO-1/2's buckets, reduced and
-    gathered once."""
-    if world <= 1:
-        return 0
-    if levers.strategy == "ddp":
-        return -(-trainable.n_params * levers.weight_bytes() // (25 * 2**20))
-    if levers.strategy == "deepspeed" and levers.zero_stage < 3:
-        return 2 * -(-trainable.n_params // DS_BUCKET_ELEMENTS)
-    gathers = 2 if levers.reshard_after_forward or levers.strategy == "yafsdp" else 1
-    return (info.args.n_layers + 1) * (gathers + 1) * levers.grad_accum
+def collectives(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, device_type: str = "cpu") -> int:
+    """Collective calls per optimizer step, as the strategy lists them."""
+    return sum(c.calls for c in strategy_cost(info, trainable, levers, world, device_type).collectives)
 
 
 def collective_seconds(cal: dict, strategy: str) -> float:
@@ -120,31 +109,10 @@ def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: in
     return 1.0 + estimate_recompute_flops_fraction(mode, info.args, seq_len)
 
 
-def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> float:
-    """Bytes each device sends per optimizer step (ring algorithms: (N-1)/N of the data per
-    all-gather or reduce-scatter, twice that per all-reduce)."""
-    if world <= 1:
-        return 0.0
-    f = (world - 1) / world
-    n = trainable.n_params
-    grad = 4 if levers.strategy == "fsdp2" else levers.weight_bytes()  # FSDP2 reduces in fp32
-    if levers.strategy == "ddp":
-        return 2 * f * n * grad
-    if levers.strategy == "deepspeed" and levers.zero_stage < 3:
-        return 2 * f * n * grad  # reduce-scatter grads + all-gather params
-    if levers.strategy == "yafsdp":  # the engine's own count of the full tensors it moves
-        base = FrozenBase.counted(n, trainable.frozen_params, trainable.frozen_bytes)
-        moved = YaFSDP.communication_bytes(info.args, world, PrecisionPolicy(levers.precision), levers.parallel_options(),
-                                           levers.grad_accum, base)
-        return f * sum(moved.values())
-    # fsdp2 / zero-3: all-gather params in forward (+ again in backward when resharded) and
-    # reduce-scatter grads, every micro-step; frozen (LoRA) weights are gathered too, in their
-    # own dtype where that is smaller (a bf16 or NF4 base).
-    gather = levers.weight_bytes()
-    gathers = 2 if levers.reshard_after_forward else 1
-    gathered = n * gather + min(trainable.frozen_state_bytes(), trainable.frozen_params * gather)
-    per_micro = f * (gathered * gathers + n * 4)
-    return per_micro * levers.grad_accum
+def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, device_type: str = "cpu") -> float:
+    """Bytes each device sends per optimizer step (ring algorithms), all links together."""
+    cost = strategy_cost(info, trainable, levers, world, device_type)
+    return sum(c.sent_bytes(ring_of(c, world, levers.shard_group or world, world).ranks) for c in cost.collectives)
 
 
 def compute_seconds(at_peak: float, full_at_peak: float, mfu: float) -> float:
@@ -169,10 +137,11 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
         compute += 2 * dequant
         if parse_mode(levers.checkpointing)[0] != "offload":
             recompute += dequant * len(checkpointed_blocks(info.args.n_layers, levers.checkpointing)) / info.args.n_layers
-    comm = comm_bytes(info, trainable, levers, world) / (device.link_gbs(world) * 1e9)
-    hidden = overlap(device, levers) * (compute + recompute)
+    net = communication(strategy_cost(info, trainable, levers, world, device.kind), world, levers.shard_group or world, device)
+    comm = net.seconds
+    hidden = overlap(device, info, trainable, levers, world) * (compute + recompute)
     exposed = max(comm - hidden, comm * 0.1) if comm else 0.0
-    exposed += collectives(info, trainable, levers, world) * collective_seconds(cal, levers.strategy)
+    exposed += net.calls * collective_seconds(cal, levers.strategy)
     offload = 0.0
     if levers.offload:
         shard = trainable.n_params / world
@@ -182,4 +151,4 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
 
         moved = describe(levers.checkpointing, info.args, levers.micro_batch, seq_len, levers.precision, device.kind)
         offload += levers.grad_accum * moved.get("transfer_bytes_per_step", 0) / (device.host_gbs * 1e9) * 0.5
-    return StepTime(compute, recompute, exposed, offload)
+    return StepTime(compute, recompute, exposed, offload, comm, net.bytes_by_link)

@@ -397,7 +397,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         counted = None
-        with self.peak.excluding(measure_comm), CommMeter(self.strategy.world_size, enabled=measure_comm) as meter:
+        with self.peak.excluding(measure_comm), CommMeter(self.strategy.world_size, measure_comm, self.strategy.comm_groups()) as meter:
             for m in range(accum):
                 x, y = (self._to_device(t) for t in sampler.next_batch())
                 with SavedActivationCounter() if count and m == 0 else nullcontext() as counter:
@@ -492,6 +492,7 @@ class Trainer:
                              "device_peak": peak, "device_peak_max_rank": dist.maximum(peak)},
             # Measured on one step (bytes this rank sent; collective time, hidden or not).
             "comm_per_step": {"bytes_sent": comm.bytes_sent, "busy_s": comm.busy_s, "calls": comm.calls,
+                              "bytes_sent_by_span": comm.by_span,
                               "bytes_sent_by_collective": comm.by_collective},
             "final_train_loss": last_loss,
             "final_val_loss": val_loss,

@@ -8,10 +8,8 @@ step, over the ranks that hold the same shard). Without it the one group is ever
 On gloo (CPU) all of these can be built from isend/irecv pairs (`p2p_all_gather`,
 `p2p_reduce_scatter`, `p2p_all_reduce`): gloo's own all-gather goes through a full-size
 temporary and its reduce-scatter is an all-reduce. Everywhere else torch's collectives run
-(NCCL's are native). The point-to-point transfers carry a tag per kind, and the across-group
-ones their own (`ACROSS_TAG`): `CommMeter` counts sent bytes by tag, which is how a test sees
-what crossed between groups. `Counted` is what the engine calls: the same collectives, with the
-bytes they moved and the seconds the host blocked on them.
+(NCCL's are native). `Counted` is what the engine calls: the same collectives, with the bytes
+they moved and the seconds the host blocked on them.
 """
 
 from __future__ import annotations
@@ -23,9 +21,10 @@ import torch
 import torch.distributed as tdist
 
 from shoestring.parallel import dist
+from shoestring.parallel.cost import shard_group_size
 
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # parallel.reduce_dtype
-_GATHER_TAG, _REDUCE_TAG, ACROSS_TAG = 1, 2, 3  # each kind matched in issue order (the same on every rank)
+_GATHER_TAG, _REDUCE_TAG, _ACROSS_TAG = 1, 2, 3  # each kind matched in issue order (the same on every rank)
 
 
 class Collectives:
@@ -41,10 +40,13 @@ class Collectives:
 
     def __init__(self, p2p: bool = False, shard_group: str | int | None = None) -> None:
         rank, world = dist.rank(), dist.world_size()
-        size = dist.shard_group_size(shard_group, world)
+        size = shard_group_size(shard_group, world, dist.local_world_size())
         self.rank, self.world_size = rank % size, size
         self.replica, self.replicas = rank // size, world // size
         self.group, self.across = dist.hybrid_groups(size) if size < world else (None, None)
+        # The ranks of each sub-group, for the comm meter (`Strategy.comm_groups`).
+        self.spans = {} if self.group is None else {tuple(tdist.get_process_group_ranks(self.group)): "group",
+                                                    tuple(tdist.get_process_group_ranks(self.across)): "across"}
         gloo_p2p = p2p and world > 1 and tdist.get_backend() == "gloo"
         self.p2p, self.p2p_across = gloo_p2p and size > 1, gloo_p2p
 
@@ -183,10 +185,10 @@ def p2p_all_reduce(t: torch.Tensor, rank: int, world: int, group: tdist.ProcessG
     got = [torch.empty_like(chunks[rank]) for _ in peers]
 
     def run() -> None:
-        _Posted([w for (to, came), g in zip(peers, got) for w in _exchange(chunks[to], to, g, came, group, ACROSS_TAG)]).wait()
+        _Posted([w for (to, came), g in zip(peers, got) for w in _exchange(chunks[to], to, g, came, group, _ACROSS_TAG)]).wait()
         for g in got:
             chunks[rank].add_(g)  # this rank's chunk, summed over the group
-        _Posted([w for to, came in peers for w in _exchange(chunks[rank], to, chunks[came], came, group, ACROSS_TAG)]).wait()
+        _Posted([w for to, came in peers for w in _exchange(chunks[rank], to, chunks[came], came, group, _ACROSS_TAG)]).wait()
 
     return _Posted([], run)
 

@@ -1,8 +1,10 @@
 """The engine's static cost model, for the planner (which asks `YaFSDP`, whose static methods
 these are): model-state bytes, preallocated buffers and bytes communicated per optimizer step,
-within a shard group and across groups, from the model's shapes alone. Tests hold each equal to
-what a running engine counts. With `parallel.shard_group` the state is sharded over the group's
-ranks, not the world's ("node" is read from LOCAL_WORLD_SIZE, as the engine does)."""
+from the model's shapes alone; `engine_cost` composes them into the `Cost` the planner prices
+(`YaFSDP.cost`). Tests hold each equal to what a running engine counts. With hybrid sharding
+(`parallel.shard_group`) the engine shards within a group exactly as it would on a world of that
+size (the `world_size` the estimates below take), and all-reduces its fp32 gradient shard across
+the `replicas` groups once a step."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from shoestring.config import ParallelSection
 from shoestring.levers.lora import LoRASettings, estimate
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import ModelArgs
-from shoestring.parallel.dist import shard_group_size
+from shoestring.parallel.cost import STEP_COUNTER_BYTES, Collective, Cost, Workload
 from shoestring.parallel.yafsdp.collectives import REDUCE_DTYPES, recv_chunks
 
 
@@ -40,12 +42,10 @@ def state_bytes(n_params: int, world_size: int, policy: PrecisionPolicy, options
     """Flat shards (padding ignored) of the `n_params` trained parameters: fp32 master (it is
     the parameter under fp32/bf16; under bf16-pure the gathered bf16 copy is the parameter and
     the master is counted apart), fp32 shard gradient, fp32 Adam moments; and 1/N of a frozen
-    base (LoRA) of `frozen_bytes` on one replica, each over the ranks of a shard group. The
-    buffers are `buffer_bytes`."""
-    shards = shard_group_size(options.shard_group, world_size)
-    shard = n_params // shards
+    base (LoRA) of `frozen_bytes` on one replica. The buffers are `buffer_bytes`."""
+    shard = n_params // world_size
     lowp = policy.uses_master_weights
-    return {"params": (2 if lowp else 4) * shard + frozen_bytes // shards, "grads": 4 * shard,
+    return {"params": (2 if lowp else 4) * shard + frozen_bytes // world_size, "grads": 4 * shard,
             "master": 4 * shard if lowp else 0, "optimizer": 8 * shard}
 
 
@@ -57,15 +57,13 @@ def buffer_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, opti
     gradient buffer for the trained ones."""
     block, outer, trains, resident = _unit_sizes(args, base)
     p, r, f = _itemsizes(policy, options, base)
-    shards = shard_group_size(options.shard_group, world_size)
-    p2p = p2p and shards > 1
 
     def streamed(n: int) -> int:
-        n = _padded(n, shards)
-        return n * (p if trains else f) + ((n + recv_chunks(p2p, shards) * n // shards) * r if trains else 0)
+        n = _padded(n, world_size)
+        return n * (p if trains else f) + ((n + recv_chunks(p2p, world_size) * n // world_size) * r if trains else 0)
 
     out = 2 * streamed(block) + streamed(max(outer))
-    return out + sum(_padded(n, shards) * (p + r if t else f) for n, t in resident)
+    return out + sum(_padded(n, world_size) * (p + r if t else f) for n, t in resident)
 
 
 def uses_p2p(options: ParallelSection, device_type: str) -> bool:
@@ -74,7 +72,7 @@ def uses_p2p(options: ParallelSection, device_type: str) -> bool:
 
 
 def communication_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection,
-                        grad_accum: int, base: FrozenBase | None = None) -> dict[str, int]:
+                        grad_accum: int, base: FrozenBase | None = None, replicas: int = 1) -> dict[str, int]:
     """Bytes of gathered and reduced (full, unsharded) tensors per optimizer step, as the
     engine counts them in `comm_stats`. Forward gathers every block, backward re-gathers all
     but the last two (still resident from forward), and a later micro-step's forward finds
@@ -84,38 +82,48 @@ def communication_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolic
     resident units once per step. Frozen units (LoRA) are never reduced and, as they never
     change, blocks 0 and 1 (and a tied embedding) stay resident into the next step too: this
     is the steady state, after a first step that also gathers them and the frozen resident
-    units. With hybrid sharding all of this stays within a group, and the fp32 shard gradient
-    (every trained unit's shard) is all-reduced across groups once per step (`all_reduce_bytes`).
-    What one rank sends over each link is `sent_bytes`."""
+    units. A ring all-gather or reduce-scatter sends (N-1)/N of these bytes per rank, and so
+    do the point-to-point ones on gloo (gloo's own reduce-scatter is an all-reduce: twice). With
+    hybrid sharding all of this stays within a group, and the fp32 shard gradient (every trained
+    unit's shard) is all-reduced across the `replicas` groups once per step (`all_reduce_bytes`)."""
     block, outer, trains, resident = _unit_sizes(args, base)
-    shards = shard_group_size(options.shard_group, world_size)
-    blk, out = _padded(block, shards), sum(_padded(k, shards) for k in outer)
+    blk, out = _padded(block, world_size), sum(_padded(k, world_size) for k in outer)
     p, r, f = _itemsizes(policy, options, base)
     n = args.n_layers
     regathered = n - min(n, 2)
     gathers = (grad_accum * 2 * regathered + (min(n, 2) if trains else 0)) * blk
     gathers += grad_accum * out if len(outer) > 1 else (out if trains else 0)
-    trained = sum(_padded(k, shards) for k, t in resident if t)
-    grad_shard = ((n * blk + out if trains else 0) + trained) // shards
+    trained = sum(_padded(k, world_size) for k, t in resident if t)
+    grad_shard = ((n * blk + out if trains else 0) + trained) // world_size
     return {"all_gather_bytes": gathers * (p if trains else f) + trained * p,
             "reduce_scatter_bytes": (grad_accum * (n * blk + out) if trains else 0) * r + trained * r,
-            "all_reduce_bytes": 4 * grad_shard if shards < world_size else 0}
+            "all_reduce_bytes": 4 * grad_shard if replicas > 1 else 0}
 
 
-def sent_bytes(args: ModelArgs, world_size: int, policy: PrecisionPolicy, options: ParallelSection, grad_accum: int,
-               base: FrozenBase | None = None) -> dict[str, float]:
-    """Bytes one rank sends per optimizer step over each link: `within` its shard group (ring
-    all-gathers and reduce-scatters, or the point-to-point ones on gloo, send (G-1)/G of each
-    full tensor; gloo's native reduce-scatter is an all-reduce and sends twice that), `across`
-    groups (the shard gradient's all-reduce: 2(R-1)/R of it, exactly so when R divides it), and
-    over `all` ranks (the scalar all-reduces of the gradient norm and, with loss scaling, of the
-    inf/nan flag: 2(W-1)/W of 4 bytes each)."""
-    moved = communication_bytes(args, world_size, policy, options, grad_accum, base)
-    g = shard_group_size(options.shard_group, world_size)
-    r = world_size // g
-    return {"within": (moved["all_gather_bytes"] + moved["reduce_scatter_bytes"]) * (g - 1) / g,
-            "across": moved["all_reduce_bytes"] * 2 * (r - 1) / r,
-            "all": 4 * (1 + policy.uses_loss_scaling) * 2 * (world_size - 1) / world_size}
+def engine_cost(w: Workload) -> Cost:
+    """The estimates above as the planner composes them: state and buffers per rank, and the
+    step's collectives with the ranks they span (within the shard group, across groups)."""
+    g, opts, policy = w.group, w.options, w.policy
+    base = FrozenBase.counted(w.n_params, w.frozen_params, w.frozen_bytes)
+    state = state_bytes(w.n_params, g, policy, opts, w.frozen_state(1))  # the frozen base sharded too
+    state["optimizer"] += 2 * STEP_COUNTER_BYTES  # one flat tensor per param group (decay, no-decay)
+    p2p = uses_p2p(opts, w.device_type)
+    buffers = {"buffers": buffer_bytes(w.args, g, policy, opts, base, p2p)}
+    if w.device_type == "cpu" and g > 1 and not p2p:
+        # measured: each block's native gloo all-gather and reduce-scatter leaves a temporary of
+        # one block (the larger of the two dtypes) resident on gloo's threads, all blocks count
+        size = max(policy.param_dtype.itemsize, REDUCE_DTYPES[opts.reduce_dtype].itemsize)
+        buffers["gloo_temporaries"] = w.args.n_layers * w.block_params * size
+    if w.world == 1:
+        return Cost(state, buffers)
+    moved = communication_bytes(w.args, g, policy, opts, w.grad_accum, base, w.replicas)
+    units = (w.args.n_layers + 1) * w.grad_accum
+    scatter = "reduce_scatter" if p2p or w.device_type != "cpu" else "all_reduce"  # gloo's own is an all-reduce
+    moves = [Collective("all_gather", moved["all_gather_bytes"] / g, 2 * units, "group", "weights"),
+             Collective(scatter, moved["reduce_scatter_bytes"], units, "group", "gradients")]
+    if w.replicas > 1:
+        moves.append(Collective("all_reduce", moved["all_reduce_bytes"], 1, "across", "gradient shards"))
+    return Cost(state, buffers, tuple(moves), overlap=0.8)
 
 
 def _padded(n: int, world_size: int) -> int:

@@ -69,8 +69,10 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel.base import (OptimizerSettings, RankAgreedGradScaler, StepResult, Strategy, WithLoss, adamw,
                                       scaled_step)
+from shoestring.parallel.cost import Cost, Workload
 from shoestring.parallel.flat import FlatLayout
-from shoestring.parallel.yafsdp import cost, relayout
+from shoestring.parallel.yafsdp import cost as cost_model
+from shoestring.parallel.yafsdp import relayout
 from shoestring.parallel.yafsdp.collectives import REDUCE_DTYPES, Collectives, Counted, nbytes
 from shoestring.parallel.yafsdp.units import Slot, Unit, held_dtype, split, storage_offsets
 
@@ -410,11 +412,17 @@ class YaFSDP(Strategy):
     consolidated_weights = staticmethod(relayout.consolidated_weights)
 
     # The static cost model (`cost.py`), which the planner asks the strategy for.
-    state_bytes = staticmethod(cost.state_bytes)
-    buffer_bytes = staticmethod(cost.buffer_bytes)
-    uses_p2p = staticmethod(cost.uses_p2p)
-    communication_bytes = staticmethod(cost.communication_bytes)
-    sent_bytes = staticmethod(cost.sent_bytes)
+    state_bytes = staticmethod(cost_model.state_bytes)
+    buffer_bytes = staticmethod(cost_model.buffer_bytes)
+    uses_p2p = staticmethod(cost_model.uses_p2p)
+    communication_bytes = staticmethod(cost_model.communication_bytes)
+
+    @classmethod
+    def cost(cls, w: Workload) -> Cost:
+        return cost_model.engine_cost(w)
+
+    def comm_groups(self) -> dict[tuple[int, ...], str]:
+        return self.comm.comm.spans
 
     def memory(self) -> dict[str, int]:
         steps = sum(nbytes(s["step"]) for s in self.optimizer.state.values())
