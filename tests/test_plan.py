@@ -100,7 +100,7 @@ class _Ranks:
     as the planner assumes on a CPU): building it calls none."""
 
     def __init__(self, world_size: int):
-        self.rank, self.world_size, self.p2p = 0, world_size, world_size > 1
+        self.rank, self.world_size, self.replica, self.replicas, self.p2p = 0, world_size, 0, 1, world_size > 1
 
     def all_reduce(self, t: torch.Tensor) -> None:
         raise AssertionError("a collective was called while building")

@@ -61,7 +61,7 @@ class FakeCollectives:
     """World of one whose collectives complete only at `wait()`; until then a gather's output is
     NaN (a block computing with it would poison the loss)."""
 
-    rank, world_size, p2p = 0, 1, False
+    rank, world_size, replica, replicas, p2p = 0, 1, 0, 1, False
 
     def all_gather(self, out, shard):
         out.fill_(float("nan"))
@@ -126,33 +126,35 @@ def test_no_buffer_is_read_in_flight(mode, async_collectives, tie):
 def _engine_weights(ya: YaFSDP) -> dict[str, torch.Tensor]:
     """Full weights of a world-of-one engine, from its shards."""
     out = {}
-    for k, unit in enumerate(ya.units):
-        for names, view in zip(unit.names, unit.views(ya.shard(k))):
+    for unit in ya.units:
+        for names, view in zip(unit.layout.names, unit.layout.views(unit.stored)):
             out.update({n: view for n in names})
     return out
 
 
 def test_the_next_gather_and_the_last_reduce_scatter_are_in_flight_while_a_block_computes():
     _, ya = _pair("full")
+    n = ARGS.n_layers
     seen = []
 
     def at_compute(i, *_):  # registered after the engine's hook: runs as block i starts
-        seen.append(("forward", i, ya.slot_work[(i + 1) % 2] is not None and ya.slot_unit[(i + 1) % 2] == i + 1))
+        slot = ya.streamed_slots[(i + 1) % 2]
+        seen.append(("forward", i, slot.gathering is not None and i + 1 < n and slot.holds is ya.blocks[i + 1]))
 
     for i, block in enumerate(ya.model.layers):
         block.register_forward_pre_hook(lambda m, a, i=i: at_compute(i))
-    starts = ya._backward_starts
+    starts = ya._block_backward_starts
 
     def backward_starts(i):
         starts(i)
-        prefetch = ya.slot_work[(i - 1) % 2] is not None and ya.slot_unit[(i - 1) % 2] == i - 1
-        reducing = ya.rs_pending[(i + 1) % 2] is not None and ya.rs_pending[(i + 1) % 2][0] == i + 1
-        seen.append(("backward", i, prefetch, reducing))
+        gathering, reducing = ya.streamed_slots[(i - 1) % 2], ya.streamed_slots[(i + 1) % 2]
+        prefetch = gathering.gathering is not None and i > 0 and gathering.holds is ya.blocks[i - 1]
+        reduced = reducing.reducing is not None and i + 1 < n and reducing.reducing[0] is ya.blocks[i + 1]
+        seen.append(("backward", i, prefetch, reduced))
 
-    ya._backward_starts = backward_starts
+    ya._block_backward_starts = backward_starts
     x, y = _batches(1)[0]
     ya.forward_backward(x, y, 1.0, True)
-    n = ARGS.n_layers
     assert [s for s in seen if s[0] == "forward"] == [("forward", i, i + 1 < n) for i in range(n)]
     # Blocks n-1 and n-2 are still resident from forward: the first re-gather (block n-3's) is
     # issued as block n-2's backward starts.
@@ -162,10 +164,10 @@ def test_the_next_gather_and_the_last_reduce_scatter_are_in_flight_while_a_block
 
 def test_overwriting_a_buffer_in_use_raises():
     _, ya = _pair("none")
-    ya._start_forward()
-    ya._acquire(0)
-    with pytest.raises(RuntimeError, match="while unit 0 still reads it"):
-        ya._gather(2)
+    ya._forward_starts()
+    ya._acquire(ya.blocks[0])
+    with pytest.raises(RuntimeError, match="while layers.0 still reads it"):
+        ya._gather(ya.blocks[2])
 
 
 @pytest.mark.parametrize("mode, precision, lora, tie", [("none", "fp32", LORA, True), ("full", "bf16", LORA_BF16, True),
@@ -184,7 +186,7 @@ def test_lora_trains_only_the_adapters_and_holds_state_for_them_only(mode, preci
             torch.testing.assert_close(weights[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
     # Gradients, masters and moments for the adapters only; frozen shards in the dtype computed in.
     assert ya.master.numel() == ya.grad.numel() == ya.moments[0].numel() == sum(p.numel() for p in adapters.values())
-    assert ya.grad_buf[0].numel() == ya.rs_out[0].numel() == 0
+    assert ya.streamed_slots[0].grads.numel() == ya.streamed_slots[0].recv.numel() == 0
     assert ya.frozen.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
 
 
@@ -220,10 +222,10 @@ def _full_weights(strategy) -> dict[str, torch.Tensor]:
         import torch.distributed as tdist
 
         out = {}
-        for k, unit in enumerate(strategy.units):
-            flat = torch.empty(unit.padded)
-            tdist.all_gather_into_tensor(flat, strategy.shard(k).float())
-            for names, view in zip(unit.names, unit.views(flat)):
+        for unit in strategy.units:
+            flat = torch.empty(unit.layout.padded)
+            tdist.all_gather_into_tensor(flat, unit.stored.float())
+            for names, view in zip(unit.layout.names, unit.layout.views(flat)):
                 out.update({n: view.clone() for n in names})
         return out
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()

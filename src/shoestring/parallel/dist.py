@@ -85,6 +85,16 @@ def _store(timeout: timedelta) -> dict[str, Any]:
     return {"store": tdist.PrefixStore(f"shoestring/attempt_{attempt}", store), "rank": rank_, "world_size": size}
 
 
+def hybrid_groups(size: int) -> tuple[tdist.ProcessGroup, tdist.ProcessGroup]:
+    """This rank's shard group (the `size` consecutive ranks it belongs to) and replica group (the
+    ranks at the same place in every shard group). Every rank must call it: making a group is
+    collective."""
+    world = world_size()
+    shard, _ = tdist.new_subgroups_by_enumeration([list(range(g, g + size)) for g in range(0, world, size)])
+    replica, _ = tdist.new_subgroups_by_enumeration([list(range(i, world, size)) for i in range(size)])
+    return shard, replica
+
+
 def barrier() -> None:
     if active():
         tdist.barrier()
