@@ -11,12 +11,11 @@ import torch
 from rich.console import Console
 
 from shoestring.bench import goals, levers, report, suite
-from shoestring.bench.runner import side_by_side
-from shoestring.bench.step import StepSpec, measure
+from shoestring.bench.step import StepSpec, measure, side_by_side
 from shoestring.cli import main
 from shoestring.plan import probe
 
-MICRO = StepSpec(preset="micro", vocab_size=512, batch=2, seq_len=32, warmup=1, steps=1)
+MICRO = StepSpec(preset="micro", vocab_size=512, batch=2, seq_len=32, steps=1)
 
 
 def test_measure_counts_memory_and_time():

@@ -198,10 +198,12 @@ def _memory_ratio(a: tuple[str, ...], b: tuple[str, ...]) -> Callable[[Rows], Ju
 # --- planner accuracy ---------------------------------------------------------------------
 
 def _within(key: str, limit: float) -> Callable[[Rows], Judged]:
+    """Judged on the check set: the configurations the calibration was not fitted to."""
     def judge(rows: Rows) -> Judged:
+        rows = [r for r in rows if r.get("set", "check") == "check"]
         worst = max(rows, key=lambda r: abs(r[key]))
         inside = sum(abs(r[key]) <= limit for r in rows)
-        return f"{inside}/{len(rows)} within; worst {worst[key]:+.1%} ({worst['config']})", inside == len(rows)
+        return f"{inside}/{len(rows)} check-set rows within; worst {worst[key]:+.1%} ({worst['config']})", inside == len(rows)
 
     return judge
 
@@ -244,8 +246,8 @@ GOALS: dict[str, list[Goal]] = {
         Goal("yafsdp faster than DeepSpeed ZeRO-3", _speedup(YAFSDP, ZERO3), speed_of=_all),
     ],
     "planner": [
-        Goal("planner's peak memory within 10% of measured on every configuration", _within("memory_error", 0.10)),
-        Goal("planner's tokens/s within 20% of measured on every configuration", _within("tokens_per_s_error", 0.20)),
+        Goal("planner's peak memory within 10% of measured on every check-set configuration", _within("memory_error", 0.10)),
+        Goal("planner's tokens/s within 20% of measured on every check-set configuration", _within("tokens_per_s_error", 0.20)),
     ],
     "incumbents": [
         Goal("single device bf16: >= 1.3x HF Trainer's tokens/s", _speedup(("shoestring",), ("hf-trainer",), 1.3),
