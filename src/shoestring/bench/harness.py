@@ -132,6 +132,20 @@ def timed_steps(step: Callable[[int], Any], steps: int) -> dict[str, Any]:
     return {"step_s": statistics.median(timed), "steps_s": timed, "losses": losses}
 
 
+def bigram_batches(vocab: int, steps: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(steps, batch, seq_len + 1) tokens of a seeded random bigram chain: each token has 4 equally
+    likely successors, so the loss falls from ln(vocab) towards ln 4 as a model learns them (a
+    learnable stream, the same for every system compared)."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, vocab, (vocab, 4), generator=g)
+    n = steps * batch
+    out = torch.empty(n, seq_len + 1, dtype=torch.long)
+    out[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    for t in range(seq_len):
+        out[:, t + 1] = successors[out[:, t], torch.randint(0, 4, (n,), generator=g)]
+    return out.view(steps, batch, seq_len + 1)
+
+
 def build(tree: dict[str, Any], vocab: int, device: torch.device | None = None):
     """The strategy `shoestring train` would build for this config tree on this machine."""
     from shoestring.build import build_strategy, resolve_auto
