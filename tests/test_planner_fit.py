@@ -102,3 +102,22 @@ def test_this_machines_calibration_is_used_for_this_machine_only(tmp_path, monke
         assert catalogue.calibration("cpu")["mfu"] == shipped["mfu"]
     finally:
         catalogue.calibration.cache_clear()
+
+
+def test_calibrate_is_one_command_that_writes_only_a_fit_that_holds(tmp_path, monkeypatch, capsys):
+    from shoestring.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    raw = _raw()
+    monkeypatch.setattr(pa, "run", lambda size, rounds, progress: pa.calibrate_and_predict(raw))
+    try:
+        assert main(["calibrate", "--size", "smoke"]) == 0
+        assert "wrote this machine's calibration" in capsys.readouterr().out
+        assert catalogue.local_calibration_path().exists()
+        catalogue.local_calibration_path().unlink()
+        _scale_step(raw, "small pretrain, single, fp32, ckpt none, 8x256", 0.1)
+        assert main(["calibrate", "--size", "smoke"]) == 1
+        assert "calibration not written: mfu.fp32 = " in capsys.readouterr().err
+        assert not catalogue.local_calibration_path().exists()
+    finally:
+        catalogue.calibration.cache_clear()

@@ -213,7 +213,7 @@ def calibrate_and_predict(raw: list[dict]) -> list[dict]:
     try:
         fitted = fit([r for r in rows if r["set"] == FIT])
     except FitError as err:
-        return [{**r, "calibration": f"the calibration in force (the fit refused: {err})"} for r in rows]
+        return [{**r, "calibration": f"the calibration in force (the fit refused: {err})", "fit_error": str(err)} for r in rows]
     with calibrated("cpu", fitted):
         return [{**r, "calibration": "fitted to this run's fit set", "fitted": fitted} for r in predict_rows(raw)]
 
@@ -454,5 +454,5 @@ def calibrate(size: str = "small", rounds: int = 1, progress: Callable[[str], No
     what was done. Raises FitError (nothing written) when it does not."""
     rows = run(size, rounds, progress)
     if "fitted" not in rows[0]:
-        raise FitError(rows[0]["calibration"])
+        raise FitError(rows[0]["fit_error"])
     return rows, write_local_calibration(rows[0]["fitted"], f"`shoestring calibrate --size {size}` on this machine")
