@@ -121,3 +121,8 @@ def test_calibrate_is_one_command_that_writes_only_a_fit_that_holds(tmp_path, mo
         assert not catalogue.local_calibration_path().exists()
     finally:
         catalogue.calibration.cache_clear()
+
+
+def test_a_tiny_fitted_constant_keeps_its_digits():
+    """A micro model's MFU on a loaded machine (0.0004) is small, not zero (it divides later)."""
+    assert pa._sig(0.000412345) == 0.000412 and pa._sig(1.15349) == 1.15

@@ -325,7 +325,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
             value = statistics.median(t["at_peak"] / _measured_step(r) for r, t in src)
-            fitted[prec] = round(bounded(f"{where}mfu.{prec}", value, 1.0, [r for r, _ in src]), 3)
+            fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", value, 1.0, [r for r, _ in src]))
         mfu = {**group.get("mfu", {}), **fitted}
         for prec in {r["case"]["precision"] for r, _ in mine} - set(fitted):  # no plain row: this run's figure
             same = [v for k, v in fitted.items() if compute_dtype(k) == compute_dtype(prec)]  # for its compute dtype
@@ -337,7 +337,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             src = [(r, t) for r, t in plain if r["case"]["checkpointing"] == mode and r["case"]["precision"] in fitted]
             if src:
                 value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
-                group[f"time_{mode}"] = round(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src]), 3)
+                group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src]))
     per_call: dict[str, list[tuple[float, float, dict]]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
@@ -350,8 +350,8 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             per_call.setdefault(r["case"]["strategy"], []).append((left / t["collectives"], _measured_step(r) / t["collectives"], r))
     if per_call:
         out["collective_s"] = {**out.get("collective_s", {}), **{
-            k: round(bounded(f"collective_s.{k}", statistics.median(c for c, _, _ in v), statistics.median(s for _, s, _ in v),
-                             [r for _, _, r in v]), 4) for k, v in sorted(per_call.items())}}
+            k: _sig(bounded(f"collective_s.{k}", statistics.median(c for c, _, _ in v), statistics.median(s for _, s, _ in v),
+                            [r for _, _, r in v])) for k, v in sorted(per_call.items())}}
     # memory: the eager rows give the process's own, the compiled rows what compiling adds to it
     residual = {c: [(r["memory_measured"] - r["memory_predicted"], r) for r, t in zip(rows, terms) if t["compiled"] == c]
                 for c in (False, True)}
@@ -367,6 +367,11 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     for name, value in _constants(out):  # those no row refitted: kept from the calibration in force
         bounded(name, value, 0.0, [{"config": "none of these rows (kept from the calibration in force)"}])
     return out
+
+
+def _sig(x: float) -> float:
+    """Three significant digits: a contended or tiny model's MFU of 0.0004 must not round to 0."""
+    return float(f"{x:.3g}")
 
 
 def _constants(table: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
