@@ -215,7 +215,7 @@ def calibrate_and_predict(raw: list[dict]) -> list[dict]:
     except FitError as err:
         return [{**r, "calibration": f"the calibration in force (the fit refused: {err})", "fit_error": str(err)} for r in rows]
     with calibrated("cpu", fitted):
-        return [{**r, "calibration": "fitted to this run's fit set", "fitted": fitted} for r in predict_rows(raw)]
+        return [{**r, "calibration": "the calibration fitted to this run's fit set", "fitted": fitted} for r in predict_rows(raw)]
 
 
 def _steps(runs: list[dict]) -> str:
@@ -250,7 +250,7 @@ def table(rows: list[dict]) -> str:
     if rows and "calibration" in rows[0]:
         lines.append(f"Predicted with {rows[0]['calibration']}.")
     if rows and "fitted" in rows[0]:
-        lines += ["", "```toml", calibration_toml(rows[0]["fitted"], "this run's fit set").strip(), "```"]
+        lines += ["", "```toml", calibration_toml(rows[0]["fitted"], "this run").strip(), "```"]
     return "\n".join(lines).strip()
 
 
