@@ -14,7 +14,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="small", choices=list(strategies.SIZES))
     p.add_argument("--rounds", type=int)
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default="auto")
     p.add_argument("--only", nargs="*", help="subset of: " + ", ".join(strategies.CASES))
     args = p.parse_args()
     rows = strategies.run(args.size, args.rounds, args.only, precision=args.precision,

@@ -13,6 +13,8 @@ from shoestring.config import Config, build_config
 # Keep torch.compile (tens of seconds per first compile) out of the suite, in this process and
 # in the ranks and CLI runs it starts: train.compile = "auto" reads this switch.
 os.environ["SHOESTRING_COMPILE"] = "off"
+# Plan with the shipped [calibration.cpu], not one `shoestring calibrate` wrote for this machine.
+os.environ["SHOESTRING_LOCAL_CALIBRATION"] = "off"
 
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
 

@@ -188,6 +188,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(o.failed for o in outcomes) else 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from shoestring.bench.planner_accuracy import FitError, calibrate, table
+    from shoestring.errors import RunError
+
+    def say(msg: str) -> None:
+        console.print(msg, markup=False, highlight=False)
+
+    try:
+        rows, path = calibrate(args.size, args.rounds, progress=say)
+    except FitError as err:
+        raise RunError(f"calibration not written: {err}") from None
+    say(table(rows))
+    say(f"wrote this machine's calibration to {path}; the planner uses it from now on on this CPU")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoestring", description="Train and fine-tune LLMs on a shoestring.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -270,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run these sections only (" + ", ".join(SECTIONS) + "); the report keeps the others' figures")
     p.add_argument("--out", default="docs", help="where benchmarks.md, benchmarks.json and img/ go (default: docs)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="measure the planner's calibration set on this CPU, fit it, check it on "
+                                         "configurations it never saw, and keep it for this machine")
+    p.add_argument("--size", default="small", choices=("smoke", "small", "full"))
+    p.add_argument("--rounds", type=int, default=1, help="fresh-process rounds per configuration (interleaved)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="plot a run's loss, throughput and memory")
     p.add_argument("run_dir")

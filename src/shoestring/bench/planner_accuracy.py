@@ -1,33 +1,41 @@
-"""The planner against measurement on this machine: predicted vs measured peak memory and
-tokens/s, one fresh process group per configuration (precisions x checkpointing x single / ddp /
-fsdp2 / yafsdp on 2 ranks, pre-training, full fine-tuning and LoRA).
+"""The planner against measurement on this machine, out of sample: predicted vs measured peak
+memory and tokens/s on a **check set** of configurations the calibration never saw.
 
-`run(size)` measures and predicts; `table(rows)` formats the rows as Markdown;
+The cases come in two disjoint sets, chosen here before anything is fitted: a **fit set** on the
+`small` preset at 8 x 256 that isolates each calibrated constant (each precision's MFU, each
+checkpointing mode's multiplier, each strategy's per-collective cost, the process's own memory),
+and a **check set** in other presets, sequence lengths, micro-batches, and other combinations of
+checkpointing mode, strategy and precision. `run(size)` measures both (interleaved rounds), fits
+`[calibration.cpu]` to the fit set alone (`fit`), predicts every row with that fit, and reports
+both sets' errors; the verdict is on the check set. A fitted constant outside its physical bounds
+(an MFU above 1, a recompute that makes a step faster, a negative per-call cost or memory) stops
+the fit with `FitError` naming it, instead of being absorbed into a meaningless number: the rows
+are then predicted with the calibration in force, and the table says why.
+
 `predict_rows(raw)` re-predicts saved measurements (iterate on the model without re-measuring);
-`fit(raw)` derives the `[calibration.cpu]` constants of plan/hardware.toml from them
-(`calibration_toml` writes them as that table).
+`calibration_toml` writes a fit as hardware.toml's tables; `shoestring calibrate` runs the fit
+set on this machine and writes its own calibration (plan/catalogue.py reads it from then on).
 
-Method: each configuration runs in its own fresh process(es), built through the trainer's path
-(`resolve_auto` + `build_strategy`: LoRA, checkpointing, compile where `train.compile = "auto"`
-compiles on this machine's measured facts, the strategy), so the planner is asked about exactly what ran (the compile lever's rule included).
-The first step (compilation, allocations, lazy optimizer state) is not timed; tokens/s is the
-median of the next `steps` steps (the slowest rank's), measured memory the largest per-rank peak
-RSS (VmHWM) of the same processes. Ranks split the cores (one thread each on 2). What the probe
-measured (matmul peak, all-reduce bandwidth) is saved with each row, so a re-prediction or a fit
-later uses the machine as it was during the run.
+Method: each configuration runs in fresh processes through the measuring harness
+(bench/harness.py: the trainer's `resolve_auto` + `build_strategy`, its warm-up rule and timer,
+the ranks splitting the cores), so the planner is asked about exactly what ran (the compile
+lever's rule included). Tokens/s is the median timed step of the slowest rank, measured memory the
+largest per-rank peak RSS (VmHWM from the end of set-up). What the probe measured (matmul peak,
+all-reduce bandwidth) is saved with each row, so a re-prediction or a fit later uses the machine
+as it was during the run.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
+from shoestring.bench import harness
+
 MiB = 2**20
+FIT, CHECK = "fit", "check"
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class Case:
     mode: str = "pretrain"  # pretrain | full-finetune | lora
     lora_rank: int = 16
     lora_base_dtype: str = "fp32"
-    steps: int = 3  # timed (their median), after one untimed
+    steps: int = 2  # timed (their median), after the harness's warm-up
 
     @property
     def world(self) -> int:
@@ -66,85 +74,79 @@ class Case:
         return tree
 
 
-# Every precision, checkpointing mode and strategy at least once, each lever beside a row that
-# differs only in it where the time allows: 13 rows. Estimated ~2.5 minutes on 2 idle cores with
-# inductor's on-disk cache warm (~50 s of steps, ~4 s per process start, ~4 s per compile); each
-# compiled row whose graph is not cached yet adds 10-30 s of C++ compilation.
-_SMALL = [
+# The fit set: `small` at 8 x 256, one row per constant it isolates (each precision's MFU without
+# checkpointing, each checkpointing mode beside it in the same precision, each strategy's
+# collectives, LoRA's memory). ~10 rows of 2-4 s steps: ~3 minutes on 2 idle cores with
+# inductor's on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
+_FIT = [
     Case("small", "single", "fp32", "none", 8, 256),
+    Case("small", "single", "fp32", "full", 8, 256),
     Case("small", "single", "bf16", "none", 8, 256),
     Case("small", "single", "bf16", "full", 8, 256),
-    Case("small", "single", "bf16-pure", "selective", 8, 256, mode="full-finetune"),
+    Case("small", "single", "bf16", "selective", 8, 256),
+    Case("small", "single", "bf16-pure", "none", 8, 256, mode="full-finetune"),
     Case("small", "ddp", "bf16", "none", 8, 256),
-    Case("small", "ddp", "fp32", "full", 8, 256),
     Case("small", "fsdp2", "bf16", "none", 8, 256),
-    Case("small", "fsdp2", "bf16-pure", "full", 8, 256),
     Case("small", "yafsdp", "fp32", "none", 8, 256),
-    Case("small", "yafsdp", "bf16-pure", "full", 8, 256),
     Case("small", "single", "bf16", "none", 8, 256, mode="lora"),
-    Case("small", "single", "bf16", "full", 8, 256, mode="lora", lora_base_dtype="bf16"),
-    Case("small", "ddp", "bf16", "none", 8, 256, mode="lora", lora_base_dtype="bf16"),
 ]
-SIZES: dict[str, list[Case]] = {
-    "smoke": [Case("micro", "single", "bf16", "none", 2, 64, steps=1),
-              Case("micro", "single", "bf16", "none", 2, 64, mode="lora", steps=1)],
-    "small": _SMALL,
-    "full": [replace(c, preset="medium", batch=8, seq_len=512) for c in _SMALL],
+# The check set: none of its rows shares preset, sequence length and micro-batch with a fit row,
+# and every one combines levers differently (`every:2`, selective in fp32, a sharded strategy
+# with checkpointing, bf16-pure sharded, LoRA on a bf16 base with checkpointing on 2 ranks).
+_CHECK = [
+    Case("tiny", "single", "fp32", "every:2", 16, 128),
+    Case("tiny", "ddp", "fp32", "selective", 8, 512),
+    Case("tiny", "fsdp2", "bf16", "full", 16, 256),
+    Case("small", "yafsdp", "bf16-pure", "full", 4, 512),
+    Case("small", "single", "bf16-pure", "selective", 4, 512, mode="full-finetune"),
+    Case("small", "ddp", "bf16", "every:2", 8, 128, mode="lora", lora_base_dtype="bf16"),
+]
+SIZES: dict[str, dict[str, list[Case]]] = {
+    "smoke": {FIT: [Case("micro", "single", "bf16", "none", 2, 64, steps=1),
+                    Case("micro", "single", "bf16", "none", 2, 64, mode="lora", steps=1)],
+              CHECK: [Case("micro", "single", "fp32", "full", 4, 32, steps=1)]},
+    "small": {FIT: _FIT, CHECK: _CHECK},
+    "full": {FIT: [replace(c, preset="medium") for c in _FIT],
+             CHECK: [replace(c, preset="small" if c.preset == "tiny" else "medium") for c in _CHECK]},
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, case: Case, queue) -> None:
-    """One rank: build the strategy from the case's config (the trainer's path), time its steps."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a case: build the strategy from the case's config (the trainer's path), time its steps."""
     import torch
 
-    from shoestring.build import build_strategy, resolve_auto
-    from shoestring.config import build_config
     from shoestring.models import PRESETS
     from shoestring.parallel import dist
-    from shoestring.plan.probe import cpu_cores, device_facts
     from shoestring.train.memory import PeakRSS
 
-    torch.set_num_threads(max(1, cpu_cores() // world))
+    case = Case(**spec)
     vocab = PRESETS[case.preset].vocab_size
-    with dist.process_group(torch.device("cpu"), 300, required=world > 1):
-        cpu = torch.device("cpu")
-        s = build_strategy(resolve_auto(build_config(case.config_tree()), device_facts(cpu)).cfg, vocab, cpu)
-        gen = torch.Generator().manual_seed(rank)
-        x, y = (torch.randint(0, vocab, (case.batch // world, case.seq_len), generator=gen) for _ in range(2))
-        times = []
-        for i in range(case.steps + 1):  # the first step (compilation, allocations, lazy init) is not timed
-            dist.barrier()
-            t0 = time.perf_counter()
-            s.forward_backward(x, y, 1.0, True)
-            s.step(1e-3)
-            dist.barrier()
-            if i:
-                times.append(time.perf_counter() - t0)
-        compiled = any(getattr(b, "_compiled_call_impl", None) is not None for b in s.unwrapped().layers)
-        queue.put({"peak_rss": PeakRSS().peak_bytes(), "step_s": statistics.median(times), "steps_s": times,
-                   "compiled": compiled})
+    s = harness.build(case.config_tree(), vocab)
+    gen = torch.Generator().manual_seed(dist.rank())
+    x, y = (torch.randint(0, vocab, (case.batch // case.world, case.seq_len), generator=gen) for _ in range(2))
+
+    def step(_: int) -> torch.Tensor:
+        loss = s.forward_backward(x, y, 1.0, True)
+        s.step(1e-3)
+        return loss
+
+    rss = PeakRSS()
+    rss.reset()
+    timing = harness.timed_steps(step, case.steps)
+    return {"peak_rss": rss.peak_bytes(), "step_s": timing["step_s"], "steps_s": timing["steps_s"],
+            "compiled": harness.compiled_blocks(s)}
+
+
+def job(case: Case) -> harness.Job:
+    return harness.Job("shoestring.bench.planner_accuracy:measure_job", asdict(case), case.world)
 
 
 def measure(case: Case) -> dict[str, Any]:
     """One fresh process per rank: the peak RSS is this configuration's own."""
-    import torch.multiprocessing as mp
+    return _slowest(harness.launch(job(case)))
 
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _port()
-    procs = [ctx.Process(target=_worker, args=(r, case.world, port, case, queue)) for r in range(case.world)]
-    for p in procs:
-        p.start()
-    out = [queue.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join()
+
+def _slowest(out: list[dict[str, Any]]) -> dict[str, Any]:
     slowest = max(out, key=lambda o: o["step_s"])
     return {"peak_rss": max(o["peak_rss"] for o in out), "step_s": slowest["step_s"], "steps_s": slowest["steps_s"],
             "compiled": out[0]["compiled"]}
@@ -167,40 +169,53 @@ def predict(case: Case, probed: dict[str, Any], compiled: bool | str = "auto") -
             "step": {"compute": s.compute_s, "recompute": s.recompute_s, "comm": s.comm_s, "offload": s.offload_s}}
 
 
-def _row(case: Case, runs: list[dict], probed: dict[str, Any]) -> dict[str, Any]:
+def _row(case: Case, runs: list[dict], probed: dict[str, Any], which: str) -> dict[str, Any]:
     pred = predict(case, probed, runs[0].get("compiled", "auto"))
     mem = statistics.median(r["peak_rss"] for r in runs)
     tps = case.batch * case.seq_len / statistics.median(r["step_s"] for r in runs)
-    return {"case": asdict(case), "config": case.label, "runs": runs, "probe": probed,
+    return {"case": asdict(case), "set": which, "config": case.label, "runs": runs, "probe": probed,
             "memory_predicted": pred["memory"], "memory_measured": mem, "memory_error": pred["memory"] / mem - 1,
             "tokens_per_s_predicted": pred["tokens_per_s"], "tokens_per_s_measured": tps,
             "tokens_per_s_error": pred["tokens_per_s"] / tps - 1, "predicted": pred}
 
 
 def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = lambda s: None,
-         only: str = "") -> list[dict]:
-    """Measure every case of `size` ("smoke": seconds; "small": minutes on 2 cores; "full":
-    a larger model) whose label contains `only`, `rounds` fresh-process rounds interleaved, and
-    predict each."""
+        only: str = "") -> list[dict]:
+    """Measure every case of `size` ("smoke": seconds; "small": minutes on 2 cores; "full": a
+    larger model) whose label contains `only`, `rounds` fresh-process rounds interleaved; fit the
+    calibration to the fit set and predict every row with it (`calibrate_and_predict`)."""
     from shoestring.plan import probe
     from shoestring.plan.catalogue import probe_cpu
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    cases = [c for c in SIZES[size] if only in c.label]
+    cases = {c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}
     probe.forget()  # predict against the machine as it is now, not a stale cached peak
     probed = {w: probe_cpu(w) for w in sorted({c.world for c in cases})}  # before the runs, in the same conditions
-    runs: dict[Case, list[dict]] = {c: [] for c in cases}
-    for r in range(rounds):
-        for c in cases:
-            progress(f"round {r + 1}/{rounds}: {c.label}")
-            runs[c].append(measure(c))
-    return [_row(c, rs, probed[c.world]) for c, rs in runs.items()]
+    measured = harness.interleaved({c.label: job(c) for c in cases}, rounds, progress)
+    raw = [{"case": asdict(c), "set": which, "runs": [_slowest(ranks) for ranks in measured[c.label]],
+            "probe": probed[c.world]} for c, which in cases.items()]
+    return calibrate_and_predict(raw)
 
 
-def predict_rows(raw: list[dict]) -> list[dict]:
-    """Rows re-predicted by the current planner from saved measurements (no runs)."""
-    return [_row(Case(**r["case"]), r["runs"], r["probe"]) for r in raw]
+def predict_rows(raw: list[dict], which: str | None = None) -> list[dict]:
+    """Rows re-predicted by the planner's calibration in force from saved measurements (no runs);
+    a row saved before the sets were split is in `which` (default: the check set)."""
+    return [_row(Case(**r["case"]), r["runs"], r["probe"], r.get("set", which or CHECK)) for r in raw]
+
+
+def calibrate_and_predict(raw: list[dict]) -> list[dict]:
+    """Fit the calibration to the fit-set rows of `raw` and predict every row with it. When the fit
+    refuses (`FitError`), the rows are predicted with the calibration in force and each says why."""
+    from shoestring.plan.catalogue import calibrated
+
+    rows = predict_rows(raw)
+    try:
+        fitted = fit([r for r in rows if r["set"] == FIT])
+    except FitError as err:
+        return [{**r, "calibration": f"the calibration in force (the fit refused: {err})", "fit_error": str(err)} for r in rows]
+    with calibrated("cpu", fitted):
+        return [{**r, "calibration": "the calibration fitted to this run's fit set", "fitted": fitted} for r in predict_rows(raw)]
 
 
 def _steps(runs: list[dict]) -> str:
@@ -208,40 +223,93 @@ def _steps(runs: list[dict]) -> str:
     return "; ".join(", ".join(f"{t:.2f}" for t in x.get("steps_s", [x["step_s"]])) for x in runs)
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| configuration | mem pred (MiB) | mem meas (MiB) | err | tok/s pred | tok/s meas | err | timed steps (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        miss = ("" if abs(r["memory_error"]) <= 0.10 else " **"), ("" if abs(r["tokens_per_s_error"]) <= 0.20 else " **")
-        lines.append(f"| {r['config']} | {r['memory_predicted'] / MiB:,.0f} | {r['memory_measured'] / MiB:,.0f} | "
-                     f"{r['memory_error']:+.1%}{miss[0]} | {r['tokens_per_s_predicted']:,.0f} | {r['tokens_per_s_measured']:,.0f} | "
-                     f"{r['tokens_per_s_error']:+.1%}{miss[1]} | " + _steps(r["runs"]) + " |")
+def _within(rows: list[dict]) -> str:
     mem_ok = sum(abs(r["memory_error"]) <= 0.10 for r in rows)
     tps_ok = sum(abs(r["tokens_per_s_error"]) <= 0.20 for r in rows)
-    lines.append(f"\nmemory within 10%: {mem_ok}/{len(rows)} rows; tokens/s within 20%: {tps_ok}/{len(rows)} rows (** marks a miss)")
-    return "\n".join(lines)
+    return f"memory within 10%: {mem_ok}/{len(rows)} rows; tokens/s within 20%: {tps_ok}/{len(rows)} rows"
+
+
+def table(rows: list[dict]) -> str:
+    """The check set first (the verdict is on it), then the fit set; ** marks a miss."""
+    lines = []
+    for which, title in ((CHECK, "Check set (configurations the fit never saw: the verdict)"),
+                         (FIT, "Fit set (the calibration's own rows: how well it fits, not how well it predicts)")):
+        mine = [r for r in rows if r.get("set", CHECK) == which]
+        if not mine:
+            continue
+        lines += [f"**{title}**", "",
+                  "| configuration | mem pred (MiB) | mem meas (MiB) | err | tok/s pred | tok/s meas | err | timed steps (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            miss = ("" if abs(r["memory_error"]) <= 0.10 else " **"), ("" if abs(r["tokens_per_s_error"]) <= 0.20 else " **")
+            lines.append(f"| {r['config']} | {r['memory_predicted'] / MiB:,.0f} | {r['memory_measured'] / MiB:,.0f} | "
+                         f"{r['memory_error']:+.1%}{miss[0]} | {r['tokens_per_s_predicted']:,.0f} | "
+                         f"{r['tokens_per_s_measured']:,.0f} | {r['tokens_per_s_error']:+.1%}{miss[1]} | "
+                         + _steps(r["runs"]) + " |")
+        lines += ["", f"{which} set: {_within(mine)}", ""]
+    if rows and "calibration" in rows[0]:
+        lines.append(f"Predicted with {rows[0]['calibration']}.")
+    if rows and "fitted" in rows[0]:
+        lines += ["", "```toml", calibration_toml(rows[0]["fitted"], "this run").strip(), "```"]
+    return "\n".join(lines).strip()
 
 
 def _measured_step(r: dict) -> float:
     return statistics.median(x["step_s"] for x in r["runs"])
 
 
+class FitError(ValueError):
+    """A fitted constant outside its physical bounds: the model term it stands for is wrong, or
+    the measurement is (noise, a contended machine). Never written."""
+
+
+# constant -> (lower bound, upper bound, why); a fitted value within NOISE of a bound is taken at
+# the bound (step-time noise of a few %), farther out the fit stops.
+BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
+    "mfu": (0.0, 1.0, "a step cannot run its matmuls faster than the measured peak"),
+    "time_full": (1.0, None, "recomputing blocks cannot make a step faster"),
+    "time_selective": (1.0, None, "recomputing blocks cannot make a step faster"),
+    "collective_s": (0.0, None, "a collective call cannot take negative time"),
+    "rss_base_gb": (0.0, None, "a process's own memory cannot be negative"),
+    "rss_compile_gb": (0.0, None, "compiled blocks' runtime cannot give memory back"),
+}
+NOISE = 0.03
+
+
+def bounded(name: str, value: float, scale: float, rows: list[dict]) -> float:
+    """`value` of constant `name` ("compiled.mfu.bf16") checked against its kind's bounds
+    (`BOUNDS["mfu"]`); `scale`: what NOISE is a fraction of (1 for ratios and multipliers; a step's or a
+    process's size for absolute constants). Raises FitError naming the constant, its bound and rows."""
+    lo, hi, why = BOUNDS[name.removeprefix("compiled.").split(".")[0]]
+    for bound, outside in ((lo, lo is not None and value < lo), (hi, hi is not None and value > hi)):
+        if not outside:
+            continue
+        if abs(value - bound) <= NOISE * scale:
+            return bound
+        kind = "lower" if bound == lo else "upper"
+        raise FitError(f"{name} = {value:.4g} is beyond its {kind} bound {bound} ({why}); fitted from: "
+                       + "; ".join(r["config"] for r in rows)
+                       + ". Re-measure on an idle machine (more rounds), or fix the model term it stands in for.")
+    return value
+
+
 def fit(rows: list[dict]) -> dict[str, Any]:
-    """`[calibration.cpu]` from measured rows (as `run` gives them), eager and compiled blocks
-    apart (`compiled`: the constants that apply over the eager ones), each constant from the rows
-    that isolate it, in this order:
+    """`[calibration.cpu]` from measured rows (the fit set), eager and compiled blocks apart
+    (`compiled`: the constants that apply over the eager ones), each constant from the rows that
+    isolate it, in this order, each checked against its physical bounds (`bounded`):
 
     * `mfu.<precision>`: the fraction of the probed peak a step reaches, from the single-device
-      pre-training rows without checkpointing (FLOPs at the peak / measured step);
+      rows without checkpointing (FLOPs at the peak / measured step);
     * `time_full` / `time_selective`: the step-time multiplier of those modes, from the
-      single-device rows with them, against the compute the fitted MFU gives;
+      single-device rows with them, against the compute their own precision's fitted MFU gives
+      (never another precision's: that would measure the precision, not the recompute);
     * `collective_s.<strategy>`: the fixed cost of one collective call, from the 2-rank rows:
       the measured step less the predicted compute, recompute and bytes / bandwidth, per call;
     * `rss_base_gb`: the process memory that is not tensors, the median residual of memory on
       the eager rows; `compiled.rss_compile_gb`: what the compiled runtime adds, on the others.
 
-    A constant with no row to fit it keeps its current value. Check a fit on another run's rows
-    (`--from-json OTHER` after `--write-calibration`), not on the rows it came from."""
+    A constant with no row to fit it keeps its current value. Judge a fit on the check set
+    (`calibrate_and_predict`), never on the rows it came from."""
     from shoestring.plan.catalogue import calibration
     from shoestring.plan.throughput import compute_dtype, compute_seconds, with_compiled
 
@@ -250,11 +318,14 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     out["compiled"] = dict(cal.get("compiled", {}))
     terms = [_terms(r) for r in rows]
     for group, compiled in ((out, False), (out["compiled"], True)):
+        where = "compiled." if compiled else ""
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
         plain = [(r, t) for r, t in mine if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"]
-        fitted = {prec: round(statistics.median(t["at_peak"] / _measured_step(r) for r, t in plain
-                                                if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"), 3)
-                  for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"})}
+        fitted = {}
+        for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
+            src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
+            value = statistics.median(t["at_peak"] / _measured_step(r) for r, t in src)
+            fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", value, 1.0, [r for r, _ in src]))
         mfu = {**group.get("mfu", {}), **fitted}
         for prec in {r["case"]["precision"] for r, _ in mine} - set(fitted):  # no plain row: this run's figure
             same = [v for k, v in fitted.items() if compute_dtype(k) == compute_dtype(prec)]  # for its compute dtype
@@ -263,11 +334,11 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         if mfu:
             group["mfu"] = dict(sorted(mfu.items()))
         for mode in ("full", "selective"):
-            ratios = [_measured_step(r) / (t["at_peak"] / mfu[r["case"]["precision"]]) for r, t in plain
-                      if r["case"]["checkpointing"] == mode and r["case"]["precision"] in mfu]
-            if ratios:
-                group[f"time_{mode}"] = round(statistics.median(ratios), 3)
-    per_call: dict[str, list[float]] = {}
+            src = [(r, t) for r, t in plain if r["case"]["checkpointing"] == mode and r["case"]["precision"] in fitted]
+            if src:
+                value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
+                group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src]))
+    per_call: dict[str, list[tuple[float, float, dict]]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
             g = with_compiled(out, t["compiled"])
@@ -275,18 +346,42 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
             compute = compute_seconds(t["at_peak"], t["full_at_peak"], g["mfu"][prec]) * (
                 1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
-            per_call.setdefault(r["case"]["strategy"], []).append((_measured_step(r) - compute - t["comm_bw"]) / t["collectives"])
+            left = _measured_step(r) - compute - t["comm_bw"]
+            per_call.setdefault(r["case"]["strategy"], []).append((left / t["collectives"], _measured_step(r) / t["collectives"], r))
     if per_call:
-        out["collective_s"] = {**out.get("collective_s", {}),
-                               **{k: round(max(0.0, statistics.median(v)), 4) for k, v in sorted(per_call.items())}}
+        out["collective_s"] = {**out.get("collective_s", {}), **{
+            k: _sig(bounded(f"collective_s.{k}", statistics.median(c for c, _, _ in v), statistics.median(s for _, s, _ in v),
+                            [r for _, _, r in v])) for k, v in sorted(per_call.items())}}
     # memory: the eager rows give the process's own, the compiled rows what compiling adds to it
-    residual = {c: [r["memory_measured"] - r["memory_predicted"] for r, t in zip(rows, terms) if t["compiled"] == c]
+    residual = {c: [(r["memory_measured"] - r["memory_predicted"], r) for r, t in zip(rows, terms) if t["compiled"] == c]
                 for c in (False, True)}
-    base = statistics.median(residual[False]) if residual[False] else 0.0
-    out["rss_base_gb"] = round(cal.get("rss_base_gb", 0.3) + base / 1e9, 3)
+    size = statistics.median(r["memory_measured"] for r in rows) / 1e9 if rows else 1.0
+    base = statistics.median(x for x, _ in residual[False]) if residual[False] else 0.0
+    if residual[False]:
+        value = cal.get("rss_base_gb", 0.3) + base / 1e9
+        out["rss_base_gb"] = round(bounded("rss_base_gb", value, size, [r for _, r in residual[False]]), 3)
     if residual[True]:
-        extra = cal.get("compiled", {}).get("rss_compile_gb", 0.0) * 1e9 + statistics.median(residual[True]) - base
-        out["compiled"]["rss_compile_gb"] = round(max(0.0, extra) / 1e9, 3)
+        extra = cal.get("compiled", {}).get("rss_compile_gb", 0.0) * 1e9 + statistics.median(x for x, _ in residual[True]) - base
+        out["compiled"]["rss_compile_gb"] = round(bounded("compiled.rss_compile_gb", extra / 1e9, size,
+                                                          [r for _, r in residual[True]]), 3)
+    for name, value in _constants(out):  # those no row refitted: kept from the calibration in force
+        bounded(name, value, 0.0, [{"config": "none of these rows (kept from the calibration in force)"}])
+    return out
+
+
+def _sig(x: float) -> float:
+    """Three significant digits: a contended or tiny model's MFU of 0.0004 must not round to 0."""
+    return float(f"{x:.3g}")
+
+
+def _constants(table: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted name, value) of every bounded constant in a calibration table."""
+    out = []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += _constants(v, f"{prefix}{k}.")
+        elif f"{prefix}{k}".removeprefix("compiled.").split(".")[0] in BOUNDS:
+            out.append((f"{prefix}{k}", v))
     return out
 
 
@@ -325,10 +420,10 @@ def _toml_value(v: Any) -> str:
 
 def calibration_toml(fitted: dict[str, Any], source: str) -> str:
     """`fitted` as the `[calibration.cpu]` and `[calibration.cpu.compiled]` tables of hardware.toml."""
-    flat = {k: v for k, v in fitted.items() if k != "compiled"}
-    lines = ["[calibration.cpu]", f"# Fitted by `benchmarks/planner_accuracy.py --from-json RAW --fit` to {source}."]
+    flat = {k: v for k, v in fitted.items() if k not in ("compiled", "how")}
+    lines = ["[calibration.cpu]", f"# Fitted to the fit set of {source}; judged on its check set."]
     lines += [f"{k} = {_toml_value(v)}" for k, v in flat.items()]
-    lines += ['how = "fitted: benchmarks/planner_accuracy.py --fit (docs/planner.md, Calibration)"', "",
+    lines += ['how = "fitted: shoestring calibrate / benchmarks/planner_accuracy.py (docs/planner.md, Calibration)"', "",
               "[calibration.cpu.compiled]", "# Blocks under torch.compile (the compile lever): these apply over the above."]
     lines += [f"{k} = {_toml_value(v)}" for k, v in fitted.get("compiled", {}).items()]
     return "\n".join(lines) + "\n"
@@ -344,3 +439,25 @@ def write_calibration(fitted: dict[str, Any], source: str) -> None:
         raise ValueError(f"no [calibration.cpu] table followed by another [calibration.*] in {CATALOGUE_PATH}")
     CATALOGUE_PATH.write_text(pattern.sub(lambda _: calibration_toml(fitted, source) + "\n", text, count=1))
     calibration.cache_clear()
+
+
+def write_local_calibration(fitted: dict[str, Any], source: str) -> str:
+    """Write `fitted` as this machine's own calibration (plan/catalogue.py reads it from then on,
+    for this CPU, kernel set and torch only); returns the file's path."""
+    from shoestring.plan.catalogue import calibration, local_calibration_path, machine_key
+
+    path = local_calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"machine = {_toml_value(machine_key())}\n\n" + calibration_toml(fitted, source))
+    calibration.cache_clear()
+    return str(path)
+
+
+def calibrate(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = lambda s: None) -> tuple[list[dict], str]:
+    """`shoestring calibrate`: measure both sets here, fit the fit set, and write the fit as this
+    machine's calibration when the fit holds its bounds; the rows (predicted with the fit) and
+    what was done. Raises FitError (nothing written) when it does not."""
+    rows = run(size, rounds, progress)
+    if "fitted" not in rows[0]:
+        raise FitError(rows[0]["fit_error"])
+    return rows, write_local_calibration(rows[0]["fitted"], f"`shoestring calibrate --size {size}` on this machine")

@@ -1,25 +1,16 @@
-"""Measure one training configuration's step: time, throughput, counted and real memory.
-
-Run as a worker process (`python -m shoestring.bench.step '<json spec>'`) so each measurement
-starts from a clean heap: the process peak (VmHWM) is then the configuration's own.
+"""Measure one single-process training configuration's step: time, throughput, counted and real
+memory, through the measuring harness (bench/harness.py: the trainer's build path, its warm-up
+rule and timer, a fresh process per measurement).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 
-from shoestring.levers.checkpointing import apply_checkpointing, estimate_saved_activation_bytes
-from shoestring.levers.precision import PrecisionPolicy
-from shoestring.models import build_model, preset_args
-from shoestring.parallel import OptimizerSettings
-from shoestring.parallel.single import SingleDevice
-from shoestring.train.memory import PeakRSS, SavedActivationCounter
+from shoestring.bench import harness
 
 
 @dataclass(frozen=True)
@@ -31,67 +22,66 @@ class StepSpec:
     precision: str = "auto"  # as precision.mode: "auto" is the trainer's choice for this machine
     checkpointing: str = "none"
     compile: bool = False
-    warmup: int = 2
-    steps: int = 5
+    steps: int = 5  # timed, after the harness's warm-up
     seed: int = 0
 
+    def tree(self) -> dict[str, Any]:
+        """The trainer's config for this step."""
+        return {"model": {"preset": self.preset, "vocab_size": self.vocab_size}, "data": {"seq_len": self.seq_len},
+                "train": {"batch_size": self.batch, "compile": self.compile, "seed": self.seed},
+                "precision": {"mode": self.precision}, "checkpointing": {"mode": self.checkpointing}}
 
-def resolved_precision(mode: str) -> str:
-    """`mode`, or for "auto" the precision lever's rule on this CPU's measured facts."""
-    if mode != "auto":
-        return mode
-    from shoestring.levers.precision import resolve_precision
-    from shoestring.plan.probe import device_facts
-
-    return str(resolve_precision(device_facts(torch.device("cpu"))).value)
+    def job(self) -> harness.Job:
+        return harness.Job("shoestring.bench.step:measure_job", asdict(self))
 
 
 def measure(spec: StepSpec) -> dict:
-    torch.manual_seed(spec.seed)
-    args = preset_args(spec.preset, vocab_size=spec.vocab_size, max_seq_len=max(spec.seq_len, 16))
-    model = build_model(args)
-    apply_checkpointing(model, spec.checkpointing)
-    if spec.compile:
-        from shoestring.levers.compile import compile_blocks
+    """Build the step as `shoestring train` would, time it, then count its saved activations on
+    one more step (after the peak is read: the counter holds what it counts)."""
+    from shoestring.levers.checkpointing import estimate_saved_activation_bytes
+    from shoestring.models import preset_args
+    from shoestring.train.memory import PeakRSS, SavedActivationCounter
 
-        compile_blocks(model)
-    policy = PrecisionPolicy(resolved_precision(spec.precision))
-    strategy = SingleDevice(model, policy, OptimizerSettings(1e-3, 0.1, (0.9, 0.95), 1.0), torch.device("cpu"))
+    strategy = harness.build(spec.tree(), spec.vocab_size)
     gen = torch.Generator().manual_seed(spec.seed)
-    x = torch.randint(0, spec.vocab_size, (spec.batch, spec.seq_len), generator=gen)
-    y = torch.randint(0, spec.vocab_size, (spec.batch, spec.seq_len), generator=gen)
+    x, y = (torch.randint(0, spec.vocab_size, (spec.batch, spec.seq_len), generator=gen) for _ in range(2))
 
-    def step() -> None:
-        strategy.forward_backward(x, y, 1.0, True)
+    def step(_: int) -> torch.Tensor:
+        loss = strategy.forward_backward(x, y, 1.0, True)
         strategy.step(1e-3)
+        return loss
 
-    for _ in range(spec.warmup):
-        step()
+    rss = PeakRSS()
+    rss.reset()
+    timing = harness.timed_steps(step, spec.steps)
+    peak = rss.peak_bytes()
     with SavedActivationCounter() as counter:
         strategy.forward_backward(x, y, 1.0, True)
     strategy.step(1e-3)
-    rss = PeakRSS()
-    rss.reset()
-    times = []
-    for _ in range(spec.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens = spec.batch * spec.seq_len
+    precision = strategy.policy.mode
+    args = preset_args(spec.preset, vocab_size=spec.vocab_size)
     return {
         "spec": asdict(spec),
-        "precision": policy.mode,
-        "step_s": step_s,
-        "tokens_per_s": tokens / step_s,
+        "precision": precision,
+        "compiled": harness.compiled_blocks(strategy),
+        "step_s": timing["step_s"],
+        "steps_s": timing["steps_s"],
+        "tokens_per_s": spec.batch * spec.seq_len / timing["step_s"],
         "saved_activation_bytes": counter.bytes,
         "estimated_block_activation_bytes": estimate_saved_activation_bytes(
-            args, spec.checkpointing, spec.batch, spec.seq_len, policy.mode),
+            args, spec.checkpointing, spec.batch, spec.seq_len, precision),
         "state_bytes": strategy.memory(),
-        "peak_rss_bytes": rss.peak_bytes(),
-        "flops_per_token": model.flops_per_token(spec.seq_len),
+        "peak_rss_bytes": peak,
+        "flops_per_token": strategy.unwrapped().flops_per_token(spec.seq_len),
     }
 
 
-if __name__ == "__main__":
-    print(json.dumps(measure(StepSpec(**json.loads(sys.argv[1])))))
+def measure_job(spec: dict) -> dict:
+    return measure(StepSpec(**spec))
+
+
+def side_by_side(specs: dict[str, StepSpec], rounds: int, progress: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+    """name -> the round with the median step time over `rounds` interleaved fresh-process
+    rounds, with `step_s_all` (every round's figure) so the spread is visible."""
+    runs = harness.interleaved({name: spec.job() for name, spec in specs.items()}, rounds, progress)
+    return {name: harness.median_round([ranks[0] for ranks in rs]) for name, rs in runs.items()}

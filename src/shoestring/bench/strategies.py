@@ -1,25 +1,25 @@
-"""Strategies side by side: the same model, data and global batch trained through the real CLI
-(`shoestring train --nproc N`) under each data-parallel strategy, in interleaved rounds.
+"""Strategies side by side: the same model, data and global batch trained under each
+data-parallel strategy, built as `shoestring train` builds it, in interleaved rounds through the
+measuring harness (bench/harness.py: fresh processes per configuration, its warm-up rule and timer).
 
-Per configuration: step time (median over the run's steps after warm-up, then median over
-rounds), tokens/s, model-state bytes each rank owns (counted), the process peak of the largest
-rank and its growth from step 2 to the last step, and what one rank sends per step with the time
-collectives ran (measured by `shoestring.parallel.comm.CommMeter` on the run's third step).
+Per configuration: step time (the median timed step, then the median round), tokens/s,
+model-state bytes each rank owns (counted), the process peak of the largest rank and its growth
+from the end of the warm-up to the last timed step, and what one rank sends per step with the
+time collectives ran (measured by `shoestring.parallel.comm.CommMeter` on one more step, after
+the peaks are read: the profiler holds its event buffers).
 
 Runs use the trainer's default precision (`auto`: bf16 autocast where this machine's bf16 matmuls
-are fast, else fp32; each row records the mode that ran) with `train.compile = false`: every run
-is a fresh process, and compiling the blocks in each would take longer than the steps measured.
+are fast, else fp32; each row records the mode that ran) with `train.compile = false`: the
+strategies' own difference, without the compiler's. The table names the preset and shape it ran.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import torch
+
+from shoestring.bench import harness
 
 MiB = 2**20
 
@@ -46,84 +46,108 @@ CASES: dict[str, tuple[dict, int]] = {
     "yafsdp async + full ckpt": ({"parallel.strategy": "yafsdp", **FULL}, 2),
 }
 
-# The cases `--size small` leaves out to fit its time budget of 5 minutes (ZeRO-1/2 and FSDP2
-# without resharding trade memory for speed in ways ddp and fsdp2 already bracket; ddp stands
-# for the unsharded baseline). A 2-rank run of 8 steps takes ~9 s idle, ~6 s of it start-up:
-# 10 cases x 3 rounds fit (5 timed steps each), 5 rounds would not.
-FULL_ONLY = ("single", "fsdp2 no-reshard", "zero1", "zero2")
-# size -> (preset, global batch, seq len, steps, rounds)
+# The cases `--size small` leaves out to fit its time budget (ZeRO-1/2 and FSDP2 without
+# resharding trade memory for speed in ways ddp and fsdp2 already bracket; ddp stands for the
+# unsharded baseline; yafsdp on torch's collectives is an ablation).
+FULL_ONLY = ("single", "fsdp2 no-reshard", "zero1", "zero2", "yafsdp async native", "fsdp2 no-prefetch")
+# size -> (preset, global batch, seq len, timed steps, rounds). `small` runs the `small` preset
+# (a compute-bound step: the shape the yafsdp goal is about), `smoke` the smallest one.
 SIZES = {
-    "smoke": ("micro", 4, 32, 4, 1),
-    "small": ("tiny", 16, 256, 8, 3),
-    "full": ("tiny", 16, 256, 40, 5),
+    "smoke": ("micro", 4, 32, 1, 1),
+    "small": ("small", 8, 256, 3, 3),
+    "full": ("small", 16, 256, 8, 5),
 }
 
 
-def train_once(name: str, overrides: dict, ranks: int, base: dict, run_dir: Path, config: str) -> dict:
-    """One training run of a configuration; its figures from summary.json and metrics.jsonl."""
-    sets = {**base, **overrides, "run.dir": str(run_dir)}
-    cmd = [sys.executable, "-m", "shoestring", "train", config, "--overwrite", "--nproc", str(ranks)]
+def _tree(sets: dict[str, Any]) -> dict[str, Any]:
+    """A config tree from dotted keys."""
+    tree: dict[str, Any] = {}
     for key, value in sets.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        return {"case": name, "ranks": ranks, "error": lines[-1] if lines else f"exit code {proc.returncode}"}
-    summary = json.loads((run_dir / "summary.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
-    tokens = base["train.batch_size"] * base["data.seq_len"]
-    timed = [r["tokens_per_s"] for r in steps if r["step"] >= 3] or [r["tokens_per_s"] for r in steps]
-    mem, comm = summary["memory_bytes"], summary["comm_per_step"]
-    return {
-        "case": name, "ranks": ranks,
-        "step_s": tokens / statistics.median(timed),
-        "state_bytes": mem["params"] + mem["optimizer"] + mem["master"],  # gradients are freed between steps by some
-        "peak_bytes": mem["device_peak_max_rank"],
-        "peak_growth_bytes": steps[-1]["memory"]["device_peak"] - steps[min(1, len(steps) - 1)]["memory"]["device_peak"],
-        "comm_bytes": comm["bytes_sent"], "comm_busy_s": comm["busy_s"],
-        "final_loss": summary["final_train_loss"], "tokens_per_step": tokens, "precision": summary["precision"]["mode"],
-    }
+        *path, leaf = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
 
 
-def run(size: str = "small", rounds: int | None = None, only: list[str] | None = None,
-        config: str = "configs/tiny.toml", precision: str = "auto",
+def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank: build the case's strategy, time its steps, then meter one step's communication."""
+    from shoestring.models import PRESETS
+    from shoestring.parallel import dist
+    from shoestring.parallel.comm import CommMeter
+    from shoestring.train.memory import PeakRSS
+
+    sets = spec["sets"]
+    vocab = PRESETS[sets["model.preset"]].vocab_size
+    s = harness.build(_tree(sets), vocab)
+    batch, seq = sets["train.batch_size"], sets["data.seq_len"]
+    data = harness.bigram_batches(vocab, harness.WARMUP + spec["steps"] + 1, batch, seq, seed=0)
+    losses: list[float] = []
+    rss = PeakRSS()
+    peaks: list[int] = []
+
+    def step(i: int) -> torch.Tensor:
+        part = data[i].tensor_split(dist.world_size())[dist.rank()]
+        loss = s.forward_backward(part[:, :-1].contiguous(), part[:, 1:].contiguous(), 1.0, True)
+        s.step(1e-3)
+        peaks.append(rss.peak_bytes())
+        return loss
+
+    rss.reset()
+    timing = harness.timed_steps(step, spec["steps"])
+    with CommMeter(dist.world_size()) as meter:
+        step(len(data) - 1)
+    mem = s.memory()
+    return {"step_s": timing["step_s"], "steps_s": timing["steps_s"], "final_loss": timing["losses"][-1],
+            "state_bytes": mem["params"] + mem["optimizer"] + mem["master"],  # gradients are freed between steps by some
+            "peak_bytes": peaks[-2], "peak_growth_bytes": peaks[-2] - peaks[harness.WARMUP - 1],
+            "comm_bytes": meter.stats.bytes_sent, "comm_busy_s": meter.stats.busy_s, "precision": s.policy.mode}
+
+
+def run(size: str = "small", rounds: int | None = None, only: list[str] | None = None, precision: str = "auto",
         progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """One row per case: the round with the median step time, plus every round's step time."""
     preset, batch, seq, steps, default_rounds = SIZES[size]
-    base = {"model.preset": preset, "train.steps": steps, "train.budget": "none", "train.batch_size": batch,
-            "data.seq_len": seq, "train.eval_every": 10 * steps, "train.log_every": 1, "run.save_every": 0,
-            "precision.mode": precision, "train.compile": False}
+    base = {"model.preset": preset, "train.batch_size": batch, "data.seq_len": seq, "precision.mode": precision,
+            "train.compile": False}
     names = only or [c for c in CASES if size == "full" or c not in FULL_ONLY]
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds or default_rounds):
-            for name in names:
-                progress(f"strategies round {r + 1}: {name}")
-                overrides, ranks = CASES[name]
-                results[name].append(train_once(name, overrides, ranks, base, Path(tmp) / name.replace(" ", "-"), config))
+    jobs = {name: harness.Job("shoestring.bench.strategies:measure_job", {"sets": {**base, **CASES[name][0]}, "steps": steps},
+                              CASES[name][1]) for name in names}
+    measured = harness.interleaved(jobs, rounds or default_rounds, progress, keep_going=True)
     rows = []
-    for name, runs in results.items():
-        good = sorted((m for m in runs if "error" not in m), key=lambda m: m["step_s"])
-        if not good:
-            rows.append(runs[0])
-            continue
-        row = dict(good[len(good) // 2])
-        row["step_s_all"] = [m["step_s"] for m in good]
-        row.update(preset=preset, size=size)
+    for name, rounds_ in measured.items():
+        per_round = [_merge(ranks) for ranks in rounds_]
+        row = harness.median_round(per_round)
+        row.update(case=name, ranks=CASES[name][1], preset=preset, size=size, batch=batch, seq_len=seq,
+                   tokens_per_step=batch * seq)
         rows.append(row)
     return rows
 
 
+def _merge(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round's figures: the slowest rank's time, the largest rank's memory, rank 0's traffic."""
+    if "error" in ranks[0]:
+        return ranks[0]
+    slowest = max(ranks, key=lambda r: r["step_s"])
+    return {**ranks[0], "step_s": slowest["step_s"], "steps_s": slowest["steps_s"],
+            "peak_bytes": max(r["peak_bytes"] for r in ranks), "peak_growth_bytes": max(r["peak_growth_bytes"] for r in ranks)}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| strategy | ranks | step ms | tokens/s | params+optimizer/rank MiB (counted) | peak RSS, largest rank MiB "
-             "| peak growth step 2 to last MiB | sent/rank/step MiB (measured) | collectives busy ms/step | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    first = rows[0]
+    lines = [f"`{first['preset']}` preset, global batch {first['batch']} x {first['seq_len']} tokens, "
+             f"precision {next((r['precision'] for r in rows if 'precision' in r), '?')}, blocks eager; "
+             f"{len(next((r['step_s_all'] for r in rows if 'step_s_all' in r), [0]))} interleaved rounds, the median round.", "",
+             "| strategy | ranks | step ms | tokens/s | spread | params+optimizer/rank MiB (counted) | peak RSS, largest rank MiB "
+             "| peak growth after warm-up MiB | sent/rank/step MiB (measured) | collectives busy ms/step | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['ranks']} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['case']} | {r['ranks']} | failed: {r['error']} ||||||||")
             continue
         lines.append(f"| {r['case']} | {r['ranks']} | {1000 * r['step_s']:.0f} | {r['tokens_per_step'] / r['step_s']:,.0f} "
-                     f"| {r['state_bytes'] / MiB:.1f} | {r['peak_bytes'] / MiB:.0f} | {r['peak_growth_bytes'] / MiB:.1f} "
-                     f"| {r['comm_bytes'] / MiB:.1f} | {1000 * r['comm_busy_s']:.0f} | {r['final_loss']:.4f} |")
+                     f"| {harness.spread(r['step_s_all']):.0%} | {r['state_bytes'] / MiB:.1f} | {r['peak_bytes'] / MiB:.0f} "
+                     f"| {r['peak_growth_bytes'] / MiB:.1f} | {r['comm_bytes'] / MiB:.1f} | {1000 * r['comm_busy_s']:.0f} "
+                     f"| {r['final_loss']:.4f} |")
     return "\n".join(lines)

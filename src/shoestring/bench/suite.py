@@ -114,6 +114,10 @@ def write(outcomes: list[Outcome], size: str, command: str, out: Path, facts: Ru
 def run_suite(size: str, names: list[str], out: Path, command: str, console: Console) -> list[Outcome]:
     """Run the named sections in order under one progress bar, then write the report."""
     facts = RunFacts.now()
+    if "-dirty" in facts.provenance.versions:
+        console.print("warning: the source tree has uncommitted changes, so every stamp will say -dirty; "
+                      "commit first to record figures",
+                      markup=False, highlight=False)
     outcomes = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} sections"),
                TimeElapsedColumn(), TextColumn("{task.fields[step]}", style="dim", markup=False))

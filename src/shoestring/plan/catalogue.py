@@ -9,7 +9,10 @@ the file. The `[calibration.*]` tables hold per device-class corrections measure
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -31,10 +34,61 @@ def catalogue() -> dict[str, dict[str, Any]]:
     return {k: v for k, v in raw.items() if k != "calibration"}
 
 
+_IN_USE: dict[str, dict[str, Any]] = {}  # device class -> a calibration that `calibrated` put in force
+
+
 @cache
 def calibration(device_class: str) -> dict[str, Any]:
-    """Measured/published corrections for 'cpu' or 'gpu' (see hardware.toml)."""
+    """Measured/published corrections for 'cpu' or 'gpu': the one `calibrated` holds in force,
+    else this machine's own (`shoestring calibrate` writes it, for the CPU it ran on), else the
+    shipped table of hardware.toml."""
+    if device_class in _IN_USE:
+        return _IN_USE[device_class]
+    if device_class == "cpu" and (local := local_cpu_calibration()) is not None:
+        return local
     return tomllib.loads(CATALOGUE_PATH.read_text()).get("calibration", {}).get(device_class, {})
+
+
+@contextmanager
+def calibrated(device_class: str, table: dict[str, Any]) -> Iterator[None]:
+    """Plans made inside the block use `table` as the device class's calibration (the accuracy
+    check predicts its check set with a fit before anything is written)."""
+    _IN_USE[device_class] = table
+    calibration.cache_clear()
+    try:
+        yield
+    finally:
+        del _IN_USE[device_class]
+        calibration.cache_clear()
+
+
+def machine_key() -> str:
+    """What a CPU calibration holds for: the CPU model, the kernels torch picks on it (the
+    instruction set, which ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can lower) and torch's version."""
+    from shoestring.plan import probe
+
+    cpu = torch.device("cpu")
+    return f"{probe.device_name(cpu)} | {probe.instruction_set(cpu)} | torch {torch.__version__}"
+
+
+def local_calibration_path() -> Path:
+    from shoestring.plan import probe
+
+    return probe.cache_path().with_name("calibration-cpu.toml")
+
+
+def local_cpu_calibration() -> dict[str, Any] | None:
+    """This machine's `[calibration.cpu]`, if `shoestring calibrate` wrote one for it (a file
+    written on another CPU, kernel set or torch is ignored; SHOESTRING_LOCAL_CALIBRATION=off
+    ignores it too: the tests plan with the shipped tables on every machine)."""
+    if os.environ.get("SHOESTRING_LOCAL_CALIBRATION") == "off":
+        return None
+    try:
+        raw = tomllib.loads(local_calibration_path().read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    table = raw.get("calibration", {}).get("cpu")
+    return table if table and raw.get("machine") == machine_key() else None
 
 
 @dataclass(frozen=True)
