@@ -14,7 +14,7 @@ import signal
 import sys
 
 from shoestring.cli import main
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 from shoestring.train import trainer
 
 mode, n = sys.argv[1], int(sys.argv[2])

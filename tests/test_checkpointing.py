@@ -20,7 +20,7 @@ from shoestring.levers.checkpointing import (
     parse_mode,
 )
 from shoestring.models import ModelArgs, build_model, preset_args
-from shoestring.train.memory import SavedActivationCounter
+from shoestring.measure.memory import SavedActivationCounter
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64)
 # A second shape: no GQA, wider MLP, even number of layers.

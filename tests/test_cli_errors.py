@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shoestring.cli import main
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 from tests.runs import write_config
 
 

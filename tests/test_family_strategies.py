@@ -80,7 +80,7 @@ def test_yafsdp_flat_buffers_hold_the_new_parameters_as_estimated(dirs, two_rank
     """Biases and q/k / post norms are small parameters of the flat resident units: the engine's
     counted state and buffers equal its static estimates, LoRA (frozen base) or not."""
     from shoestring.config import ParallelSection
-    from shoestring.finetune import lora_settings
+    from shoestring.data.sources import lora_settings
     from shoestring.levers.precision import PrecisionPolicy
     from shoestring.models.hf import read_source
     from shoestring.parallel.yafsdp import FrozenBase, YaFSDP
@@ -112,7 +112,7 @@ def test_single_process_step(dirs, family, mode):
     """The `single` strategy on the whole batch, in this process."""
     from shoestring.build import build_strategy
     from shoestring.models.hf import load_llama, read_source
-    from shoestring.train.loss import cross_entropy_from_hidden
+    from shoestring.models.loss import cross_entropy_from_hidden
 
     src = read_source(f"hf:{dirs[family]}")
     x, y = (torch.cat(parts) for parts in zip(_batch(src.args.vocab_size, 0), _batch(src.args.vocab_size, 1)))

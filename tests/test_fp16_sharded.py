@@ -104,7 +104,7 @@ def _train(strategy, batches, inject: bool, steps: range = range(STEPS), save: P
 def _worker(rank: int, port: int, root: str, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.parallel.fsdp2 import FSDP2
     from shoestring.parallel.yafsdp import YaFSDP
 

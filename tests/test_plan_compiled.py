@@ -12,7 +12,7 @@ from shoestring.levers.precision import PrecisionPolicy, cast_model
 from shoestring.models import PRESETS, ModelArgs, build_model
 from shoestring.plan.catalogue import devices
 from shoestring.plan.search import Request, compiled, search
-from shoestring.train.memory import SavedActivationCounter
+from shoestring.measure.memory import SavedActivationCounter
 
 needs_compile = pytest.mark.skipif(compile_lever.unavailable(torch.device("cpu")) is not None,
                                    reason="torch.compile cannot run here")

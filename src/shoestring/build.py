@@ -22,7 +22,8 @@ from shoestring.levers import compile as compile_lever
 from shoestring.levers.precision import Choice, DeviceFacts, PrecisionPolicy, resolve_precision, slow_warning
 from shoestring.models import Llama, build_model, preset_args
 from shoestring.models.hf import HFSource, load_llama
-from shoestring.parallel import OptimizerSettings, Strategy, dist, strategy_class
+from shoestring import dist
+from shoestring.parallel import OptimizerSettings, Strategy, strategy_class
 
 
 def pick_device(choice: str) -> torch.device:
@@ -92,7 +93,7 @@ def shape_model(cfg: Config, model: Llama, quantize: bool = True) -> None:
     """The levers that change the module structure (a checkpoint is loaded after these).
     `quantize=False` keeps an NF4 base plain (reading a checkpoint back for export)."""
     if cfg.lora.enabled:
-        from shoestring.finetune import lora_settings
+        from shoestring.data.sources import lora_settings
         from shoestring.levers.lora import apply_lora
 
         apply_lora(model, lora_settings(cfg, quantize))

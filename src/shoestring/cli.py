@@ -37,7 +37,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.parallel.launch import LaunchOptions, launch, restart_count
     from shoestring.train.report import print_summary
     from shoestring.train.trainer import Trainer

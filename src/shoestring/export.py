@@ -12,7 +12,7 @@ from shoestring.config import Config, build_config
 from shoestring.errors import UserError
 from shoestring.levers.lora import dequantized, nf4_tensor_class
 from shoestring.parallel import strategy_class
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 from shoestring.train.trainer import CONFIG_FILE
 
 

@@ -67,7 +67,7 @@ def held_out_accuracy(run_dir: Path, limit: int) -> float | None:
     if not limit:
         return None
     from shoestring.compare import HeldOut
-    from shoestring.finetune import load_run
+    from shoestring.data.sources import load_run
 
     run = load_run(run_dir)
     held = HeldOut(run, limit)
@@ -78,7 +78,7 @@ def predicted_state(cfg, model) -> dict:
     """Model-state bytes the levers predict: LoRA's estimate, or the precision policy's bytes
     per parameter for full fine-tuning."""
     from shoestring.build import precision_policy
-    from shoestring.finetune import lora_settings
+    from shoestring.data.sources import lora_settings
     from shoestring.levers.lora import estimate
 
     if cfg.lora.enabled:

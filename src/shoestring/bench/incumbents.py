@@ -38,7 +38,7 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import build_model, preset_args
 from shoestring.models.llama import ModelArgs
 from shoestring.parallel import OptimizerSettings
-from shoestring.train.memory import PeakRSS
+from shoestring.measure.memory import PeakRSS
 from shoestring.train.schedule import lr_at
 
 SINGLE = (("shoestring", "none"), ("hf-trainer", "none"), ("shoestring", "full"), ("hf-trainer", "full"))
@@ -280,7 +280,7 @@ def _distributed_worker(system: str, work: Work) -> dict[str, Any] | None:
     """One rank: run `system`, then gather every rank's figures on rank 0."""
     import torch.distributed as tdist
 
-    from shoestring.parallel import dist
+    from shoestring import dist
 
     with dist.process_group(torch.device("cpu"), 600, required=True):
         if system == "shoestring-fsdp2":

@@ -108,9 +108,9 @@ def _worker(rank: int, world: int, port: int, case: Case, queue) -> None:
     from shoestring.build import build_strategy, resolve_auto
     from shoestring.config import build_config
     from shoestring.models import PRESETS
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.plan.probe import cpu_cores, device_facts
-    from shoestring.train.memory import PeakRSS
+    from shoestring.measure.memory import PeakRSS
 
     torch.set_num_threads(max(1, cpu_cores() // world))
     vocab = PRESETS[case.preset].vocab_size

@@ -19,7 +19,7 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import build_model, preset_args
 from shoestring.parallel import OptimizerSettings
 from shoestring.parallel.single import SingleDevice
-from shoestring.train.memory import PeakRSS, SavedActivationCounter
+from shoestring.measure.memory import PeakRSS, SavedActivationCounter
 
 
 @dataclass(frozen=True)

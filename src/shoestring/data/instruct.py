@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from shoestring.data.loader import Batch, BatchSampler
 from shoestring.errors import UserError
-from shoestring.train.loss import IGNORE_INDEX
+from shoestring.models.loss import IGNORE_INDEX
 
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"

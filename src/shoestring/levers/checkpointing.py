@@ -19,7 +19,7 @@ Checkpointing is non-reentrant (`use_reentrant=False`).
 The cost half: `estimate_saved_activation_bytes` counts, from the model's shapes, the bytes
 autograd keeps for the transformer blocks in each mode; `estimate_recompute_flops_fraction` gives
 the extra matmul FLOPs relative to a step. `tests/test_checkpointing.py` holds the estimate to the
-bytes `shoestring.train.memory.SavedActivationCounter` counts (exact, eager mode, CPU).
+bytes `shoestring.measure.memory.SavedActivationCounter` counts (exact, eager mode, CPU).
 
 What it costs in time is not the FLOP fraction alone. Measured on a 2-core AVX-512-BF16 CPU
 (tiny preset, 16 x 256 tokens, bf16 autocast, torch 2.13, eager): element-wise ops are about
@@ -46,7 +46,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from shoestring.errors import UserError
 from shoestring.models.attention import attention_forward
 from shoestring.models.llama import ModelArgs
-from shoestring.train import memory
+from shoestring.measure import memory
 
 MODES_HELP = "none, full, every:K (K>=1), selective, offload"
 _EVERY = re.compile(r"^every:([1-9]\d*)$")

@@ -25,7 +25,7 @@ Each family's difference is one field of `ModelArgs`, default off:
 | `local_rope_theta`              | RoPE base of the sliding layers                      | Gemma 3           |
 
 `forward` returns the final hidden states, not logits: the loss is computed from them by
-`shoestring.train.loss`, in chunks, so the `batch x seq x vocab` tensor never exists at once
+`shoestring.models.loss`, in chunks, so the `batch x seq x vocab` tensor never exists at once
 (`final_softcap` is applied there too).
 """
 

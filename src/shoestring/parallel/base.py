@@ -26,7 +26,7 @@ from torch import nn
 from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
-from shoestring.train.loss import cross_entropy_from_hidden
+from shoestring.models.loss import cross_entropy_from_hidden
 
 
 @dataclass(frozen=True)

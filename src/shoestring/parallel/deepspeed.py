@@ -36,9 +36,9 @@ from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
-from shoestring.parallel import dist
+from shoestring import dist
 from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
-from shoestring.train.memory import tensor_bytes
+from shoestring.measure.memory import tensor_bytes
 
 DS_DIR, TAG, META = "deepspeed", "state", "deepspeed.json"
 

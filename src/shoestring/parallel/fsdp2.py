@@ -33,10 +33,10 @@ from shoestring.errors import UserError
 from shoestring.levers.lora import dequantize_nf4, is_nf4
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
-from shoestring.parallel import dist
+from shoestring import dist
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
                                       scaled_step)
-from shoestring.train.memory import model_state_bytes
+from shoestring.measure.memory import model_state_bytes
 
 DCP_DIR = "dcp"
 

@@ -80,11 +80,11 @@ from shoestring.config import ParallelSection
 from shoestring.levers.lora import LoRASettings, estimate
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama, ModelArgs
-from shoestring.parallel import dist
+from shoestring import dist
 from shoestring.parallel.base import (OptimizerSettings, RankAgreedGradScaler, StepResult, Strategy, WithLoss, adamw,
                                       require_file, scaled_step)
 from shoestring.parallel.flat import FlatLayout
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 
 CKPT_DIR = "yafsdp"
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

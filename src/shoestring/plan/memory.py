@@ -4,7 +4,7 @@ Composes what each lever knows about itself:
 
 * model state (params, grads, fp32 masters, optimizer): the strategy's layout, computed here
   exactly from parameter shapes (`state_bytes`), so that it equals what
-  `shoestring.train.memory.model_state_bytes` counts after a step (tests/test_plan_memory.py);
+  `shoestring.measure.memory.model_state_bytes` counts after a step (tests/test_plan_memory.py);
 * saved activations: the checkpointing lever (`estimate_saved_activation_bytes`, eager or
   compiled blocks), plus the embedding output and final norm outside the blocks;
 * loss buffers: the chunked cross-entropy keeps grad_hidden (tokens x dim) and grad_weight
@@ -41,7 +41,7 @@ from shoestring.parallel.yafsdp import REDUCE_DTYPES, FrozenBase, YaFSDP
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
 
-LOSS_CHUNK = 1024  # tokens per chunk in shoestring.train.loss
+LOSS_CHUNK = 1024  # tokens per chunk in shoestring.models.loss
 STEP_COUNTER_BYTES = 4  # torch AdamW keeps `step` as an fp32 scalar tensor per parameter tensor
 DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket size (elements)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from shoestring.config import parse_budget
 from shoestring.errors import UserError
-from shoestring.train.checkpoint import write_atomically
+from shoestring.checkpoint import write_atomically
 
 BUDGET_FILE = "budget.json"
 SKIP = 1  # an attempt's first step compiles and warms the allocator: left out of the step time

@@ -27,15 +27,16 @@ from shoestring.build import Resolved, build_strategy, pick_device, resolve_auto
 from shoestring.config import Config
 from shoestring.data.loader import BatchSampler
 from shoestring.errors import RunError, UserError
-from shoestring.finetune import instruct_data, text_data
+from shoestring.data.sources import instruct_data, text_data
 from shoestring.levers.precision import DeviceFacts
-from shoestring.parallel import StepResult, Strategy, dist
+from shoestring import dist
+from shoestring.parallel import StepResult, Strategy
 from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.plan import probe
 from shoestring.plan.catalogue import default_price
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 from shoestring.train.budget import BudgetClock, budget_seconds
-from shoestring.train.memory import RunPeak, SavedActivationCounter
+from shoestring.measure.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
 from shoestring.train.progress import TrainProgress, train_progress
 from shoestring.train.schedule import lr_at

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from shoestring.errors import RunError
-from shoestring.parallel import dist
+from shoestring import dist
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"

@@ -93,7 +93,7 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
     src = read_source(cfg.model.source)
     if cfg.data.seq_len > src.args.max_seq_len:
         raise UserError(f"data.seq_len ({cfg.data.seq_len}) is longer than the model's context ({src.args.max_seq_len})")
-    from shoestring.parallel import dist
+    from shoestring import dist
 
     if dist.is_main():
         save_base(src, run_dir)
@@ -115,7 +115,7 @@ def instruct_data(cfg: Config, run_dir: Path, warn: Callable[[str], None] = prin
 def text_data(cfg: Config, data_dir: Path) -> TrainingData:
     """The token-shard path (unchanged behaviour, behind the same interface)."""
     from shoestring.data.shards import check_enough, ensure_prepared, open_split
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.train.trainer import unigram_baseline
 
     if dist.is_main():  # one rank tokenizes; the others then find the shards ready
