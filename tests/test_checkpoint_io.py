@@ -2,8 +2,8 @@ import errno
 
 import pytest
 
-from shoestring.errors import RunError
 from shoestring import checkpoint as ckpt
+from shoestring.errors import RunError
 
 
 def _save(root, step, payload=b"x" * 1000, keep=2):

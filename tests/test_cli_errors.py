@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shoestring.cli import main
 from shoestring import checkpoint as ckpt
+from shoestring.cli import main
 from tests.runs import write_config
 
 

@@ -238,7 +238,8 @@ def _instruct_config(tmp_path, source, data, **sections):
 
 def _greedy_answers(run_dir, data):
     from shoestring.data.instruct import split_conversations
-    from shoestring.data.sources import formatter, load_run
+    from shoestring.data.instruct import formatter
+    from shoestring.export import load_run
     from shoestring.generate import sample
 
     run = load_run(run_dir)
@@ -259,7 +260,7 @@ def test_full_finetune_learns_held_out_and_exports(hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shoestring.export_hf import export_hf
-    from shoestring.data.sources import load_run
+    from shoestring.export import load_run
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(600))
     summary = Trainer(_instruct_config(tmp_path, hf_dir, data), console=QUIET).run()
@@ -286,7 +287,7 @@ def test_lora_run_exports_merged_and_adapter(hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from shoestring.export_hf import export_hf
-    from shoestring.data.sources import load_run
+    from shoestring.export import load_run
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(200))
     cfg = _instruct_config(tmp_path, hf_dir, data, train={"steps": 8, "lr": 1e-2},
@@ -309,7 +310,7 @@ def test_compare_answers_before_and_after(hf_dir, tmp_path, capsys):
     loss falls with training, and the command prints both."""
     from shoestring.cli import main
     from shoestring.compare import HeldOut, compare
-    from shoestring.data.sources import load_run
+    from shoestring.export import load_run
     from shoestring.models.hf import load_llama, read_source
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(200))
@@ -334,7 +335,7 @@ def test_preset_run_exports_to_transformers(make_config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shoestring.export_hf import export_hf
-    from shoestring.data.sources import load_run
+    from shoestring.export import load_run
 
     Trainer(make_config(train__steps=2, run__save_every=0), console=QUIET).run()
     out = export_hf(tmp_path / "run", tmp_path / "export")

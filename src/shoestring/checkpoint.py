@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from shoestring.errors import RunError
 from shoestring import dist
+from shoestring.errors import RunError
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"

@@ -118,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
     from shoestring.data.shards import prepare
-    from shoestring.train.trainer import prepared_dir
+    from shoestring.data.sources import prepared_dir
 
     overrides = list(args.overrides)
     if args.corpus:

@@ -15,8 +15,9 @@ from typing import Iterator
 
 import torch
 
+from shoestring.data.instruct import formatter, pad_id, special_tokens
 from shoestring.errors import UserError
-from shoestring.data.sources import RunModel, formatter, load_run, pad_id, special_tokens
+from shoestring.export import RunModel, load_run
 from shoestring.generate import sample
 from shoestring.levers.lora import adapters_off, lora_modules
 from shoestring.models.llama import Llama

@@ -18,6 +18,7 @@ from typing import Callable
 
 from shoestring.bench.runner import side_by_side
 from shoestring.bench.step import StepSpec
+from shoestring.measure.memory import MiB
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
 CHECKPOINTING = ("none", "full", "every:2", "selective")
@@ -28,7 +29,6 @@ SIZES = {
     "small": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=256, warmup=1, steps=3), 3),
     "full": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=512, warmup=2, steps=4), 5),
 }
-MiB = 2**20
 
 
 DEFAULT = "the trainer's default (auto)"

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
-MiB = 2**20
+from shoestring.measure.memory import MiB
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,6 @@ SIZES: dict[str, list[Case]] = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, case: Case, queue) -> None:
     """One rank: build the strategy from the case's config (the trainer's path), time its steps."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -137,8 +130,10 @@ def measure(case: Case) -> dict[str, Any]:
     """One fresh process per rank: the peak RSS is this configuration's own."""
     import torch.multiprocessing as mp
 
+    from shoestring.dist import free_port
+
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_worker, args=(r, case.world, port, case, queue)) for r in range(case.world)]
     for p in procs:
         p.start()

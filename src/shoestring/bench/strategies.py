@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-MiB = 2**20
+from shoestring.measure.memory import MiB
+
 
 # name -> (overrides of the run's config, ranks). The sharded engines run twice more with full
 # activation checkpointing (a recomputed block re-gathers its weights), and each overlap

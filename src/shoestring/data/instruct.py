@@ -34,6 +34,7 @@ DEFAULT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token")
 
 
 class MalformedLine(ValueError):
@@ -120,6 +121,30 @@ class ChatFormatter:
                 target += [is_target] * len(piece)
             done = full
         return ids, target
+
+
+def special_tokens(tok_cfg: dict) -> dict[str, str]:
+    """bos/eos/pad strings for the chat template (tokenizer_config may hold them as dicts)."""
+    out = {}
+    for name in SPECIAL_TOKENS:
+        v = tok_cfg.get(name)
+        if isinstance(v, dict):
+            v = v.get("content")
+        out[name] = v or ""
+    return out
+
+
+def formatter(tokenizer: Tokenizer, tok_cfg: dict) -> ChatFormatter:
+    return ChatFormatter(tokenizer, tok_cfg.get("chat_template"), special_tokens(tok_cfg))
+
+
+def pad_id(tokenizer: Tokenizer, tok_cfg: dict) -> int:
+    """Padding never reaches the loss (targets are ignored there); any valid id will do."""
+    for name in ("pad_token", "eos_token"):
+        token = special_tokens(tok_cfg)[name]
+        if token and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return 0
 
 
 def _raise(message: str) -> None:

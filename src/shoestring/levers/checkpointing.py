@@ -44,9 +44,9 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shoestring.errors import UserError
+from shoestring.measure import memory
 from shoestring.models.attention import attention_forward
 from shoestring.models.llama import ModelArgs
-from shoestring.measure import memory
 
 MODES_HELP = "none, full, every:K (K>=1), selective, offload"
 _EVERY = re.compile(r"^every:([1-9]\d*)$")

@@ -2,7 +2,10 @@
 the switches that make it Mistral, Qwen2/2.5, Qwen3, Gemma 2/3 or Phi-3 as well.
 
 The model is plain: it knows nothing of precision, checkpointing, compilation or devices. Those
-levers are applied from outside (`shoestring.levers`, `shoestring.parallel`). Parameter names
+levers are applied from outside (`shoestring.levers`, `shoestring.parallel`). One kernel choice
+below it looks at how it is run: on CPU, attention traced by `torch.compile` takes a blocked
+backward instead of SDPA's slow flash backward (`torch.compiler.is_compiling()`,
+`shoestring.models.attention`); the model neither compiles itself nor is told that it is compiled. Parameter names
 follow Hugging Face's causal LMs (without their `model.` prefix) and RoPE uses the same
 rotate-half layout, so a checkpoint of a supported family maps onto this class by renaming keys
 (and splitting Phi-3's fused projections): `shoestring.models.hf`.

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
+from shoestring import dist
 from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
-from shoestring.models.llama import Llama
-from shoestring import dist
-from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
 from shoestring.measure.memory import tensor_bytes
+from shoestring.models.llama import Llama
+from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
 
 DS_DIR, TAG, META = "deepspeed", "state", "deepspeed.json"
 

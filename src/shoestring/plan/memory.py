@@ -36,12 +36,12 @@ from functools import cache
 from shoestring.config import ParallelSection
 from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
+from shoestring.models.loss import LOSS_CHUNK
 from shoestring.parallel import strategy_class
 from shoestring.parallel.yafsdp import REDUCE_DTYPES, FrozenBase, YaFSDP
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Shape, Trainable, _numel
 
-LOSS_CHUNK = 1024  # tokens per chunk in shoestring.models.loss
 STEP_COUNTER_BYTES = 4  # torch AdamW keeps `step` as an fp32 scalar tensor per parameter tensor
 DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket size (elements)
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoestring.errors import UserError
+from shoestring.rundir import METRICS_FILE
 from shoestring.train.metrics import read_metrics
 
 
@@ -56,7 +57,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plots need matplotlib", "pip install 'shoestring[plots]'") from None
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl", "give the run.dir of a training run")
     records = read_metrics(path)

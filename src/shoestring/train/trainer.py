@@ -23,37 +23,29 @@ import torch
 from rich.console import Console
 
 from shoestring import __version__
+from shoestring import checkpoint as ckpt
+from shoestring import dist
 from shoestring.build import Resolved, build_strategy, pick_device, resolve_auto
 from shoestring.config import Config
 from shoestring.data.loader import BatchSampler
-from shoestring.errors import RunError, UserError
 from shoestring.data.sources import instruct_data, text_data
+from shoestring.errors import RunError, UserError
 from shoestring.levers.precision import DeviceFacts
-from shoestring import dist
+from shoestring.measure.memory import RunPeak, SavedActivationCounter
 from shoestring.parallel import StepResult, Strategy
 from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.plan import probe
 from shoestring.plan.catalogue import default_price
-from shoestring import checkpoint as ckpt
+from shoestring.rundir import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from shoestring.train.budget import BudgetClock, budget_seconds
-from shoestring.measure.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
 from shoestring.train.progress import TrainProgress, train_progress
 from shoestring.train.schedule import lr_at
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 # Fields whose change would make a resumed run a different run.
 RUN_DEFINING = ("model", "lora", "data.format", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len",
                 "train.batch_size", "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
                 "train.weight_decay", "train.beta1", "train.beta2")
-
-
-def prepared_dir(cfg: Config) -> Path:
-    if cfg.data.prepared_dir:
-        return Path(cfg.data.prepared_dir)
-    name = Path(cfg.data.corpus).name.replace(".", "_") or "corpus"
-    return Path("data/prepared") / f"{name}-v{cfg.data.vocab_size}"
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:
@@ -139,7 +131,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.run.dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.device = dist.local_device(pick_device(self.cfg.train.device).type)
         self.stop = StopRequest()
         self._mfu_reported = False
@@ -185,7 +177,7 @@ class Trainer:
         if resume == "auto":
             return ckpt.resolve_resume(self.ckpt_dir, fallback=True, warn=lambda m: self.console.print(f"[yellow]{m}[/]"))
         path = Path(resume)
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
         if (root / ckpt.MANIFEST).is_file():  # a single checkpoint directory
             ref = ckpt.CheckpointRef(root, int(json.loads((root / ckpt.MANIFEST).read_text())["step"]))
             ckpt.verify(ref)
@@ -328,14 +320,14 @@ class Trainer:
         cfg = self.cfg
         if resume is not None and resume != "auto":
             self.run_dir = Path(resume) if (Path(resume) / CONFIG_FILE).exists() else self.run_dir
-            self.ckpt_dir = self.run_dir / "checkpoints"
+            self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         ref = self._find_resume(resume)
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
         saved = ckpt.load_file(ref, "trainer.pt") if ref is not None else None
         resolved, facts = self._resolve(saved["config"] if saved else None)
         cfg = self.cfg = resolved.cfg
 
-        data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
+        data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg)
         strategy = build_strategy(cfg, data.vocab, self.device, data.source)
         data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
@@ -354,7 +346,7 @@ class Trainer:
             self.console.print(f"resumed from {ref.path} at step {start}")
         if strategy.is_main:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-            metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / "metrics.jsonl",
+            metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / METRICS_FILE,
                                                            resume_step=start if ref is not None else None)
         else:
             metrics = NullMetrics()
@@ -469,7 +461,7 @@ class Trainer:
         price, price_source = self._price()
         tps = tokens / wall if wall > 0 else 0.0
         last_loss = None
-        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path = self.run_dir / METRICS_FILE
         for line in reversed(metrics_path.read_text().splitlines()):
             record = json.loads(line)
             if "loss" in record:
@@ -511,10 +503,3 @@ class Trainer:
             return self.cfg.run.price_per_hour, "config run.price_per_hour"
         return default_price(self.device)
 
-
-def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
-    """Cross-entropy (nats) of the val split under the train split's token frequencies (add-one
-    smoothed): the loss a model that ignores context would reach."""
-    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(val)].mean())
