@@ -59,7 +59,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         raise UserError("plots need matplotlib", "pip install 'shoestring[plots]'") from None
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl", "give the run.dir of a training run")
+        raise UserError(f"{run_dir} has no {METRICS_FILE}", "give the run.dir of a training run")
     records = read_metrics(path)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
