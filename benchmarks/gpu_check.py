@@ -554,7 +554,7 @@ def inner_loss() -> dict[str, Any]:
     error of the loss and of each gradient, the largest of the three."""
     import torch
 
-    from shoestring.train.loss import cross_entropy_from_hidden, reference_cross_entropy
+    from shoestring.models.loss import cross_entropy_from_hidden, reference_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden0 = torch.randn(4, 300, 64, device="cuda", generator=g)

@@ -25,7 +25,7 @@ import torch
 from shoestring.build import build_strategy
 from shoestring.config import load_config
 from shoestring.data.instruct import InstructSampler, load_instruct
-from shoestring.finetune import formatter, pad_id
+from shoestring.data.instruct import formatter, pad_id
 from shoestring.models.hf import read_source
 from shoestring.train.trainer import step_work
 

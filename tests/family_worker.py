@@ -19,7 +19,7 @@ LORA = {"enabled": True, "rank": 4, "targets": ["q_proj", "v_proj", "o_proj", "u
 
 
 def _batch(vocab: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from shoestring.train.loss import IGNORE_INDEX
+    from shoestring.models.loss import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(20, vocab, (BATCH, SEQ), generator=g)
@@ -44,8 +44,8 @@ def run_cases(rank: int, port: int, dirs: dict[str, str], strategies: dict[str, 
     torch.set_num_threads(1)
     from shoestring.build import build_strategy
     from shoestring.models.hf import load_llama, read_source
-    from shoestring.parallel import dist
-    from shoestring.train.loss import cross_entropy_from_hidden
+    from shoestring import dist
+    from shoestring.models.loss import cross_entropy_from_hidden
 
     out: dict[tuple[str, str, str], dict] = {}
     with dist.process_group(torch.device("cpu"), 120, required=True):

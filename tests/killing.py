@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 
+from shoestring import checkpoint as ckpt
 from shoestring.cli import main
-from shoestring.train import checkpoint as ckpt
 from shoestring.train import trainer
 
 mode, n = sys.argv[1], int(sys.argv[2])

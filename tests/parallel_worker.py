@@ -15,7 +15,7 @@ def measure(rank: int, port: int, with_deepspeed: bool, queue) -> None:
     torch.set_num_threads(1)
     from shoestring.build import build_strategy
     from shoestring.config import build_config
-    from shoestring.parallel import dist
+    from shoestring import dist
 
     out = {}
     with dist.process_group(torch.device("cpu"), 60, required=True):
@@ -47,8 +47,8 @@ def measure_peak_rss(rank: int, port: int, with_deepspeed: bool, queue) -> None:
 
     from shoestring.build import build_strategy
     from shoestring.config import build_config
-    from shoestring.parallel import dist
-    from shoestring.train.memory import PeakRSS
+    from shoestring import dist
+    from shoestring.measure.memory import PeakRSS
 
     out = {}
     rss = PeakRSS()

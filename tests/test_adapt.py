@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from shoestring.config import parse_bytes
 from shoestring.data.loader import BatchSampler
 from shoestring.train import adapt
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt, dist
 from shoestring.train.metrics import read_metrics
 from tests.runs import write_config
 
@@ -142,12 +141,6 @@ def test_elastic_launch_refuses_what_a_world_change_could_not_continue():
     check_elastic(LaunchOptions(nproc=2, nnodes="2"), 24, "auto", "deepspeed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def logged(run: Path) -> int:
     path = run / "metrics.jsonl"
     return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
@@ -169,7 +162,7 @@ def test_lost_node_continues_on_a_smaller_world(make_config, tmp_path):
 
     run = tmp_path / "elastic"
     cfg = write_config(make_config, tmp_path / "elastic.toml", run__dir=str(run), **shape)
-    endpoint = f"localhost:{free_port()}"
+    endpoint = f"localhost:{dist.free_port()}"
     agents = []
     for i in range(3):  # the first agent hosts the rendezvous store: a later one is the node lost
         agents.append(subprocess.Popen([sys.executable, "-m", "shoestring", "train", str(cfg), "--nproc", "1", "--nnodes",

@@ -176,7 +176,7 @@ def test_torchs_cpu_capability_follows_aten_cpu_capability():
 
 def _rank_job(spec: dict) -> dict:
     """A job for the harness test: what each rank saw."""
-    from shoestring.parallel import dist
+    from shoestring import dist
 
     return {"rank": dist.rank(), "world": dist.world_size(), "threads": torch.get_num_threads(), "echo": spec["x"]}
 

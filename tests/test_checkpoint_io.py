@@ -2,8 +2,8 @@ import errno
 
 import pytest
 
+from shoestring import checkpoint as ckpt
 from shoestring.errors import RunError
-from shoestring.train import checkpoint as ckpt
 
 
 def _save(root, step, payload=b"x" * 1000, keep=2):

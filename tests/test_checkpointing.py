@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shoestring.dist import free_port
 from shoestring.errors import UserError
 from shoestring.levers import checkpointing as ck
 from shoestring.levers.checkpointing import (
@@ -19,8 +20,8 @@ from shoestring.levers.checkpointing import (
     estimate_saved_activation_bytes,
     parse_mode,
 )
+from shoestring.measure.memory import SavedActivationCounter
 from shoestring.models import ModelArgs, build_model, preset_args
-from shoestring.train.memory import SavedActivationCounter
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64)
 # A second shape: no GQA, wider MLP, even number of layers.
@@ -352,16 +353,12 @@ def test_composes_with_compiled_blocks(base):
 
 
 def test_composes_with_fsdp2(base, monkeypatch):
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from shoestring import checkpoint as ckpt
 from shoestring.cli import main
-from shoestring.train import checkpoint as ckpt
 from tests.runs import write_config
 
 

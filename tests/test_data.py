@@ -28,6 +28,7 @@ from shoestring.data import (
     val_batches,
 )
 from shoestring.data.corpus import strip_gutenberg
+from shoestring.data.sources import unigram_baseline
 from shoestring.errors import UserError
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bad jugglers".split()
@@ -335,3 +336,10 @@ def test_val_batches_are_fixed_and_clamped() -> None:
     (x, y), = val_batches(tokens, SEQ, 16, 3)  # fewer windows than one batch: one smaller batch
     assert _window_ids(x) == list(range(10))
     assert "not enough for one sequence" in _err(val_batches, tokens[:SEQ], SEQ, 4, 1)
+
+
+def test_unigram_baseline_is_the_val_loss_under_add_one_train_frequencies():
+    """Token counts of [0, 0, 1] over a vocabulary of 3, plus one each: 3, 2, 1 of 6."""
+    train = np.array([0, 0, 1], dtype=np.uint16)
+    assert unigram_baseline(train, np.array([0, 2]), 3) == pytest.approx(-(np.log(3 / 6) + np.log(1 / 6)) / 2)
+    assert np.isnan(unigram_baseline(train, np.array([], dtype=np.uint16), 3))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 from shoestring.train.metrics import read_metrics
 from tests.runs import write_config
 

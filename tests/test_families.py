@@ -193,7 +193,7 @@ def test_finetune_exports_what_transformers_loads(family_dirs, tmp_path, family)
     """Two steps of full fine-tuning on chat-templated data, then `export_hf`: transformers loads
     the export (config of the family, Phi-3's projections fused back) with our run's logits."""
     from shoestring.export_hf import export_hf
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
 
     summary = _finetune(tmp_path, family_dirs[family])
     assert summary["final_train_loss"] == summary["final_train_loss"]  # finite
@@ -213,7 +213,7 @@ def test_phi3_lora_on_split_projections_merges_into_the_fused_export(family_dirs
     """LoRA targets name our split projections (q/k/v, gate/up) for Phi-3 too; the merged export
     fuses them back into qkv_proj / gate_up_proj."""
     from shoestring.export_hf import export_hf
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
 
     _finetune(tmp_path, family_dirs["phi3"], lora={"enabled": True, "rank": 4, "targets": ["q_proj", "v_proj", "up_proj"]},
               train={"lr": 0.05})

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from shoestring.dist import free_port
 from tests.family_worker import BATCH, LORA, SEQ, _batch, _config, run_cases
 
 transformers = pytest.importorskip("transformers")
@@ -38,17 +38,11 @@ def dirs(tmp_path_factory):
     return {name: str(make_family(root / name, name, seed=i)) for i, name in enumerate(sorted(FAMILIES))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(dirs):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=run_cases, args=(r, port, dirs, STRATEGIES, {"zero3": DEEPSPEED_FAMILIES}, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -80,7 +74,7 @@ def test_yafsdp_flat_buffers_hold_the_new_parameters_as_estimated(dirs, two_rank
     """Biases and q/k / post norms are small parameters of the flat resident units: the engine's
     counted state and buffers equal its static estimates, LoRA (frozen base) or not."""
     from shoestring.config import ParallelSection
-    from shoestring.finetune import lora_settings
+    from shoestring.build import lora_settings
     from shoestring.levers.precision import PrecisionPolicy
     from shoestring.models.hf import read_source
     from shoestring.parallel.yafsdp import FrozenBase, YaFSDP
@@ -112,7 +106,7 @@ def test_single_process_step(dirs, family, mode):
     """The `single` strategy on the whole batch, in this process."""
     from shoestring.build import build_strategy
     from shoestring.models.hf import load_llama, read_source
-    from shoestring.train.loss import cross_entropy_from_hidden
+    from shoestring.models.loss import cross_entropy_from_hidden
 
     src = read_source(f"hf:{dirs[family]}")
     x, y = (torch.cat(parts) for parts in zip(_batch(src.args.vocab_size, 0), _batch(src.args.vocab_size, 1)))

@@ -16,7 +16,7 @@ from shoestring.errors import UserError
 from shoestring.levers.lora import LoRALinear, LoRASettings, apply_lora, estimate, merged_state_dict
 from shoestring.models import build_model, preset_args
 from shoestring.models.hf import args_from_hf_config, hf_to_ours, ours_to_hf
-from shoestring.train.loss import IGNORE_INDEX
+from shoestring.models.loss import IGNORE_INDEX
 from shoestring.train.trainer import Trainer
 from tests.hf_fixtures import CHAT_TEMPLATE, make_hf_llama, reverse_examples, toy_tokenizer, write_jsonl
 
@@ -238,7 +238,8 @@ def _instruct_config(tmp_path, source, data, **sections):
 
 def _greedy_answers(run_dir, data):
     from shoestring.data.instruct import split_conversations
-    from shoestring.finetune import formatter, load_run
+    from shoestring.data.instruct import formatter
+    from shoestring.export import load_run
     from shoestring.generate import sample
 
     run = load_run(run_dir)
@@ -259,7 +260,7 @@ def test_full_finetune_learns_held_out_and_exports(hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shoestring.export_hf import export_hf
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(600))
     summary = Trainer(_instruct_config(tmp_path, hf_dir, data), console=QUIET).run()
@@ -286,7 +287,7 @@ def test_lora_run_exports_merged_and_adapter(hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from shoestring.export_hf import export_hf
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(200))
     cfg = _instruct_config(tmp_path, hf_dir, data, train={"steps": 8, "lr": 1e-2},
@@ -309,7 +310,7 @@ def test_compare_answers_before_and_after(hf_dir, tmp_path, capsys):
     loss falls with training, and the command prints both."""
     from shoestring.cli import main
     from shoestring.compare import HeldOut, compare
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
     from shoestring.models.hf import load_llama, read_source
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_examples(200))
@@ -334,7 +335,7 @@ def test_preset_run_exports_to_transformers(make_config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shoestring.export_hf import export_hf
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
 
     Trainer(make_config(train__steps=2, run__save_every=0), console=QUIET).run()
     out = export_hf(tmp_path / "run", tmp_path / "export")
@@ -355,7 +356,7 @@ def test_smollm2_gguf_lora_end_to_end(tmp_path, monkeypatch):
     de-quantised weights, three LoRA steps (fp32: fast on any x86 CPU) lower the held-out loss
     (`shoestring compare`), and the merged export reloads in transformers. The GGUF is read
     once (~20 s of CPU) and handed to the run; one 8-row evaluation batch."""
-    import shoestring.finetune
+    import shoestring.data.sources
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from shoestring.bench.finetune import config_tree, smollm2_source
@@ -375,7 +376,7 @@ def test_smollm2_gguf_lora_end_to_end(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(ours(x)), ref(x).logits, atol=1e-4, rtol=1e-4)
     del ref, ours
-    monkeypatch.setattr(shoestring.finetune, "read_source", lambda s: src if s == source else read_source(s))
+    monkeypatch.setattr(shoestring.data.sources, "read_source", lambda s: src if s == source else read_source(s))
     data = write_reverse_words(tmp_path / "d.jsonl", 80)
     tree = config_tree(source, data, tmp_path / "run", "lora", steps=3)
     tree["precision"]["mode"] = "fp32"

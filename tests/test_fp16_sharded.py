@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-import socket
 import tempfile
 from queue import Empty
 from dataclasses import replace
@@ -30,6 +29,7 @@ import torch
 import torch.multiprocessing as mp
 
 from shoestring.config import ParallelSection
+from shoestring.dist import free_port
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
@@ -104,7 +104,7 @@ def _train(strategy, batches, inject: bool, steps: range = range(STEPS), save: P
 def _worker(rank: int, port: int, root: str, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.parallel.fsdp2 import FSDP2
     from shoestring.parallel.yafsdp import YaFSDP
 
@@ -147,9 +147,7 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
 def two_ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as probe:  # a free port for the group's store
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as root:
         procs = [ctx.Process(target=_worker, args=(r, port, root, queue)) for r in range(2)]
         for p in procs:

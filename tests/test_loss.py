@@ -1,6 +1,6 @@
 import torch
 
-from shoestring.train.loss import IGNORE_INDEX, cross_entropy_from_hidden, reference_cross_entropy
+from shoestring.models.loss import IGNORE_INDEX, cross_entropy_from_hidden, reference_cross_entropy
 
 
 def _inputs(seed=0):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from shoestring.measure import memory
+from shoestring.measure.memory import PeakRSS, RunPeak, SavedActivationCounter, device_memory, model_state_bytes
 from shoestring.models import ModelArgs, build_model
-from shoestring.train import memory
-from shoestring.train.memory import PeakRSS, RunPeak, SavedActivationCounter, device_memory, model_state_bytes
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64)
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from shoestring.data.instruct import ChatFormatter, InstructSampler, build_rows, pack
 from shoestring.models import ModelArgs, attention, build_model
 from shoestring.models.rope import document_positions
-from shoestring.train.loss import IGNORE_INDEX, cross_entropy_from_hidden
+from shoestring.models.loss import IGNORE_INDEX, cross_entropy_from_hidden
 from shoestring.train.trainer import Trainer
 from tests.hf_fixtures import CHAT_TEMPLATE, reverse_examples, toy_tokenizer, write_jsonl
 from tests.test_attention import _grads, _qkv, _reference

@@ -9,10 +9,10 @@ import torch
 from shoestring.levers import compile as compile_lever
 from shoestring.levers.checkpointing import apply_checkpointing, block_saved_tensors, estimate_saved_activation_bytes
 from shoestring.levers.precision import PrecisionPolicy, cast_model
+from shoestring.measure.memory import SavedActivationCounter
 from shoestring.models import PRESETS, ModelArgs, build_model
 from shoestring.plan.catalogue import devices
 from shoestring.plan.search import Request, compiled, search
-from shoestring.train.memory import SavedActivationCounter
 
 needs_compile = pytest.mark.skipif(compile_lever.unavailable(torch.device("cpu")) is not None,
                                    reason="torch.compile cannot run here")

@@ -19,9 +19,9 @@ from shoestring.errors import UserError
 from shoestring.export import checkpoint_weights
 from shoestring.levers.lora import (ALL_TARGETS, LoRALinear, LoRASettings, apply_lora, dequantize_nf4, estimate, frozen_base_bytes,
                                     is_nf4, nf4_bytes, to_nf4)
+from shoestring.measure.memory import model_state_bytes
 from shoestring.models import build_model, preset_args
-from shoestring.train.loss import cross_entropy_from_hidden
-from shoestring.train.memory import model_state_bytes
+from shoestring.models.loss import cross_entropy_from_hidden
 from shoestring.train.trainer import Trainer
 from tests.conftest import config_tree
 from tests.test_parallel import FP32_REL, assert_same_curve, curve, runs  # noqa: F401 (fixture)
@@ -110,7 +110,8 @@ def test_nf4_run_resumes_exports_and_counts(make_config, tmp_path):
     from safetensors.torch import load_file
 
     from shoestring.export_hf import export_hf
-    from shoestring.finetune import load_run, lora_settings
+    from shoestring.build import lora_settings
+    from shoestring.export import load_run
     from shoestring.train.metrics import read_metrics
 
     common = dict(**NF4, precision__mode="bf16", checkpointing__mode="full", train__steps=6, run__save_every=3)
@@ -148,7 +149,7 @@ def test_nf4_two_ranks_follow_single(runs, strategy):
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
     if strategy == "fsdp2":
         cfg = build_config(config_tree(runs.corpus, runs.prepared, run, **NF4))
-        from shoestring.finetune import lora_settings
+        from shoestring.build import lora_settings
 
         settings, args = lora_settings(cfg), preset_args("micro", vocab_size=512)
         adapters = estimate(args, settings).trainable_params

@@ -256,7 +256,7 @@ def _peaks_per_step(strategy, batches, steps: int) -> list[int]:
 def _worker(rank: int, port: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.parallel.fsdp2 import FSDP2
 
     cases = [(m, "fp32", "yafsdp", True) for m in MODES] + [("none", "fp32", "yafsdp", False), ("none", "fp32", "fsdp2", True)]

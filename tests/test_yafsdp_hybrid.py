@@ -24,7 +24,7 @@ from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
-from shoestring.parallel import dist
+from shoestring import dist
 from shoestring.parallel.single import SingleDevice
 from shoestring.parallel.yafsdp import YaFSDP
 from shoestring.plan.memory import Levers, strategy_cost

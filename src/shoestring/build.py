@@ -15,14 +15,16 @@ from typing import Any
 
 import torch
 
+from shoestring import dist
 from shoestring.config import Config, build_config
 from shoestring.errors import UserError
-from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers import compile as compile_lever
+from shoestring.levers.checkpointing import apply_checkpointing
+from shoestring.levers.lora import LoRASettings, apply_lora, is_nf4, nf4_splits
 from shoestring.levers.precision import Choice, DeviceFacts, PrecisionPolicy, resolve_precision, slow_warning
 from shoestring.models import Llama, build_model, preset_args
 from shoestring.models.hf import HFSource, load_llama
-from shoestring.parallel import OptimizerSettings, Strategy, dist, strategy_class
+from shoestring.parallel import OptimizerSettings, Strategy, strategy_class
 from shoestring.parallel.cost import shard_group_size
 
 
@@ -79,6 +81,18 @@ def optimizer_settings(cfg: Config) -> OptimizerSettings:
     return OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), grad_clip=t.grad_clip)
 
 
+def lora_settings(cfg: Config, quantize: bool = True) -> LoRASettings:
+    """The lever's settings; an NF4 base dequantises into the compute dtype (fp32 under fp32).
+    `quantize=False`: the same modules over a plain base (a checkpoint's dequantised weights)."""
+    c = cfg.lora
+    if c.base_dtype == "nf4":
+        dtype = PrecisionPolicy(cfg.precision.mode).compute_dtype
+    else:
+        dtype = torch.bfloat16 if c.base_dtype == "bf16" else torch.float32
+    return LoRASettings(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), base_dtype=dtype,
+                        nf4=quantize and c.base_dtype == "nf4")
+
+
 def build_plain_model(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Llama:
     """The model alone: the source's weights, or initialised from the run's seed."""
     if source is not None:
@@ -93,9 +107,6 @@ def shape_model(cfg: Config, model: Llama, quantize: bool = True) -> None:
     """The levers that change the module structure (a checkpoint is loaded after these).
     `quantize=False` keeps an NF4 base plain (reading a checkpoint back for export)."""
     if cfg.lora.enabled:
-        from shoestring.finetune import lora_settings
-        from shoestring.levers.lora import apply_lora
-
         apply_lora(model, lora_settings(cfg, quantize))
 
 
@@ -125,8 +136,6 @@ def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
     shards = shard_group_size(cfg.parallel.shard_group, world_size, dist.local_world_size())
     if cfg.parallel.strategy != "fsdp2" or shards == 1:
         return
-    from shoestring.levers.lora import is_nf4, nf4_splits
-
     for name, p in model.named_parameters():
         if is_nf4(p) and not nf4_splits(tuple(p.shape), shards):
             raise UserError(f"FSDP2 cannot split the NF4 weight {name} {tuple(p.shape)} over {shards} ranks "

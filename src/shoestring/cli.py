@@ -38,7 +38,7 @@ def _worker_argv(args: argparse.Namespace, restart: bool = False) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.parallel.launch import LaunchOptions, check_elastic, launch, restart_count
     from shoestring.train.adapt import RestartSmaller
     from shoestring.train.report import print_summary
@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
     from shoestring.data.shards import prepare
-    from shoestring.train.trainer import prepared_dir
+    from shoestring.data.sources import prepared_dir
 
     overrides = list(args.overrides)
     if args.corpus:

@@ -15,12 +15,13 @@ from typing import Iterator
 
 import torch
 
+from shoestring.data.instruct import formatter, pad_id, special_tokens
 from shoestring.errors import UserError
-from shoestring.finetune import RunModel, formatter, load_run, pad_id, special_tokens
+from shoestring.export import RunModel, load_run
 from shoestring.generate import sample
 from shoestring.levers.lora import adapters_off, lora_modules
 from shoestring.models.llama import Llama
-from shoestring.train.loss import cross_entropy_from_hidden
+from shoestring.models.loss import cross_entropy_from_hidden
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from shoestring.data.tokenizer import EOT, EOT_ID
 from shoestring.errors import UserError
-from shoestring.finetune import RunModel, load_run
+from shoestring.export import RunModel, load_run
 from shoestring.levers.lora import adapter_state_dict, lora_modules, merged_state_dict
 from shoestring.models.hf import FAMILIES, hf_config_from_args, ours_to_hf, text_config, write_hf_dir
 

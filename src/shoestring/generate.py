@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from shoestring.finetune import load_run
+from shoestring.data.instruct import formatter
+from shoestring.export import load_run
 from shoestring.models.llama import Llama
 
 
@@ -44,8 +45,6 @@ def generate_text(run_dir: Path, prompt: str, max_new_tokens: int, temperature: 
                   chat: bool = False) -> str:
     """`chat`: the prompt is a user message, rendered with the run's chat template (fine-tuned runs)."""
     if chat:
-        from shoestring.finetune import formatter
-
         run = load_run(run_dir)
         model, tokenizer = run.model, run.tokenizer
         fmt = formatter(tokenizer, run.tokenizer_config)

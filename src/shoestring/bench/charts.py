@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MiB = 2**20
+from shoestring.measure.memory import MiB
 
 
 def _label(r: dict) -> str | None:

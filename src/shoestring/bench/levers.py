@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Callable
 
 from shoestring.bench.step import StepSpec, side_by_side
+from shoestring.measure.memory import MiB
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
 CHECKPOINTING = ("none", "full", "every:2", "selective")
@@ -27,7 +28,6 @@ SIZES = {
     "small": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=256, steps=3), 3),
     "full": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=512, steps=4), 5),
 }
-MiB = 2**20
 
 
 DEFAULT = "the trainer's default (auto)"

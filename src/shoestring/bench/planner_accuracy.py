@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from shoestring.bench import harness
 
-MiB = 2**20
+from shoestring.measure.memory import MiB
 FIT, CHECK = "fit", "check"
 
 
@@ -116,8 +116,8 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from shoestring.models import PRESETS
-    from shoestring.parallel import dist
-    from shoestring.train.memory import PeakRSS
+    from shoestring import dist
+    from shoestring.measure.memory import PeakRSS
 
     case = Case(**spec)
     vocab = PRESETS[case.preset].vocab_size

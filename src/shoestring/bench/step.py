@@ -40,7 +40,7 @@ def measure(spec: StepSpec) -> dict:
     one more step (after the peak is read: the counter holds what it counts)."""
     from shoestring.levers.checkpointing import estimate_saved_activation_bytes
     from shoestring.models import preset_args
-    from shoestring.train.memory import PeakRSS, SavedActivationCounter
+    from shoestring.measure.memory import PeakRSS, SavedActivationCounter
 
     strategy = harness.build(spec.tree(), spec.vocab_size)
     gen = torch.Generator().manual_seed(spec.seed)

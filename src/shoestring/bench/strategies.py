@@ -21,7 +21,8 @@ import torch
 
 from shoestring.bench import harness
 
-MiB = 2**20
+from shoestring.measure.memory import MiB
+
 
 # name -> (overrides of the run's config, ranks). The sharded engines run twice more with full
 # activation checkpointing (a recomputed block re-gathers its weights), and each overlap
@@ -74,16 +75,15 @@ def _tree(sets: dict[str, Any]) -> dict[str, Any]:
 def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     """One rank: build the case's strategy, time its steps, then meter one step's communication."""
     from shoestring.models import PRESETS
-    from shoestring.parallel import dist
+    from shoestring import dist
     from shoestring.parallel.comm import CommMeter
-    from shoestring.train.memory import PeakRSS
+    from shoestring.measure.memory import PeakRSS
 
     sets = spec["sets"]
     vocab = PRESETS[sets["model.preset"]].vocab_size
     s = harness.build(_tree(sets), vocab)
     batch, seq = sets["train.batch_size"], sets["data.seq_len"]
     data = harness.bigram_batches(vocab, harness.WARMUP + spec["steps"] + 1, batch, seq, seed=0)
-    losses: list[float] = []
     rss = PeakRSS()
     peaks: list[int] = []
 

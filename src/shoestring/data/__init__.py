@@ -1,4 +1,6 @@
-"""Text -> tokenizer -> token shards on disk (memmap) -> packed, per-rank, resumable batches."""
+"""Text -> tokenizer -> token shards on disk (memmap) -> packed, per-rank, resumable batches;
+instruction data as chat-templated rows (`data.instruct`); a run's data from its config, either
+kind behind one interface (`data.sources`)."""
 
 from shoestring.data.corpus import iter_documents, resolve_corpus
 from shoestring.data.loader import BatchSampler, n_windows, val_batches

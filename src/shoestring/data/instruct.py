@@ -39,13 +39,14 @@ from tokenizers import Tokenizer
 
 from shoestring.data.loader import Batch, BatchSampler
 from shoestring.errors import UserError
-from shoestring.train.loss import IGNORE_INDEX
+from shoestring.models.loss import IGNORE_INDEX
 
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token")
 
 
 class MalformedLine(ValueError):
@@ -132,6 +133,30 @@ class ChatFormatter:
                 target += [is_target] * len(piece)
             done = full
         return ids, target
+
+
+def special_tokens(tok_cfg: dict) -> dict[str, str]:
+    """bos/eos/pad strings for the chat template (tokenizer_config may hold them as dicts)."""
+    out = {}
+    for name in SPECIAL_TOKENS:
+        v = tok_cfg.get(name)
+        if isinstance(v, dict):
+            v = v.get("content")
+        out[name] = v or ""
+    return out
+
+
+def formatter(tokenizer: Tokenizer, tok_cfg: dict) -> ChatFormatter:
+    return ChatFormatter(tokenizer, tok_cfg.get("chat_template"), special_tokens(tok_cfg))
+
+
+def pad_id(tokenizer: Tokenizer, tok_cfg: dict) -> int:
+    """Padding never reaches the loss (targets are ignored there); any valid id will do."""
+    for name in ("pad_token", "eos_token"):
+        token = special_tokens(tok_cfg)[name]
+        if token and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return 0
 
 
 def _raise(message: str) -> None:

@@ -19,7 +19,7 @@ Checkpointing is non-reentrant (`use_reentrant=False`).
 The cost half: `estimate_saved_activation_bytes` counts, from the model's shapes, the bytes
 autograd keeps for the transformer blocks in each mode; `estimate_recompute_flops_fraction` gives
 the extra matmul FLOPs relative to a step. `tests/test_checkpointing.py` holds the estimate to the
-bytes `shoestring.train.memory.SavedActivationCounter` counts (exact, eager mode, CPU).
+bytes `shoestring.measure.memory.SavedActivationCounter` counts (exact, eager mode, CPU).
 
 What it costs in time is not the FLOP fraction alone. Measured on a 2-core AVX-512-BF16 CPU
 (tiny preset, 16 x 256 tokens, bf16 autocast, torch 2.13, eager): element-wise ops are about
@@ -29,8 +29,13 @@ unfused), and selective checkpointing routes every op of a region through two Py
 10% of the step on their own, whatever the policy saves. So in eager mode on CPU `selective`
 costs about as much time as `full` (+15-20%), and `every:2` is the better half-way point. Under
 `torch.compile` (the compile lever, applied after this one) the policy is applied by the
-partitioner instead, with no per-op dispatch: `selective` and `full` cost ~0-3% there. Under
-compile the saved tensors also differ (fusion saves fewer): the estimate takes `compiled=True`.
+partitioner instead, with no per-op dispatch: there `selective` costs about nothing (-1%, rounds
+from -3% to +6%) and `full` what recomputing the forward costs (+15%, rounds from +8% to +20%).
+Measured on the same CPU: `small` preset, 8 x 256 tokens, bf16, blocks compiled, the three modes
+in one process, 9 interleaved rounds of 2 steps, one thread's CPU time per step (the machine was
+shared, so CPU time rather than wall time; the planner's idle fit run found +15% / -4%,
+`plan/hardware.toml` `[calibration.cpu.compiled]`). Under compile the saved tensors also differ
+(fusion saves fewer): the estimate takes `compiled=True`.
 """
 
 from __future__ import annotations
@@ -44,9 +49,9 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shoestring.errors import UserError
+from shoestring.measure import memory
 from shoestring.models.attention import attention_forward
 from shoestring.models.llama import ModelArgs
-from shoestring.train import memory
 
 MODES_HELP = "none, full, every:K (K>=1), selective, offload"
 _EVERY = re.compile(r"^every:([1-9]\d*)$")

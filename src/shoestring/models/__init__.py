@@ -1,4 +1,4 @@
-"""Model definitions only: no precision, devices or parallelism here."""
+"""Model definitions and the loss (`models.loss`): no precision policy, devices or parallelism here."""
 
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 the switches that make it Mistral, Qwen2/2.5, Qwen3, Gemma 2/3 or Phi-3 as well.
 
 The model is plain: it knows nothing of precision, checkpointing, compilation or devices. Those
-levers are applied from outside (`shoestring.levers`, `shoestring.parallel`). Parameter names
+levers are applied from outside (`shoestring.levers`, `shoestring.parallel`). One kernel choice
+below it looks at how it is run: on CPU, attention traced by `torch.compile` takes a blocked
+backward instead of SDPA's slow flash backward (`torch.compiler.is_compiling()`,
+`shoestring.models.attention`); the model neither compiles itself nor is told that it is compiled. Parameter names
 follow Hugging Face's causal LMs (without their `model.` prefix) and RoPE uses the same
 rotate-half layout, so a checkpoint of a supported family maps onto this class by renaming keys
 (and splitting Phi-3's fused projections): `shoestring.models.hf`.
@@ -25,7 +28,7 @@ Each family's difference is one field of `ModelArgs`, default off:
 | `local_rope_theta`              | RoPE base of the sliding layers                      | Gemma 3           |
 
 `forward` returns the final hidden states, not logits: the loss is computed from them by
-`shoestring.train.loss`, in chunks, so the `batch x seq x vocab` tensor never exists at once
+`shoestring.models.loss`, in chunks, so the `batch x seq x vocab` tensor never exists at once
 (`final_softcap` is applied there too). Given `doc`, a (batch, seq) document id per token (a
 packed row of instruction examples), each document is computed as if alone in its row: RoPE
 positions restart at its first token and its queries see only its own keys.

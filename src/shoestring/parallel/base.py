@@ -27,7 +27,7 @@ from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.parallel.cost import STEP_COUNTER_BYTES, Cost, Workload
-from shoestring.train.loss import cross_entropy_from_hidden
+from shoestring.models.loss import cross_entropy_from_hidden
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
+from shoestring import dist
 from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
+from shoestring.measure.memory import tensor_bytes
 from shoestring.models.llama import Llama
-from shoestring.parallel import dist
 from shoestring.parallel.base import OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file
 from shoestring.parallel.cost import STEP_COUNTER_BYTES, Collective, Cost, Workload, gathered_block_buffers
-from shoestring.train.memory import tensor_bytes
 
 DS_DIR, TAG, META = "deepspeed", "state", "deepspeed.json"
 

@@ -35,18 +35,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from shoestring import dist
 from shoestring.config import ParallelSection
 from shoestring.errors import UserError
 from shoestring.levers.lora import dequantize_nf4, is_nf4
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
-from shoestring.parallel import dist
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
                                       scaled_step)
 from shoestring.parallel.cost import (STEP_COUNTER_BYTES, Collective, Cost, Workload, dim0_shard_total,
                                       gathered_block_buffers,
                                       shard_group_size, torch_reduce_scatter)
-from shoestring.train.memory import model_state_bytes
+from shoestring.measure.memory import model_state_bytes
 
 DCP_DIR = "dcp"
 

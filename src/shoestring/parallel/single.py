@@ -20,8 +20,8 @@ from shoestring.models.llama import Llama
 from shoestring.parallel.cost import Cost, Workload
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state,
                                       replicated_state_bytes, require_file, scaled_step)
-from shoestring.train import checkpoint as ckpt
-from shoestring.train.memory import model_state_bytes
+from shoestring import checkpoint as ckpt
+from shoestring.measure.memory import model_state_bytes
 
 STATE_FILE = "strategy.pt"
 

@@ -1,1 +1,3 @@
-"""Planning: the hardware catalogue, the local probe, and (later) memory/throughput/cost models."""
+"""Planning: the hardware catalogue, the local probe, the memory, throughput and cost models, and
+the search over devices, levers and strategies (`shoestring plan`, `train --auto`). It asks the
+levers and strategies for their costs; the trainer asks it (the probe's facts, `--auto`)."""

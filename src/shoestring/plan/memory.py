@@ -35,12 +35,12 @@ from functools import cache
 from shoestring.config import ParallelSection
 from shoestring.levers.checkpointing import block_saved_tensors, checkpointed_blocks, estimate_saved_activation_bytes, parse_mode
 from shoestring.levers.precision import PrecisionPolicy
+from shoestring.models.loss import LOSS_CHUNK
 from shoestring.parallel import strategy_class
 from shoestring.parallel.cost import Cost, Workload
 from shoestring.plan.catalogue import Device
 from shoestring.plan.model import ModelInfo, Trainable
 
-LOSS_CHUNK = 1024  # tokens per chunk in shoestring.train.loss
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from shoestring.dist import free_port
 from shoestring.levers.precision import DTYPE_NAMES, DeviceFacts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -257,12 +257,6 @@ def mfu_error(flops_per_s: float, peak: float) -> str | None:
             f"delete {cache_path()} to measure it again")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _allreduce_worker(rank: int, world: int, port: int, nbytes: int, queue) -> None:
     import torch.distributed as dist
 
@@ -292,7 +286,7 @@ def allreduce_bandwidth(ranks: int, nbytes: int = 32 * 2**20) -> float:
     def measure() -> float:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_allreduce_worker, args=(r, ranks, port, nbytes, queue)) for r in range(ranks)]
         for p in procs:
             p.start()

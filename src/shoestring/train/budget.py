@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoestring.checkpoint import write_atomically
 from shoestring.config import parse_budget
 from shoestring.errors import UserError
-from shoestring.train.checkpoint import write_atomically
 
 BUDGET_FILE = "budget.json"
 SKIP = 1  # an attempt's first step compiles and warms the allocator: left out of the step time

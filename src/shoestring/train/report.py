@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoestring.errors import UserError
+from shoestring.rundir import METRICS_FILE
 from shoestring.train.metrics import read_metrics
 
 
@@ -69,9 +70,9 @@ def plot_run(run_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plots need matplotlib", "pip install 'shoestring[plots]'") from None
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl", "give the run.dir of a training run")
+        raise UserError(f"{run_dir} has no {METRICS_FILE}", "give the run.dir of a training run")
     records = read_metrics(path)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]

@@ -24,39 +24,32 @@ import torch
 from rich.console import Console
 
 from shoestring import __version__
+from shoestring import checkpoint as ckpt
+from shoestring import dist
 from shoestring.build import Resolved, build_strategy, pick_device, resolve_auto
 from shoestring.config import Config
 from shoestring.data.loader import Batch, BatchSampler
+from shoestring.data.sources import instruct_data, text_data
 from shoestring.errors import RunError, UserError
-from shoestring.finetune import instruct_data, text_data
 from shoestring.levers.precision import DeviceFacts
-from shoestring.parallel import StepResult, Strategy, dist
+from shoestring.measure.memory import RunPeak, SavedActivationCounter
+from shoestring.parallel import StepResult, Strategy
 from shoestring.parallel.comm import CommMeter, CommStats
 from shoestring.parallel.launch import restart_count
 from shoestring.plan import probe
 from shoestring.plan.auto import describe_breakdown, fitting_micro_batch, step_memory
 from shoestring.plan.catalogue import default_price
+from shoestring.rundir import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from shoestring.train import adapt
-from shoestring.train import checkpoint as ckpt
 from shoestring.train.budget import BudgetClock, budget_seconds
-from shoestring.train.memory import RunPeak, SavedActivationCounter
 from shoestring.train.metrics import MetricsLog, NullMetrics
 from shoestring.train.progress import TrainProgress, train_progress
 from shoestring.train.schedule import lr_at
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 # Fields whose change would make a resumed run a different run.
 RUN_DEFINING = ("model", "lora", "data.format", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len", "data.packing",
                 "train.batch_size", "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
                 "train.weight_decay", "train.beta1", "train.beta2")
-
-
-def prepared_dir(cfg: Config) -> Path:
-    if cfg.data.prepared_dir:
-        return Path(cfg.data.prepared_dir)
-    name = Path(cfg.data.corpus).name.replace(".", "_") or "corpus"
-    return Path("data/prepared") / f"{name}-v{cfg.data.vocab_size}"
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:
@@ -157,7 +150,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.run.dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.device = dist.local_device(pick_device(self.cfg.train.device).type)
         self.stop = StopRequest()
         self._mfu_reported = False
@@ -204,7 +197,7 @@ class Trainer:
         if resume == "auto":
             return ckpt.resolve_resume(self.ckpt_dir, fallback=True, warn=lambda m: self.console.print(f"[yellow]{m}[/]"))
         path = Path(resume)
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
         if (root / ckpt.MANIFEST).is_file():  # a single checkpoint directory
             ref = ckpt.CheckpointRef(root, int(json.loads((root / ckpt.MANIFEST).read_text())["step"]))
             ckpt.verify(ref)
@@ -350,14 +343,14 @@ class Trainer:
         cfg = self.cfg
         if resume is not None and resume != "auto":
             self.run_dir = Path(resume) if (Path(resume) / CONFIG_FILE).exists() else self.run_dir
-            self.ckpt_dir = self.run_dir / "checkpoints"
+            self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         ref = self._find_resume(resume)
         self._claim_run_dir(resuming=ref is not None or resume == "auto", overwrite=overwrite and resume is None)
         saved = ckpt.load_file(ref, "trainer.pt") if ref is not None else None
         resolved, facts = self._resolve(saved["config"] if saved else None)
         cfg = self.cfg = resolved.cfg
 
-        data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg, prepared_dir(cfg))
+        data = instruct_data(cfg, self.run_dir, self.console.print) if cfg.data.format == "instruct" else text_data(cfg)
         strategy = build_strategy(cfg, data.vocab, self.device, data.source)
         data.source = None  # the weights are in the model now; drop the source's copy
         self.strategy = strategy
@@ -380,7 +373,7 @@ class Trainer:
         if strategy.is_main:
             self._record_restart(start, BudgetClock.now() - t_start, cfg.train.batch_size * cfg.data.seq_len)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-            metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / "metrics.jsonl",
+            metrics: MetricsLog | NullMetrics = MetricsLog(self.run_dir / METRICS_FILE,
                                                            resume_step=start if ref is not None else None)
         else:
             metrics = NullMetrics()
@@ -601,7 +594,7 @@ class Trainer:
         tps = tokens / wall if wall > 0 else 0.0
         flops_per_s = flops / wall if wall > 0 else 0.0
         last_loss = None
-        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path = self.run_dir / METRICS_FILE
         for line in reversed(metrics_path.read_text().splitlines()):
             record = json.loads(line)
             if "loss" in record:
@@ -659,11 +652,3 @@ def step_work(lengths: np.ndarray, flops_per_token: Callable[[int], float]) -> t
     out): each token's FLOPs at its own sequence's length, since attention sees that many keys."""
     sizes, counts = np.unique(lengths, return_counts=True)
     return int(lengths.sum()), float(sum(int(c) * int(n) * flops_per_token(int(n)) for n, c in zip(sizes, counts)))
-
-
-def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
-    """Cross-entropy (nats) of the val split under the train split's token frequencies (add-one
-    smoothed): the loss a model that ignores context would reach."""
-    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(val)].mean())

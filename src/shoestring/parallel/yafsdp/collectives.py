@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as tdist
 
-from shoestring.parallel import dist
+from shoestring import dist
 from shoestring.parallel.cost import shard_group_size
 
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # parallel.reduce_dtype

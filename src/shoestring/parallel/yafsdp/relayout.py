@@ -17,7 +17,7 @@ import torch
 from shoestring.parallel.base import require_file
 from shoestring.parallel.flat import FlatLayout
 from shoestring.parallel.yafsdp.units import storage_offsets
-from shoestring.train import checkpoint as ckpt
+from shoestring import checkpoint as ckpt
 
 CKPT_DIR = "yafsdp"
 

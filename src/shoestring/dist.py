@@ -12,12 +12,20 @@ down as soon as one worker exits with an error.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as tdist
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for the store of a process group started here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launched() -> bool:

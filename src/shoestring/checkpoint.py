@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from shoestring import dist
 from shoestring.errors import RunError
-from shoestring.parallel import dist
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"

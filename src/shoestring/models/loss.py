@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+LOSS_CHUNK = 1024  # tokens whose logits exist at once (the planner counts one chunk's buffers)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -67,7 +68,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, softcap: float | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK, softcap: float | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (soft-capped at `softcap` when given) against
     `targets` (IGNORE_INDEX rows skipped).
