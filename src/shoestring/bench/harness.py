@@ -132,6 +132,28 @@ def timed_steps(step: Callable[[int], Any], steps: int) -> dict[str, Any]:
     return {"step_s": statistics.median(timed), "steps_s": timed, "losses": losses}
 
 
+def timed_training(strategy, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[dict[str, Any], int]:
+    """`timed_steps` of whole optimizer steps on one fixed batch, and the process's peak RSS
+    (VmHWM) from here to the last of them."""
+    from shoestring.measure.memory import PeakRSS
+
+    def step(_: int) -> torch.Tensor:
+        loss = strategy.forward_backward(x, y, 1.0, True)
+        strategy.step(1e-3)
+        return loss
+
+    rss = PeakRSS()
+    rss.reset()
+    timing = timed_steps(step, steps)
+    return timing, rss.peak_bytes()
+
+
+def random_batch(vocab: int, batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded uniform tokens and targets: speed and memory do not depend on what is learnt."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(0, vocab, (batch, seq_len), generator=gen) for _ in range(2))  # type: ignore[return-value]
+
+
 def bigram_batches(vocab: int, steps: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
     """(steps, batch, seq_len + 1) tokens of a seeded random bigram chain: each token has 4 equally
     likely successors, so the loss falls from ln(vocab) towards ln 4 as a model learns them (a

@@ -113,27 +113,15 @@ SIZES: dict[str, dict[str, list[Case]]] = {
 
 def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     """One rank of a case: build the strategy from the case's config (the trainer's path), time its steps."""
-    import torch
-
-    from shoestring.models import PRESETS
     from shoestring import dist
-    from shoestring.measure.memory import PeakRSS
+    from shoestring.models import PRESETS
 
     case = Case(**spec)
     vocab = PRESETS[case.preset].vocab_size
     s = harness.build(case.config_tree(), vocab)
-    gen = torch.Generator().manual_seed(dist.rank())
-    x, y = (torch.randint(0, vocab, (case.batch // case.world, case.seq_len), generator=gen) for _ in range(2))
-
-    def step(_: int) -> torch.Tensor:
-        loss = s.forward_backward(x, y, 1.0, True)
-        s.step(1e-3)
-        return loss
-
-    rss = PeakRSS()
-    rss.reset()
-    timing = harness.timed_steps(step, case.steps)
-    return {"peak_rss": rss.peak_bytes(), "step_s": timing["step_s"], "steps_s": timing["steps_s"],
+    x, y = harness.random_batch(vocab, case.batch // case.world, case.seq_len, seed=dist.rank())
+    timing, peak = harness.timed_training(s, x, y, case.steps)
+    return {"peak_rss": peak, "step_s": timing["step_s"], "steps_s": timing["steps_s"],
             "compiled": harness.compiled_blocks(s)}
 
 

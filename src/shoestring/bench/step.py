@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-import torch
-
 from shoestring.bench import harness
 
 
@@ -40,21 +38,11 @@ def measure(spec: StepSpec) -> dict:
     one more step (after the peak is read: the counter holds what it counts)."""
     from shoestring.levers.checkpointing import estimate_saved_activation_bytes
     from shoestring.models import preset_args
-    from shoestring.measure.memory import PeakRSS, SavedActivationCounter
+    from shoestring.measure.memory import SavedActivationCounter
 
     strategy = harness.build(spec.tree(), spec.vocab_size)
-    gen = torch.Generator().manual_seed(spec.seed)
-    x, y = (torch.randint(0, spec.vocab_size, (spec.batch, spec.seq_len), generator=gen) for _ in range(2))
-
-    def step(_: int) -> torch.Tensor:
-        loss = strategy.forward_backward(x, y, 1.0, True)
-        strategy.step(1e-3)
-        return loss
-
-    rss = PeakRSS()
-    rss.reset()
-    timing = harness.timed_steps(step, spec.steps)
-    peak = rss.peak_bytes()
+    x, y = harness.random_batch(spec.vocab_size, spec.batch, spec.seq_len, spec.seed)
+    timing, peak = harness.timed_training(strategy, x, y, spec.steps)
     with SavedActivationCounter() as counter:
         strategy.forward_backward(x, y, 1.0, True)
     strategy.step(1e-3)
