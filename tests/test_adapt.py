@@ -183,3 +183,19 @@ def test_lost_node_continues_on_a_smaller_world(make_config, tmp_path):
     assert summary["adapt"]["grad_accum"] * summary["adapt"]["micro_batch"] * 2 == 12
     np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(14))
+
+
+def test_a_worker_started_again_by_its_agent_knows_it(monkeypatch, tmp_path):
+    """torchrun counts a restart after a failure, not after a change of membership: the
+    launcher's per-agent marks tell a worker it continues the job either way."""
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.delenv(dist.STARTS_DIR, raising=False)
+    assert not dist.started_before() and not dist.started_before()  # no launcher: never
+    monkeypatch.setenv(dist.STARTS_DIR, str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not dist.started_before() and dist.started_before()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not dist.started_before()  # each local rank its own mark
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.delenv(dist.STARTS_DIR)
+    assert dist.started_before()

@@ -39,7 +39,7 @@ def _worker_argv(args: argparse.Namespace, restart: bool = False) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from shoestring.config import load_config
     from shoestring import dist
-    from shoestring.parallel.launch import LaunchOptions, check_elastic, launch, restart_count
+    from shoestring.parallel.launch import LaunchOptions, check_elastic, launch
     from shoestring.train.adapt import RestartSmaller
     from shoestring.train.report import print_summary
     from shoestring.train.trainer import Trainer
@@ -57,8 +57,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_elastic(opts, cfg.train.batch_size, cfg.train.micro_batch, cfg.parallel.strategy)
         return launch(opts, _worker_argv(args), _worker_argv(args, restart=True))
     resume, overwrite = args.resume, args.overwrite
-    if restart_count() > 0:  # torchrun restarted the group after a failure: continue, never wipe
-        resume, overwrite = "auto", False
     while True:
         trainer = Trainer(cfg, console=console)
         try:

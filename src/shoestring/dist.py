@@ -15,6 +15,7 @@ import os
 import socket
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -31,6 +32,27 @@ def free_port() -> int:
 def launched() -> bool:
     """Whether torchrun (or an equivalent launcher) started this process."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+STARTS_DIR = "SHOESTRING_WORKER_STARTS"  # set by shoestring's launcher: a directory of this node's agent
+
+
+def started_before() -> bool:
+    """Whether torchrun started this worker before in this job (and note this start). After a
+    failure torchrun counts the restart (TORCHELASTIC_RESTART_COUNT); after a change of
+    membership (a node lost or joining, seen by an agent whose own workers were still healthy)
+    it does not, so shoestring's launcher gives its agent a directory where each local rank
+    leaves a mark on its first start. Call it once per process."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return True
+    marks = os.environ.get(STARTS_DIR)
+    if not marks:
+        return False
+    mark = Path(marks) / f"local_rank_{os.environ.get('LOCAL_RANK', '0')}"
+    if mark.exists():
+        return True
+    mark.touch()
+    return False
 
 
 def active() -> bool:
@@ -82,15 +104,20 @@ def process_group(device: torch.device, timeout_s: float, required: bool) -> Ite
 
 
 def _store(timeout: timedelta) -> dict[str, Any]:
-    """The rendezvous store for `init_process_group`. torchrun's agent keeps one store across
-    restarts (`--max-restarts`), so the keys the previous attempt's ranks wrote (their gloo
-    addresses) are still there: a restarted rank could read a dead peer's address before the
-    new peer overwrites it and fail to connect. Each attempt gets its own key prefix."""
+    """The rendezvous store for `init_process_group`. When the workers share their agent's store
+    (torchrun's default), it outlives restarts, so the keys the previous attempt's ranks wrote
+    (their gloo addresses) are still there: a restarted rank could read a dead peer's address
+    before the new peer overwrites it and fail to connect. Each attempt then gets its own key
+    prefix; that is right for one agent (`--standalone`), whose restart count every rank shares.
+    Agents on several nodes count differently (a membership change is no restart to the agent
+    that saw it), so shoestring's launcher turns the sharing off (TORCH_DISABLE_SHARE_RDZV_TCP_STORE):
+    each round then gets a new store, and no prefix."""
     if not launched():
         return {"store": tdist.HashStore(), "rank": 0, "world_size": 1}
     store, rank_, size = next(tdist.rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": tdist.PrefixStore(f"shoestring/attempt_{attempt}", store), "rank": rank_, "world_size": size}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = tdist.PrefixStore(f"shoestring/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return {"store": store, "rank": rank_, "world_size": size}
 
 
 def hybrid_groups(size: int) -> tuple[tdist.ProcessGroup, tdist.ProcessGroup]:

@@ -4,7 +4,9 @@ The launcher re-invokes `python -m shoestring train ...` (without the launch fla
 worker via `torch.distributed.run`, so `torchrun -m shoestring train ...` by hand is the same
 thing. torchrun watches the workers: when one fails it stops the others and reports the failing
 rank; with `--max-restarts` it restarts the whole group, and the restarted workers resume from
-the newest checkpoint (`TORCHELASTIC_RESTART_COUNT` > 0 turns the run into `--resume auto`).
+the newest checkpoint (a worker started before in this job, `shoestring.dist.started_before`,
+on any rank turns the run into `--resume auto`). With `--nnodes MIN:MAX` a lost node's agents
+meet again in a new round on fewer nodes, which continue from the same checkpoint.
 A rank that ran out of memory where it could not recover in process exits with
 `RESTART_EXIT` (shoestring.train.adapt): the launcher then starts the ranks again itself, resuming
 at the smaller micro-batch that rank recorded, restarts or not.
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
+from shoestring import dist
 from shoestring.errors import RunError, UserError
 
 RESTART_EXIT = 75  # a rank asks for a restart from the last checkpoint (shoestring.train.adapt)
@@ -57,11 +62,6 @@ def check_elastic(opts: LaunchOptions, batch_size: int, micro_batch: int | str, 
                         f"(e.g. {', '.join(map(str, sorted({max(need, batch_size // need * need), (batch_size // need + 1) * need})))})")
 
 
-def restart_count() -> int:
-    """How often torchrun has restarted this worker group (0 on the first start)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
 def torchrun_args(opts: LaunchOptions, worker_argv: list[str]) -> list[str]:
     args = [f"--nproc-per-node={opts.nproc}", f"--nnodes={opts.nnodes}", f"--max-restarts={opts.max_restarts}"]
     if opts.rdzv_endpoint:
@@ -81,14 +81,19 @@ def launch(opts: LaunchOptions, worker_argv: list[str], restart_argv: list[str])
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; ranks share the cores
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a new store each round (shoestring.dist._store)
+    os.environ[dist.STARTS_DIR] = starts = tempfile.mkdtemp(prefix="shoestring-starts-")
     argv = worker_argv
-    while True:
-        try:
-            torchrun(torchrun_args(opts, argv))
-            return 0
-        except ChildFailedError as err:
-            if not any(f.exitcode == RESTART_EXIT for f in err.failures.values()):
-                rank, failure = err.get_first_failure()
-                raise RunError(f"rank {rank} failed (exit code {failure.exitcode}); the other ranks were stopped",
-                               "see that rank's error above; fix it and rerun with --resume auto") from None
-        argv = restart_argv
+    try:
+        while True:
+            try:
+                torchrun(torchrun_args(opts, argv))
+                return 0
+            except ChildFailedError as err:
+                if not any(f.exitcode == RESTART_EXIT for f in err.failures.values()):
+                    rank, failure = err.get_first_failure()
+                    raise RunError(f"rank {rank} failed (exit code {failure.exitcode}); the other ranks were stopped",
+                                   "see that rank's error above; fix it and rerun with --resume auto") from None
+            argv = restart_argv
+    finally:
+        shutil.rmtree(starts, ignore_errors=True)

@@ -35,7 +35,6 @@ from shoestring.levers.precision import DeviceFacts
 from shoestring.measure.memory import RunPeak, SavedActivationCounter
 from shoestring.parallel import StepResult, Strategy
 from shoestring.parallel.comm import CommMeter, CommStats
-from shoestring.parallel.launch import restart_count
 from shoestring.plan import probe
 from shoestring.plan.auto import describe_breakdown, fitting_micro_batch, step_memory
 from shoestring.plan.catalogue import default_price
@@ -154,6 +153,7 @@ class Trainer:
         self.device = dist.local_device(pick_device(self.cfg.train.device).type)
         self.stop = StopRequest()
         self._mfu_reported = False
+        self.restarted = False  # set by `run`: this start continues the job after a torchrun restart
 
     # ---- set-up ---------------------------------------------------------------------------
     def _claim_run_dir(self, resuming: bool, overwrite: bool) -> None:
@@ -214,6 +214,11 @@ class Trainer:
         with dist.process_group(self.device, self.cfg.parallel.timeout_s, required=self.cfg.parallel.strategy != "single"):
             if not dist.is_main():
                 self.console = Console(quiet=True)
+            # torchrun started a rank of this job before (a failure, a node lost or joining): every
+            # rank continues the run, none wipes it.
+            self.restarted = dist.maximum(int(dist.started_before())) > 0
+            if self.restarted:
+                resume, overwrite = "auto", False
             return self._run(resume, overwrite)
 
     def _run(self, resume: str | None, overwrite: bool) -> dict[str, Any]:
@@ -437,7 +442,7 @@ class Trainer:
         steps logged past the checkpoint resumed from (their time from their logged speed; an
         out-of-memory error counted its own)."""
         run_events = adapt.events(self.run_dir)
-        reason = "out of memory" if adapt.restart_pending(run_events) else "torchrun restart" if restart_count() else None
+        reason = "out of memory" if adapt.restart_pending(run_events) else "torchrun restart" if self.restarted else None
         if reason is None:
             return
         redone, lost = (0, 0.0) if reason == "out of memory" else adapt.logged_since(self.run_dir / "metrics.jsonl", step,
