@@ -54,6 +54,25 @@ def test_resplit_serves_the_same_samples_per_step():
     assert (x4 == x1.numpy()).all()
 
 
+def test_a_lost_node_keeps_every_sample_once_per_epoch():
+    """3 ranks until a checkpoint at step 4, a node lost in step 5, then 2 ranks from step 4 at
+    another split: the redone steps serve the samples they served before, and the epoch's
+    steps (those that count) serve every window exactly once."""
+    seq, windows, batch = 16, 96, 12
+    tokens = np.arange(windows * seq + 1)  # window w starts with token w * seq
+
+    def served(world: int, accum: int, step: int) -> list[int]:
+        ranks = [BatchSampler(tokens, seq, global_batch=batch, grad_accum=accum, rank=r, world_size=world, seed=5)
+                 for r in range(world)]
+        return [int(w) for s in ranks for m in range(accum) for w in s.batch(step, m)[0][:, 0] // seq]
+
+    before = {step: served(3, 1, step) for step in range(6)}
+    after = {step: served(2, 2, step) for step in range(4, windows // batch)}
+    assert all(sorted(before[s]) == sorted(after[s]) for s in (4, 5))
+    epoch = [w for s in range(4) for w in before[s]] + [w for s in after for w in after[s]]
+    assert sorted(epoch) == list(range(windows))
+
+
 def test_helpers():
     assert adapt.smaller(32, 32) == 16 and adapt.smaller(12, 12) == 6 and adapt.smaller(12, 6) == 3
     assert adapt.smaller(12, 3) == 1 and adapt.smaller(8, 1) is None
@@ -147,13 +166,14 @@ def logged(run: Path) -> int:
 
 
 @pytest.mark.slow
-def test_lost_node_continues_on_a_smaller_world(make_config, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "yafsdp"])
+def test_lost_node_continues_on_a_smaller_world(make_config, tmp_path, strategy):
     """Three simulated nodes (a torchrun agent each, `--nnodes 2:3`, one c10d rendezvous); one is
     killed with its worker mid-run: the two left restart from the last checkpoint on 2 ranks
     (accumulation re-derived, global batch kept) and end on the uninterrupted run's loss curve,
-    each step seeing the same samples. (fsdp2 only, to keep CI short; yafsdp reshards the same.)"""
+    each step seeing the same samples (test_a_lost_node_keeps_every_sample_once_per_epoch)."""
     shape = dict(train__batch_size=12, train__steps=14, train__eval_every=100, run__save_every=2,
-                 parallel__strategy="fsdp2", parallel__timeout_s=60)
+                 parallel__strategy=strategy, parallel__timeout_s=60)
     ref = tmp_path / "ref"
     ref_cfg = write_config(make_config, tmp_path / "ref.toml", run__dir=str(ref), **shape)
     proc = subprocess.run([sys.executable, "-m", "shoestring", "train", str(ref_cfg), "--nproc", "2"], capture_output=True,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from shoestring.dist import free_port
 
 CHUNK = 1000
 
@@ -45,9 +46,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 def test_p2p_collectives_equal_torchs(world):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the group's store
     procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()

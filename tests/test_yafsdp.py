@@ -17,7 +17,6 @@ from dataclasses import replace
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -26,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from shoestring.config import ParallelSection
+from shoestring.dist import free_port
 from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers.lora import LoRASettings, apply_lora, is_adapter_key
 from shoestring.levers.precision import PrecisionPolicy
@@ -290,9 +290,7 @@ def _worker(rank: int, port: int, queue) -> None:
 def two_ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as probe:  # a free port for the group's store
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the group's store
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

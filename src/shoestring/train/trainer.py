@@ -445,7 +445,7 @@ class Trainer:
         reason = "out of memory" if adapt.restart_pending(run_events) else "torchrun restart" if self.restarted else None
         if reason is None:
             return
-        redone, lost = (0, 0.0) if reason == "out of memory" else adapt.logged_since(self.run_dir / "metrics.jsonl", step,
+        redone, lost = (0, 0.0) if reason == "out of memory" else adapt.logged_since(self.run_dir / METRICS_FILE, step,
                                                                                        tokens_per_step)
         adapt.record(self.run_dir, adapt.Event("restart", step, in_process=False, redone=redone, lost_s=setup_s + lost,
                                                devices=self.strategy.world_size, reason=reason))
