@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from shoestring.plan.catalogue import get_device, interruptions
+from shoestring.plan.catalogue import get_device, interruptions_at
 from shoestring.plan.interruptions import Interruptions, expected_loss, lost_seconds, save_interval
 from shoestring.plan.memory import CHECKPOINTED, Levers, checkpoint_bytes, state_bytes
 from shoestring.plan.model import full_trainable, model_info
@@ -27,8 +27,10 @@ PLAN = ["plan", "--model", "1b", "--tokens", "2e9", "--hardware", HARDWARE[0], "
     (1.0, 2.0, 1.0, 0.0, 10 * 86400, 100 * 3600),  # rare interruptions: long intervals
 ])
 def test_save_interval_minimises_the_expected_loss(step_s, write_s, read_s, setup_s, mtbf, run_s):
+    def cost(every: int) -> float:
+        return lost_seconds(every, step_s, run_s, write_s, read_s, setup_s, mtbf)
+
     every = save_interval(step_s, write_s, read_s, setup_s, mtbf, run_s)
-    cost = lambda k: lost_seconds(k, step_s, run_s, write_s, read_s, setup_s, mtbf)  # noqa: E731
     assert every >= 1
     grid = range(1, 4 * every + 50)
     assert cost(every) <= min(cost(k) for k in grid)
@@ -76,8 +78,8 @@ def _plans(req: Request) -> dict[str, tuple[float, float]]:
 def test_a_zero_rate_changes_nothing_and_a_rate_is_priced_in():
     base = Request("1b", 2e9, hardware=HARDWARE, spot=True)
     plain = _plans(base)
-    assert list(_plans(replace(base, interruptions=interruptions(0.0))).items()) == list(plain.items())
-    priced = search(replace(base, interruptions=interruptions(2.0))).plans
+    assert list(_plans(replace(base, interruptions=interruptions_at(0.0))).items()) == list(plain.items())
+    priced = search(replace(base, interruptions=interruptions_at(2.0))).plans
     for p in priced:
         x = p.interrupted
         cost, wall = plain[describe(p)]
@@ -87,7 +89,7 @@ def test_a_zero_rate_changes_nothing_and_a_rate_is_priced_in():
     best = describe(priced[0])
     deadline = replace(base, deadline_h=priced[0].run_h)
     assert next(p for p in search(deadline).plans if describe(p) == best).meets_deadline
-    late = search(replace(deadline, interruptions=interruptions(2.0))).plans
+    late = search(replace(deadline, interruptions=interruptions_at(2.0))).plans
     assert not next(p for p in late if describe(p) == best).meets_deadline
 
 

@@ -88,7 +88,7 @@ def _parse_amount(text: str, what: str, units: dict[str, float], example: str) -
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from shoestring.plan.catalogue import interruptions
+    from shoestring.plan.catalogue import interruptions_at
     from shoestring.plan.report import print_result, result_dict
     from shoestring.plan.search import Request, require_fit, search
 
@@ -99,8 +99,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         global_batch_tokens=int(_parse_amount(args.global_batch_tokens, "--global-batch-tokens", counts, "4M")),
         deadline_h=_parse_amount(args.deadline, "--deadline", {"h": 1, "d": 24}, "48h or 3d") if args.deadline else None,
         spot=args.spot, lora_rank=args.lora_rank, lora_base_dtype=args.lora_base_dtype,
-        interruptions=interruptions(args.interruptions_per_day, args.checkpoint_write_gbs, args.checkpoint_read_gbs,
-                                    args.restart_minutes),
+        interruptions=interruptions_at(args.interruptions_per_day, args.checkpoint_write_gbs, args.checkpoint_read_gbs,
+                                       args.restart_minutes),
     )
     result = search(req)
     require_fit(result)

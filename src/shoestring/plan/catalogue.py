@@ -36,8 +36,8 @@ def catalogue() -> dict[str, dict[str, Any]]:
     return {k: v for k, v in raw.items() if k not in NOT_DEVICES}
 
 
-def interruptions(per_node_day: float, write_gbs: float | None = None, read_gbs: float | None = None,
-                  setup_min: float | None = None) -> Interruptions:
+def interruptions_at(per_node_day: float, write_gbs: float | None = None, read_gbs: float | None = None,
+                     setup_min: float | None = None) -> Interruptions:
     """An interruption rate with what a restart takes: the figures given, else `[interruptions]`'s."""
     given = {"checkpoint_write_gbs": write_gbs, "checkpoint_read_gbs": read_gbs, "restart_setup_min": setup_min}
     f = {**tomllib.loads(CATALOGUE_PATH.read_text())["interruptions"], **{k: v for k, v in given.items() if v is not None}}

@@ -28,14 +28,11 @@ def _traffic(p: Plan) -> str:
             f"per step, {s.comm_total_s:.2f} s of communication ({s.comm_s:.2f} s not hidden)")
 
 
-INTERRUPTION_COLUMNS = ("restarts, lost",)  # the rest for the winner: the table would wrap
-
-
-def _interruption_cells(p: Plan) -> tuple[str, ...]:
+def _lost(p: Plan) -> list[str]:
+    """The table's cell for interruptions, where priced: expected restarts and what they add
+    (steps redone and `run.save_every` only for the winner: more columns would wrap the table)."""
     x = p.interrupted
-    if x is None:
-        return ()
-    return (f"{x.restarts:.1f}, {x.lost_s / 3600:.1f} h, ${_dollars(x.lost_usd)}",)
+    return [] if x is None else [f"{x.restarts:.1f}, {x.lost_s / 3600:.1f} h, ${_dollars(x.lost_usd)}"]
 
 
 def _topology_aware(p: Plan) -> bool:
@@ -120,18 +117,17 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
     if q.spot and not priced:
         console.print("interruptions are not priced: spot runs cost as if never reclaimed; "
                       "--interruptions-per-day R (per node) prices the restarts and the saves they need")
-    numbers = ("#", "tokens/s", "wall", "$", *INTERRUPTION_COLUMNS)
     t = Table(show_lines=False)
     for col in ("#", "hardware", "precision", "ckpt", "strategy", "micro x accum", "peak GiB/dev (largest parts)",
-                "tokens/s", "wall", "$", *(INTERRUPTION_COLUMNS if priced else ())):
-        t.add_column(col, justify="right" if col in numbers else "left")
+                "tokens/s", "wall", "$", *(["restarts, lost"] if priced else [])):
+        t.add_column(col, justify="right" if col in ("#", "tokens/s", "wall", "$", "restarts, lost") else "left")
     for i, p in enumerate(one_per_option(r.plans, limit), 1):
         wall = f"{p.wall_h:.1f} h" + ("" if p.meets_deadline else " (late)")
         precision = p.levers.precision + (f", base {p.levers.base_dtype}" if p.levers.base_dtype else "")
         t.add_row(str(i), f"{p.device.key}:{p.count}", precision, p.levers.checkpointing, p.levers.strategy_label(),
                   f"{p.levers.micro_batch} x {p.levers.grad_accum}",
                   f"{p.memory.total / GiB:.1f}/{p.device.memory_bytes / GiB:.0f} ({_components(p, 3)})",
-                  f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost), *_interruption_cells(p))
+                  f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost), *_lost(p))
     console.print(t)
     if r.plans:
         best = r.plans[0]
