@@ -88,6 +88,7 @@ def _parse_amount(text: str, what: str, units: dict[str, float], example: str) -
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from shoestring.plan.catalogue import interruptions_at
     from shoestring.plan.report import print_result, result_dict
     from shoestring.plan.search import Request, require_fit, search
 
@@ -98,13 +99,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         global_batch_tokens=int(_parse_amount(args.global_batch_tokens, "--global-batch-tokens", counts, "4M")),
         deadline_h=_parse_amount(args.deadline, "--deadline", {"h": 1, "d": 24}, "48h or 3d") if args.deadline else None,
         spot=args.spot, lora_rank=args.lora_rank, lora_base_dtype=args.lora_base_dtype,
+        interruptions=interruptions_at(args.interruptions_per_day, args.checkpoint_write_gbs, args.checkpoint_read_gbs,
+                                       args.restart_minutes),
     )
     result = search(req)
     require_fit(result)
     if args.json:
         print(json.dumps(result_dict(result, args.top), indent=1))
     else:
-        print_result(Console(soft_wrap=False, width=max(console.width, 170)), result, args.top)
+        print_result(Console(soft_wrap=False, width=max(console.width, 190)), result, args.top)
     return 0
 
 
@@ -236,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch-tokens", default="1M", help="tokens per optimizer step (default 1M)")
     p.add_argument("--deadline", help="wall-time limit, e.g. 48h or 3d")
     p.add_argument("--spot", action="store_true", help="price at spot rates where the catalogue has them")
+    lost = p.add_argument_group("interruptions (defaults and their sources: plan/hardware.toml [interruptions])")
+    lost.add_argument("--interruptions-per-day", type=float, default=0.0, metavar="R",
+                      help="interruptions per node per day to price: restarts, steps redone, saves, and the "
+                           "save interval that costs least (default 0: not priced)")
+    lost.add_argument("--restart-minutes", type=float, metavar="M", help="from an interruption to the job running again")
+    lost.add_argument("--checkpoint-write-gbs", type=float, metavar="GB/S", help="checkpoint bytes one node writes per second")
+    lost.add_argument("--checkpoint-read-gbs", type=float, metavar="GB/S", help="and reads back on a restart")
     p.add_argument("--top", type=int, default=10, help="rows to show")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
     p.set_defaults(func=cmd_plan)

@@ -4,7 +4,7 @@
 device and a count; `local_hardware()` describes this machine, probed on the spot (measured
 matmul peak per dtype, measured all-reduce bandwidth between local ranks) instead of read from
 the file. The `[calibration.*]` tables hold per device-class corrections measured by
-`benchmarks/planner_accuracy.py`.
+`benchmarks/planner_accuracy.py`; `[interruptions]` what a restart takes (plan/interruptions.py).
 """
 
 from __future__ import annotations
@@ -22,16 +22,26 @@ import torch
 
 from shoestring.errors import UserError
 from shoestring.levers.precision import DeviceFacts
+from shoestring.plan.interruptions import Interruptions
 
 CATALOGUE_PATH = Path(__file__).with_name("hardware.toml")
 GB = 1e9
+NOT_DEVICES = ("calibration", "interruptions")  # the file's other tables
 
 
 @cache
 def catalogue() -> dict[str, dict[str, Any]]:
-    """Device entries by key (the `[calibration]` tables are not devices)."""
+    """Device entries by key."""
     raw = tomllib.loads(CATALOGUE_PATH.read_text())
-    return {k: v for k, v in raw.items() if k != "calibration"}
+    return {k: v for k, v in raw.items() if k not in NOT_DEVICES}
+
+
+def interruptions_at(per_node_day: float, write_gbs: float | None = None, read_gbs: float | None = None,
+                     setup_min: float | None = None) -> Interruptions:
+    """An interruption rate with what a restart takes: the figures given, else `[interruptions]`'s."""
+    given = {"checkpoint_write_gbs": write_gbs, "checkpoint_read_gbs": read_gbs, "restart_setup_min": setup_min}
+    f = {**tomllib.loads(CATALOGUE_PATH.read_text())["interruptions"], **{k: v for k, v in given.items() if v is not None}}
+    return Interruptions(per_node_day, f["checkpoint_write_gbs"], f["checkpoint_read_gbs"], f["restart_setup_min"] * 60)
 
 
 _IN_USE: dict[str, dict[str, Any]] = {}  # device class -> a calibration that `calibrated` put in force

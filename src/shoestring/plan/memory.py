@@ -29,7 +29,7 @@ Gradients and saved activations are not both at full size at once: the peak coun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 from shoestring.config import ParallelSection
@@ -108,6 +108,19 @@ class MemoryEstimate:
 def state_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> dict[str, int]:
     """Exact model-state bytes per rank after an optimizer step (the steady state)."""
     return dict(strategy_cost(info, trainable, levers, world, "cuda").state)
+
+
+CHECKPOINTED = ("params", "master", "optimizer")  # the state a checkpoint saves; gradients are zero between steps
+
+
+def checkpoint_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, per_node: int) -> int:
+    """Bytes the busiest node writes per checkpoint (and reads back on a restart): every rank
+    saves its share of each part of the state, so a node writes its ranks' shares, but never
+    more than one whole copy of a part (a replicated part is saved once: DDP's and ZeRO-1/2's
+    weights by rank 0, a hybrid-sharded state by one replica)."""
+    whole = state_bytes(info, trainable, replace(levers, shard_group=None), 1)
+    share = state_bytes(info, trainable, levers, world)
+    return sum(min(whole.get(k, 0), share.get(k, 0) * min(world, per_node)) for k in CHECKPOINTED)
 
 
 def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_len: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -27,6 +28,13 @@ def _traffic(p: Plan) -> str:
             f"per step, {s.comm_total_s:.2f} s of communication ({s.comm_s:.2f} s not hidden)")
 
 
+def _lost(p: Plan) -> list[str]:
+    """The table's cell for interruptions, where priced: expected restarts and what they add
+    (steps redone and `run.save_every` only for the winner: more columns would wrap the table)."""
+    x = p.interrupted
+    return [] if x is None else [f"{x.restarts:.1f}, {x.lost_s / 3600:.1f} h, ${_dollars(x.lost_usd)}"]
+
+
 def _topology_aware(p: Plan) -> bool:
     return p.levers.shard_group is not None or not isinstance(p.levers.reshard_after_forward, bool)
 
@@ -47,6 +55,26 @@ def why_network(best: Plan, plans: list[Plan]) -> str:
     return line
 
 
+def interruptions_dict(p: Plan) -> dict[str, Any] | None:
+    """What interruptions are expected to cost the plan (already inside its wall time and cost)."""
+    x = p.interrupted
+    if x is None:
+        return None
+    return {"restarts": x.restarts, "steps_redone": x.steps_redone, "lost_hours": x.lost_s / 3600, "lost_usd": x.lost_usd,
+            "save_every": x.save_every, "uninterrupted_hours": p.run_h, "nodes": p.nodes, "mtbf_hours": x.mtbf_s / 3600,
+            "checkpoint_bytes_per_node": p.checkpoint_bytes, "checkpoint_write_s": x.write_s}
+
+
+def interruptions_line(p: Plan) -> str | None:
+    x, rates = p.interrupted, p.interruptions
+    if x is None or rates is None:
+        return None
+    return (f"interruptions: {rates.per_node_day:g} per node per day on {p.nodes} node(s), one every {x.mtbf_s / 3600:.1f} h: "
+            f"expected {x.restarts:.1f} restarts and {x.steps_redone:,.0f} steps redone; with the saves they need, "
+            f"+{x.lost_s / 3600:.2f} h and +${_dollars(x.lost_usd)} (counted in wall and $); save every {x.save_every} steps "
+            f"(run.save_every = {x.save_every}): {p.checkpoint_bytes / 1e9:,.1f} GB per node, {x.write_s:.0f} s a save")
+
+
 def plan_dict(p: Plan) -> dict[str, Any]:
     l = p.levers
     return {
@@ -62,7 +90,7 @@ def plan_dict(p: Plan) -> dict[str, Any]:
                    "comm_exposed": p.step.comm_s, "comm_total": p.step.comm_total_s, "offload": p.step.offload_s},
         "bytes_sent_per_device_step": p.step.bytes_by_link,
         "tokens_per_s": p.tokens_per_s, "wall_hours": p.wall_h, "cost_usd": p.cost,
-        "price_per_device_hour": p.device.hourly(p.spot),
+        "price_per_device_hour": p.device.hourly(p.spot), "interruptions": interruptions_dict(p),
     }
 
 
@@ -71,7 +99,7 @@ def result_dict(r: Result, limit: int = 10) -> dict[str, Any]:
     return {
         "request": {"model": q.model, "tokens": q.tokens, "hardware": list(q.hardware), "mode": q.mode,
                     "seq_len": r.seq_len, "global_batch_tokens": q.global_batch_tokens, "deadline_hours": q.deadline_h,
-                    "spot": q.spot},
+                    "spot": q.spot, "interruptions": asdict(q.interruptions) if q.interruptions else None},
         "model": {"params": r.model.n_params, "trainable_params": r.trainable.n_params,
                   "flops_per_token": r.model.flops_per_token(r.seq_len)},
         "plans": [plan_dict(p) for p in one_per_option(r.plans, limit)],
@@ -85,17 +113,21 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
     console.print(f"[bold]{r.model.name}[/] ({r.model.n_params / 1e9:.2f} B params, {r.trainable.n_params / 1e6:,.1f} M trainable), "
                   f"{q.mode}, {q.tokens:.3g} tokens, seq {r.seq_len}, global batch ~{q.global_batch_tokens:,} tokens"
                   + (", spot prices" if q.spot else ""))
+    priced = q.interruptions is not None and q.interruptions.priced
+    if q.spot and not priced:
+        console.print("interruptions are not priced: spot runs cost as if never reclaimed; "
+                      "--interruptions-per-day R (per node) prices the restarts and the saves they need")
     t = Table(show_lines=False)
     for col in ("#", "hardware", "precision", "ckpt", "strategy", "micro x accum", "peak GiB/dev (largest parts)",
-                "tokens/s", "wall", "$"):
-        t.add_column(col, justify="right" if col in ("#", "tokens/s", "wall", "$") else "left")
+                "tokens/s", "wall", "$", *(["restarts, lost"] if priced else [])):
+        t.add_column(col, justify="right" if col in ("#", "tokens/s", "wall", "$", "restarts, lost") else "left")
     for i, p in enumerate(one_per_option(r.plans, limit), 1):
         wall = f"{p.wall_h:.1f} h" + ("" if p.meets_deadline else " (late)")
         precision = p.levers.precision + (f", base {p.levers.base_dtype}" if p.levers.base_dtype else "")
         t.add_row(str(i), f"{p.device.key}:{p.count}", precision, p.levers.checkpointing, p.levers.strategy_label(),
                   f"{p.levers.micro_batch} x {p.levers.grad_accum}",
                   f"{p.memory.total / GiB:.1f}/{p.device.memory_bytes / GiB:.0f} ({_components(p, 3)})",
-                  f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost))
+                  f"{p.tokens_per_s:,.0f}", wall, _dollars(p.cost), *_lost(p))
     console.print(t)
     if r.plans:
         best = r.plans[0]
@@ -105,6 +137,8 @@ def print_result(console: Console, r: Result, limit: int = 10) -> None:
                       f"${best.device.hourly(best.spot):.2f}/device-h")
         if best.count > 1:
             console.print(why_network(best, r.plans))
+        if line := interruptions_line(best):
+            console.print(line)
     for p in cheapest_misses(r):
         console.print(f"does not fit: {describe(p)} (would cost ${_dollars(p.cost)}) needs {p.memory.total / GiB:.1f} GiB of "
                       f"{p.device.memory_bytes / GiB:.0f}: over by {p.overflow / GiB:.1f} GiB; largest parts {_components(p)} GiB")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Iterable
 
 from shoestring.errors import UserError
 from shoestring.levers.precision import PrecisionPolicy, resolve_precision
 from shoestring.plan.catalogue import Device, devices, parse_hardware
-from shoestring.plan.memory import Levers, MemoryEstimate, estimate_memory
+from shoestring.plan.interruptions import ExpectedLoss, Interruptions, expected_loss
+from shoestring.plan.memory import Levers, MemoryEstimate, checkpoint_bytes, estimate_memory
 from shoestring.plan.model import (LORA_TARGETS, ModelInfo, Trainable, full_trainable, lora_flops_per_token, lora_trainable,
                                    model_info)
 from shoestring.plan.throughput import StepTime, compute_dtype, step_time
@@ -35,6 +37,7 @@ class Request:
     global_batch_tokens: int = 2**20
     deadline_h: float | None = None
     spot: bool = False
+    interruptions: Interruptions | None = None  # priced where its rate is > 0
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_base_dtype: str | None = None  # the frozen base's dtype (config lora.base_dtype); None: searched
@@ -55,6 +58,8 @@ class Plan:
     tokens: float
     spot: bool
     deadline_h: float | None
+    interruptions: Interruptions | None = None  # None: not priced
+    checkpoint_bytes: int = 0  # what the busiest node writes per save (counted where interruptions are priced)
 
     @property
     def fits(self) -> bool:
@@ -65,8 +70,26 @@ class Plan:
         return self.global_batch * self.seq_len / self.step.total_s
 
     @property
-    def wall_h(self) -> float:
+    def nodes(self) -> int:
+        return -(-self.count // self.device.per_node)
+
+    @property
+    def run_h(self) -> float:
+        """Wall time, uninterrupted."""
         return self.tokens / self.tokens_per_s / 3600
+
+    @cached_property
+    def interrupted(self) -> ExpectedLoss | None:
+        """What interruptions are expected to add (None: not priced)."""
+        if self.interruptions is None:
+            return None
+        return expected_loss(self.interruptions, self.nodes, self.run_h * 3600, self.step.total_s, self.checkpoint_bytes,
+                             self.count * self.device.hourly(self.spot))
+
+    @property
+    def wall_h(self) -> float:
+        """Wall time with what interruptions are expected to add: the deadline and the cost hold it."""
+        return self.run_h + (self.interrupted.lost_s / 3600 if self.interrupted else 0.0)
 
     @property
     def cost(self) -> float:
@@ -282,8 +305,10 @@ def _plan(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device,
           flops: float, req: Request) -> Plan:
     mem = estimate_memory(info, trainable, levers, count, seq_len, device)
     step = step_time(info, trainable, levers, device, count, seq_len, flops)
+    rates = req.interruptions if req.interruptions and req.interruptions.priced else None
+    saved = checkpoint_bytes(info, trainable, levers, count, device.per_node) if rates else 0
     return Plan(device, count, levers, mem, step, levers.micro_batch * levers.grad_accum * count, seq_len,
-                req.tokens, req.spot, req.deadline_h)
+                req.tokens, req.spot, req.deadline_h, rates, saved)
 
 
 def _best_micro_batch(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, count: int,
