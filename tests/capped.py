@@ -13,6 +13,7 @@ import sys
 
 import torch  # noqa: F401  (imported, with the command's modules, before the cap is measured)
 
+from shoestring import dist
 from shoestring.cli import main
 from shoestring.train import trainer  # noqa: F401
 
@@ -25,4 +26,4 @@ if __name__ == "__main__":
     mib, ranks, argv = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
     if os.environ.get("RANK", "0") in ranks:
         resource.setrlimit(resource.RLIMIT_DATA, (data_bytes() + mib * 2**20, resource.RLIM_INFINITY))
-    sys.exit(main(argv))
+    dist.exit_process(main(argv))

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from shoestring import checkpoint as ckpt
+from shoestring import dist
 from shoestring.cli import main
 from shoestring.train import trainer
 
@@ -45,4 +46,4 @@ elif mode in ("term-step", "term-twice"):
 
     trainer.lr_at = lr_then_term
 
-sys.exit(main(sys.argv[3:]))
+dist.exit_process(main(sys.argv[3:]))

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 import torch.distributed as tdist
@@ -32,6 +33,18 @@ def free_port() -> int:
 def launched() -> bool:
     """Whether torchrun (or an equivalent launcher) started this process."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`. A torchrun worker ends without the interpreter's teardown:
+    gloo's threads outlive destroy_process_group while modules still hold the group, and freeing
+    them as the interpreter finalizes can abort the process ("terminate called without an active
+    exception", exit -6) after the run succeeded, which torchrun then takes for a failed rank."""
+    if launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 STARTS_DIR = "SHOESTRING_WORKER_STARTS"  # set by shoestring's launcher: a directory of this node's agent

@@ -200,7 +200,10 @@ def _run_rank(target: str, spec: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 if __name__ == "__main__":
+    from shoestring import dist
+
     request = json.loads(sys.argv[1])
     results = _run_rank(request["target"], request["spec"])
     if results is not None:
         print(RESULT_MARK + json.dumps(results, default=str), flush=True)
+    dist.exit_process(0)

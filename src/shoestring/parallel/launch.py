@@ -80,9 +80,12 @@ def launch(opts: LaunchOptions, worker_argv: list[str], restart_argv: list[str])
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; ranks share the cores
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a new store each round (shoestring.dist._store)
-    os.environ[dist.STARTS_DIR] = starts = tempfile.mkdtemp(prefix="shoestring-starts-")
+    starts = tempfile.mkdtemp(prefix="shoestring-starts-")
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # torchrun's default too; ranks share the cores
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # a new store each round (shoestring.dist._store)
+           dist.STARTS_DIR: starts}
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the agent (torchrun, in this process) passes its environment to the workers
     argv = worker_argv
     try:
         while True:
@@ -96,4 +99,9 @@ def launch(opts: LaunchOptions, worker_argv: list[str], restart_argv: list[str])
                                    "see that rank's error above; fix it and rerun with --resume auto") from None
             argv = restart_argv
     finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         shutil.rmtree(starts, ignore_errors=True)
