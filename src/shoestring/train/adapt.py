@@ -41,6 +41,7 @@ import torch
 from shoestring.config import parse_bytes
 from shoestring.errors import RunError
 from shoestring.parallel import launch
+from shoestring.train.metrics import intact_records
 
 RESTART_EXIT = launch.RESTART_EXIT  # EX_TEMPFAIL: "run me again": the ranks restart from the last checkpoint
 EVENTS_DIR = "adapt"
@@ -140,11 +141,7 @@ def logged_since(metrics: Path, step: int, tokens_per_step: int) -> tuple[int, f
     """Steps `metrics.jsonl` logged from `step` on (done, and to be done again after resuming
     there), and their wall time from their logged speed; a line cut by a kill ends the count."""
     steps, seconds = 0, 0.0
-    for line in metrics.read_text().splitlines() if metrics.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
+    for record in intact_records(metrics):
         if record.get("step", -1) >= step and "loss" in record:
             steps += 1
             seconds += tokens_per_step / record["tokens_per_s"] if record.get("tokens_per_s") else 0.0

@@ -20,17 +20,9 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    break  # a line cut by a kill: everything after it is gone too
-                if record.get("step", -1) < step:
-                    kept.append(line)
+        kept = [record for record in intact_records(self.path) if record.get("step", -1) < step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -49,6 +41,18 @@ class NullMetrics:
 
     def close(self) -> None:
         pass
+
+
+def intact_records(path: Path) -> list[dict[str, Any]]:
+    """The records of `path` (none when it does not exist) up to the first line a kill cut short:
+    everything after that line is gone too."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
