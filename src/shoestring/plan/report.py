@@ -66,10 +66,10 @@ def interruptions_dict(p: Plan) -> dict[str, Any] | None:
 
 
 def interruptions_line(p: Plan) -> str | None:
-    x, rates = p.interrupted, p.interruptions
-    if x is None or rates is None:
+    x = p.interrupted  # priced only where the plan has its rates
+    if x is None:
         return None
-    return (f"interruptions: {rates.per_node_day:g} per node per day on {p.nodes} node(s), one every {x.mtbf_s / 3600:.1f} h: "
+    return (f"interruptions: {p.interruptions.per_node_day:g} per node per day on {p.nodes} node(s), one every {x.mtbf_s / 3600:.1f} h: "
             f"expected {x.restarts:.1f} restarts and {x.steps_redone:,.0f} steps redone; with the saves they need, "
             f"+{x.lost_s / 3600:.2f} h and +${_dollars(x.lost_usd)} (counted in wall and $); save every {x.save_every} steps "
             f"(run.save_every = {x.save_every}): {p.checkpoint_bytes / 1e9:,.1f} GB per node, {x.write_s:.0f} s a save")
