@@ -122,8 +122,11 @@ def test_micro_batch_one_not_fitting_stops_with_the_breakdown(make_config, tmp_p
 
 def test_fsdp2_one_rank_out_of_memory_restarts_smaller_and_matches(make_config, tmp_path):
     """Rank 1 alone is capped: it records the halved micro-batch and exits; torchrun stops rank 0
-    (blocked in FSDP2's gathers, or not) and restarts both, which resume at the smaller split."""
-    shape = {**SHAPE, "train__batch_size": 64, "train__steps": 3, "parallel__strategy": "fsdp2"}  # 32 per rank
+    (blocked in FSDP2's gathers, or not) and restarts both, which resume at the smaller split.
+    Two steps: a run's third step is profiled for its collectives (CommMeter), and the profiler's
+    buffers, which grow with how late its thread drains them, can exceed the cap outside any
+    micro-step on a busy machine (seen in CI: a second, uncounted restart)."""
+    shape = {**SHAPE, "train__batch_size": 64, "train__steps": 2, "parallel__strategy": "fsdp2"}  # 32 per rank
     run = tmp_path / "capped"
     cfg = write_config(make_config, tmp_path / "capped.toml", run__dir=str(run), **shape)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=3",
@@ -141,7 +144,7 @@ def test_fsdp2_one_rank_out_of_memory_restarts_smaller_and_matches(make_config, 
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
-    assert len(losses(run)) == 3
+    assert len(losses(run)) == 2
 
 
 def test_elastic_launch_refuses_what_a_world_change_could_not_continue():
