@@ -126,3 +126,41 @@ def test_calibrate_is_one_command_that_writes_only_a_fit_that_holds(tmp_path, mo
 def test_a_tiny_fitted_constant_keeps_its_digits():
     """A micro model's MFU on a loaded machine (0.0004) is small, not zero (it divides later)."""
     assert pa._sig(0.000412345) == 0.000412 and pa._sig(1.15349) == 1.15
+
+
+def _one_thread_row(raw: list[dict], gain: float) -> dict:
+    """The single bf16 row again as one process on one of two threads at half the batch, with a
+    probe that halves the peak: the same FLOPs at the peak, `gain` times the MFU."""
+    row = copy.deepcopy(next(r for r in raw if pa.Case(**r["case"]).label == "small pretrain, single, bf16, ckpt none, 8x256"))
+    row["case"].update(batch=4, threads=1)
+    row["probe"] = {**row["probe"], "threads": 1, "cores": 2, "tflops": {k: v / 2 for k, v in row["probe"]["tflops"].items()}}
+    for run in row["runs"]:
+        run["step_s"] /= gain
+    return row
+
+
+def test_a_rank_on_part_of_the_cores_gets_its_own_fitted_gain():
+    raw = _raw()
+    fitted = pa.fit(pa.predict_rows([*raw, _one_thread_row(raw, 1.1)]))
+    assert fitted["rank_mfu_gain"] == pytest.approx(1.1, rel=1e-2)
+    from shoestring.plan.catalogue import cpu_device
+    from shoestring.plan.throughput import achievable_mfu
+
+    with catalogue.calibrated("cpu", fitted):
+        whole, rank = (cpu_device({**raw[0]["probe"], "threads": t, "cores": 2}) for t in (2, 1))
+        assert achievable_mfu(rank, "fp32") == pytest.approx(1.1 * achievable_mfu(whole, "fp32"))
+
+
+def test_the_fit_refuses_a_gain_that_lifts_an_mfu_above_one():
+    raw = _raw()
+    with pytest.raises(pa.FitError, match=r"mfu\.fp32 = .* beyond its upper bound 1\.0"):
+        pa.fit(pa.predict_rows([*raw, _one_thread_row(raw, 3.0)]))
+
+
+def test_a_cpu_with_slow_bf16_runs_every_case_in_fp32_once():
+    cases = {c: which for which, cs in pa.SIZES["small"].items() for c in cs}
+    assert pa.for_this_machine(cases, bf16_fast=True) == cases
+    slow = pa.for_this_machine(cases, bf16_fast=False)
+    assert {(c.precision, c.lora_base_dtype) for c in slow} == {("fp32", "fp32")}
+    assert len({c.label for c in slow}) == len(slow) < len(cases)
+    assert pa.CHECK in slow.values() and pa.FIT in slow.values()

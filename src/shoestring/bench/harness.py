@@ -189,7 +189,7 @@ def _run_rank(target: str, spec: dict[str, Any]) -> list[dict[str, Any]] | None:
 
     module, name = target.split(":")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(threads(world))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads(world)))  # a job may ask for fewer
     with dist.process_group(torch.device("cpu"), PROCESS_GROUP_TIMEOUT_S, required=False):
         result = getattr(importlib.import_module(module), name)(spec)
         if not dist.active():

@@ -50,6 +50,7 @@ class Case:
     lora_rank: int = 16
     lora_base_dtype: str = "fp32"
     steps: int = 2  # timed (their median), after the harness's warm-up
+    threads: int = 0  # 0: the cores split over the ranks, as a run gets them; else this many (one process)
 
     @property
     def world(self) -> int:
@@ -58,8 +59,13 @@ class Case:
     @property
     def label(self) -> str:
         lora = f" r{self.lora_rank} base {self.lora_base_dtype}" if self.mode == "lora" else ""
-        return (f"{self.preset} {self.mode}{lora}, {self.strategy}, {self.precision}, ckpt {self.checkpointing}, "
+        threads = f", {self.threads} thread(s)" if self.threads else ""
+        return (f"{self.preset} {self.mode}{lora}, {self.strategy}{threads}, {self.precision}, ckpt {self.checkpointing}, "
                 f"{self.batch}x{self.seq_len}")
+
+    def in_fp32(self) -> "Case":
+        """This case with every bf16 matmul in fp32: what it is on a CPU whose bf16 is slow."""
+        return replace(self, precision="fp32", lora_base_dtype="fp32")
 
     def config_tree(self) -> dict[str, Any]:
         """The trainer's config for this case: measured through the same build path."""
@@ -75,8 +81,9 @@ class Case:
 
 
 # The fit set: `small` at 8 x 256, one row per constant it isolates (each precision's MFU without
-# checkpointing, each checkpointing mode beside it in the same precision, each strategy's
-# collectives, LoRA's memory). ~10 rows of 2-4 s steps: ~3 minutes on 2 idle cores with
+# checkpointing, each checkpointing mode beside it in the same precision, what a rank on part of
+# the cores reaches (one process on one thread at a rank's share of the batch), each strategy's
+# collectives, LoRA's memory). ~11 rows of 1-3 s steps: ~3 minutes on 2 idle cores with
 # inductor's on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
 _FIT = [
     Case("small", "single", "fp32", "none", 8, 256),
@@ -85,9 +92,10 @@ _FIT = [
     Case("small", "single", "bf16", "full", 8, 256),
     Case("small", "single", "bf16", "selective", 8, 256),
     Case("small", "single", "bf16-pure", "none", 8, 256, mode="full-finetune"),
+    Case("small", "single", "bf16", "none", 4, 256, threads=1),
     Case("small", "ddp", "bf16", "none", 8, 256),
     Case("small", "fsdp2", "bf16", "none", 8, 256),
-    Case("small", "yafsdp", "fp32", "none", 8, 256),
+    Case("small", "yafsdp", "bf16", "none", 8, 256),
     Case("small", "single", "bf16", "none", 8, 256, mode="lora"),
 ]
 # The check set: none of its rows shares preset, sequence length and micro-batch with a fit row,
@@ -126,7 +134,20 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job(case: Case) -> harness.Job:
-    return harness.Job("shoestring.bench.planner_accuracy:measure_job", asdict(case), case.world)
+    env = {"OMP_NUM_THREADS": str(case.threads)} if case.threads else {}
+    return harness.Job("shoestring.bench.planner_accuracy:measure_job", asdict(case), case.world, env)
+
+
+def for_this_machine(cases: dict[Case, str], bf16_fast: bool) -> dict[Case, str]:
+    """The cases as this machine runs them: where bf16 matmuls are slow (a CPU without AVX-512
+    BF16: ~1 GFLOP/s, so a `small` bf16 step takes minutes, and the trainer picks fp32) every
+    bf16 case runs in fp32, the one precision a plan there uses; cases that then coincide run once."""
+    if bf16_fast:
+        return cases
+    out: dict[Case, str] = {}
+    for case, which in cases.items():
+        out.setdefault(case.in_fp32(), which)
+    return out
 
 
 def measure(case: Case) -> dict[str, Any]:
@@ -172,17 +193,22 @@ def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = 
     """Measure every case of `size` ("smoke": seconds; "small": minutes on 2 cores; "full": a
     larger model) whose label contains `only`, `rounds` fresh-process rounds interleaved; fit the
     calibration to the fit set and predict every row with it (`calibrate_and_predict`)."""
+    import torch
+
+    from shoestring.levers.precision import resolve_precision
     from shoestring.plan import probe
     from shoestring.plan.catalogue import probe_cpu
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    cases = {c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}
     probe.forget()  # predict against the machine as it is now, not a stale cached peak
-    probed = {w: probe_cpu(w) for w in sorted({c.world for c in cases})}  # before the runs, in the same conditions
+    bf16_fast = resolve_precision(probe.device_facts(torch.device("cpu"))).value == "bf16"
+    cases = for_this_machine({c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}, bf16_fast)
+    # probed before the runs, in the same conditions: per (ranks, threads) a case runs on
+    probed = {k: probe_cpu(*k) for k in sorted({(c.world, c.threads or None) for c in cases}, key=str)}
     measured = harness.interleaved({c.label: job(c) for c in cases}, rounds, progress)
     raw = [{"case": asdict(c), "set": which, "runs": [_slowest(ranks) for ranks in measured[c.label]],
-            "probe": probed[c.world]} for c, which in cases.items()]
+            "probe": probed[(c.world, c.threads or None)]} for c, which in cases.items()]
     return calibrate_and_predict(raw)
 
 
@@ -257,6 +283,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "mfu": (0.0, 1.0, "a step cannot run its matmuls faster than the measured peak"),
     "time_full": (1.0, None, "recomputing blocks cannot make a step faster"),
     "time_selective": (1.0, None, "recomputing blocks cannot make a step faster"),
+    "rank_mfu_gain": (0.0, None, "a step cannot take negative time"),
     "collective_s": (0.0, None, "a collective call cannot take negative time"),
     "rss_base_gb": (0.0, None, "a process's own memory cannot be negative"),
     "rss_compile_gb": (0.0, None, "compiled blocks' runtime cannot give memory back"),
@@ -291,8 +318,13 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     * `time_full` / `time_selective`: the step-time multiplier of those modes, from the
       single-device rows with them, against the compute their own precision's fitted MFU gives
       (never another precision's: that would measure the precision, not the recompute);
+    * `rank_mfu_gain`: what a process on part of the cores (a rank of several) reaches over the
+      MFU of one on every core, from the one-process rows on fewer threads (their MFU against the
+      peak probed on that many threads, over their precision's fitted MFU); `mfu` times it stays
+      within the `mfu` bound;
     * `collective_s.<strategy>`: the fixed cost of one collective call, from the 2-rank rows:
-      the measured step less the predicted compute, recompute and bytes / bandwidth, per call;
+      the measured step less the predicted compute (with the gain), recompute and bytes /
+      bandwidth, per call;
     * `rss_base_gb`: the process memory that is not tensors, the median residual of memory on
       the eager rows; `compiled.rss_compile_gb`: what the compiled runtime adds, on the others.
 
@@ -308,7 +340,8 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     for group, compiled in ((out, False), (out["compiled"], True)):
         where = "compiled." if compiled else ""
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
-        plain = [(r, t) for r, t in mine if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"]
+        plain = [(r, t) for r, t in mine if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
+                 and t["cores_share"] == 1]
         fitted = {}
         for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
@@ -326,13 +359,22 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             if src:
                 value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
                 group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src]))
+    few = [(r, t) for r, t in zip(rows, terms) if t["cores_share"] < 1 and not t["collectives"]]
+    if few:
+        gains = [t["at_peak"] / _measured_step(r) / with_compiled(out, t["compiled"])["mfu"][r["case"]["precision"]]
+                 for r, t in few]
+        out["rank_mfu_gain"] = _sig(bounded("rank_mfu_gain", statistics.median(gains), 1.0, [r for r, _ in few]))
+        for name, value in _constants(out):
+            if name.removeprefix("compiled.").startswith("mfu."):
+                bounded(name, value * out["rank_mfu_gain"], 1.0, [r for r, _ in few])
     per_call: dict[str, list[tuple[float, float, dict]]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
             g = with_compiled(out, t["compiled"])
             prec, mode = r["case"]["precision"], r["case"]["checkpointing"]
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
-            compute = compute_seconds(t["at_peak"], t["full_at_peak"], g["mfu"][prec]) * (
+            mfu = g["mfu"][prec] * (g.get("rank_mfu_gain", 1.0) if t["cores_share"] < 1 else 1.0)
+            compute = compute_seconds(t["at_peak"], t["full_at_peak"], mfu) * (
                 1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
             left = _measured_step(r) - compute - t["comm_bw"]
             per_call.setdefault(r["case"]["strategy"], []).append((left / t["collectives"], _measured_step(r) / t["collectives"], r))
@@ -396,7 +438,7 @@ def _terms(row: dict) -> dict[str, Any]:
     return {"compiled": levers.compiled, "at_peak": tokens * flops / peak,
             "full_at_peak": tokens * info.flops_per_token(case.seq_len) / peak,
             "comm_bw": comm_bytes(info, trainable, levers, case.world) / (device.link_gbs(case.world) * 1e9),
-            "collectives": collectives(info, trainable, levers, case.world),
+            "collectives": collectives(info, trainable, levers, case.world), "cores_share": device.cores_share,
             "share": len(checkpointed_blocks(info.args.n_layers, case.checkpointing)) / info.args.n_layers}
 
 

@@ -120,6 +120,9 @@ class Device:
     kind: str = "cuda"  # "cuda" or "cpu": which device class's calibration applies
     capability: tuple[int, int] | None = None  # CUDA compute capability
     compile_overhead_bytes: int = 0  # what compiled blocks' runtime adds to `overhead_bytes` (calibrated)
+    # CPU: the share of the machine's cores one process computes on (a rank of several: less),
+    # which decides whether the calibrated `rank_mfu_gain` applies (plan/throughput.py)
+    cores_share: float = 1.0
     # alpha of the alpha-beta model, microseconds: per collective call, per ring step on a link
     # inside a node and per ring step across nodes (0 on the CPU: gloo's per-call cost is calibrated)
     call_latency_us: float = 0.0
@@ -204,29 +207,30 @@ def local_hardware(ranks: int | None = None) -> tuple[Device, int]:
     return cpu_device(probe_cpu(count)), count
 
 
-def probe_cpu(ranks: int) -> dict[str, Any]:
-    """What the CPU split into `ranks` processes measures: each rank gets cores/ranks threads,
-    and its peak is the probe's on that many threads (the yardstick the trainer's MFU uses for a
-    rank running them; probe.py says why not one thread's times their number); the gloo
-    all-reduce bandwidth between the ranks; host memory per rank."""
+def probe_cpu(ranks: int, threads: int | None = None) -> dict[str, Any]:
+    """What the CPU split into `ranks` processes measures: each rank gets `threads` threads
+    (default cores/ranks), and its peak is the probe's on that many threads (the yardstick the
+    trainer's MFU uses for a rank running them; probe.py says why not one thread's times their
+    number); the gloo all-reduce bandwidth between the ranks; host memory per rank."""
     from shoestring.plan import probe
 
     cores = probe.cpu_cores()
-    threads = max(1, cores // ranks)
+    threads = threads or max(1, cores // ranks)
     peaks = probe.matmul_peaks(torch.device("cpu"), threads)
     return {"name": f"{probe.device_name(torch.device('cpu'))} ({threads} of {cores} core(s) per rank)",
             "tflops": {d: peaks[d].flops / 1e12 for d in ("fp32", "bf16")},
             "link_gbs": probe.allreduce_bandwidth(ranks) / GB if ranks > 1 else devices()["cpu"].intra_gbs,
-            "memory_bytes": probe.host_memory_bytes() // ranks, "ranks": ranks}
+            "memory_bytes": probe.host_memory_bytes() // ranks, "ranks": ranks, "threads": threads, "cores": cores}
 
 
 def cpu_device(probed: dict[str, Any]) -> Device:
     """The local CPU as a device, from what `probe_cpu` measured (now, or saved with a benchmark
     row) and the current calibration's non-tensor memory."""
-    link = probed["link_gbs"]
+    link, ranks = probed["link_gbs"], max(probed["ranks"], 1)
+    share = probed["threads"] / probed["cores"] if "threads" in probed else 1 / ranks  # rows saved before threads were
     return replace(budget_device(torch.device("cpu"), probed["memory_bytes"]), key="local", name=probed["name"],
                    tflops={**probed["tflops"], "fp16": 0.0, "fp8": 0.0}, intra_gbs=link, inter_gbs=link,
-                   per_node=max(probed["ranks"], 1))
+                   per_node=ranks, cores_share=share)
 
 
 def budget_device(device: torch.device, memory_bytes: int) -> Device:

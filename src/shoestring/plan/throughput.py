@@ -70,9 +70,13 @@ def with_compiled(cal: dict, compiled: bool) -> dict:
 
 
 def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> float:
-    if device.kind == "cpu":
-        return device_calibration(device, compiled).get("mfu", {}).get(precision, device.mfu)
-    return device.mfu
+    """The fraction of the peak a step reaches: published per GPU class; on the CPU calibrated per
+    precision for a process on every core, times `rank_mfu_gain` for a process on fewer (a rank of
+    several: its threads wait less on one another; it shares the memory bandwidth with the others)."""
+    if device.kind != "cpu":
+        return device.mfu
+    cal = device_calibration(device, compiled)
+    return cal.get("mfu", {}).get(precision, device.mfu) * (cal.get("rank_mfu_gain", 1.0) if device.cores_share < 1 else 1.0)
 
 
 def overlap(device: Device, info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> float:
