@@ -164,3 +164,29 @@ def test_a_cpu_with_slow_bf16_runs_every_case_in_fp32_once():
     assert {(c.precision, c.lora_base_dtype) for c in slow} == {("fp32", "fp32")}
     assert len({c.label for c in slow}) == len(slow) < len(cases)
     assert pa.CHECK in slow.values() and pa.FIT in slow.values()
+
+
+def _with_heap(rows: list[dict], base: float, share: float, compiled_extra: float, compiled_share: float) -> list[dict]:
+    """Rows whose peak is exactly base + (1 + share) x their counted tensors (compiled: their own)."""
+    parts = ("fragmentation", "framework", "compile_runtime")
+    out = []
+    for r in rows:
+        tensors = sum(v for k, v in r["predicted"]["components"].items() if k not in parts)
+        c = r["predicted"]["compiled"]
+        out.append({**r, "memory_measured": base + (compiled_extra if c else 0) + (1 + (compiled_share if c else share)) * tensors})
+    return out
+
+
+def test_the_heap_share_and_the_process_base_are_told_apart():
+    rows = [r for r in pa.predict_rows(_raw())]
+    assert {r["predicted"]["compiled"] for r in rows} == {True, False}
+    fitted = pa.fit(_with_heap(rows, 0.35e9, 0.2, 0.08e9, 0.05))
+    assert fitted["rss_base_gb"] == pytest.approx(0.35, abs=2e-3) and fitted["fragmentation"] == pytest.approx(0.2, rel=1e-2)
+    assert fitted["compiled"]["rss_compile_gb"] == pytest.approx(0.08, abs=2e-3)
+    assert fitted["compiled"]["fragmentation"] == pytest.approx(0.05, rel=2e-2)
+
+
+def test_the_fit_refuses_a_heap_smaller_than_its_tensors():
+    rows = _with_heap(pa.predict_rows(_raw()), 0.35e9, -0.3, 0.08e9, 0.05)
+    with pytest.raises(pa.FitError, match=r"^fragmentation = -0\.3 is beyond its lower bound 0\.0"):
+        pa.fit(rows)

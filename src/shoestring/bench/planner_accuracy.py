@@ -81,13 +81,16 @@ class Case:
 
 
 # The fit set: `small` at 8 x 256, one row per constant it isolates (each precision's MFU without
-# checkpointing, each checkpointing mode beside it in the same precision, what a rank on part of
+# checkpointing, each checkpointing mode beside it in the same precision, a model too small to
+# matter (the process's own memory, beside the heap's share that grows with the tensors; its
+# step is no MFU row: it cannot keep the cores busy), what a rank on part of
 # the cores reaches (one process on one thread at a rank's share of the batch), each strategy's
-# collectives, LoRA's memory). ~11 rows of 1-3 s steps: ~3 minutes on 2 idle cores with
+# collectives, LoRA's memory). ~12 rows of 0.3-3 s steps: ~3 minutes on 2 idle cores with
 # inductor's on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
 _FIT = [
     Case("small", "single", "fp32", "none", 8, 256),
     Case("small", "single", "fp32", "full", 8, 256),
+    Case("micro", "single", "fp32", "none", 8, 128),
     Case("small", "single", "bf16", "none", 8, 256),
     Case("small", "single", "bf16", "full", 8, 256),
     Case("small", "single", "bf16", "selective", 8, 256),
@@ -287,6 +290,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "collective_s": (0.0, None, "a collective call cannot take negative time"),
     "rss_base_gb": (0.0, None, "a process's own memory cannot be negative"),
     "rss_compile_gb": (0.0, None, "compiled blocks' runtime cannot give memory back"),
+    "fragmentation": (0.0, None, "a heap cannot hold less than the tensors in it"),
 }
 NOISE = 0.03
 
@@ -325,11 +329,13 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     * `collective_s.<strategy>`: the fixed cost of one collective call, from the 2-rank rows:
       the measured step less the predicted compute (with the gain), recompute and bytes /
       bandwidth, per call;
-    * `rss_base_gb`: the process memory that is not tensors, the median residual of memory on
-      the eager rows; `compiled.rss_compile_gb`: what the compiled runtime adds, on the others.
+    * `rss_base_gb`, `fragmentation`, `compiled.rss_compile_gb`: the process memory that is not
+      tensors, what the heap holds over the tensors, what the compiled runtime adds
+      (`_memory_fit`: least squares over every row).
 
     A constant with no row to fit it keeps its current value. Judge a fit on the check set
     (`calibrate_and_predict`), never on the rows it came from."""
+    from shoestring.models import PRESETS
     from shoestring.plan.catalogue import calibration
     from shoestring.plan.throughput import compute_dtype, compute_seconds, with_compiled
 
@@ -342,6 +348,8 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
         plain = [(r, t) for r, t in mine if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
                  and t["cores_share"] == 1]
+        largest = max((PRESETS[r["case"]["preset"]].dim for r, _ in plain), default=0)
+        plain = [(r, t) for r, t in plain if PRESETS[r["case"]["preset"]].dim == largest]  # a toy model: memory only
         fitted = {}
         for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
@@ -382,21 +390,58 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         out["collective_s"] = {**out.get("collective_s", {}), **{
             k: _sig(bounded(f"collective_s.{k}", statistics.median(c for c, _, _ in v), statistics.median(s for _, s, _ in v),
                             [r for _, _, r in v])) for k, v in sorted(per_call.items())}}
-    # memory: the eager rows give the process's own, the compiled rows what compiling adds to it
-    residual = {c: [(r["memory_measured"] - r["memory_predicted"], r) for r, t in zip(rows, terms) if t["compiled"] == c]
-                for c in (False, True)}
-    size = statistics.median(r["memory_measured"] for r in rows) / 1e9 if rows else 1.0
-    base = statistics.median(x for x, _ in residual[False]) if residual[False] else 0.0
-    if residual[False]:
-        value = cal.get("rss_base_gb", 0.3) + base / 1e9
-        out["rss_base_gb"] = round(bounded("rss_base_gb", value, size, [r for _, r in residual[False]]), 3)
-    if residual[True]:
-        extra = cal.get("compiled", {}).get("rss_compile_gb", 0.0) * 1e9 + statistics.median(x for x, _ in residual[True]) - base
-        out["compiled"]["rss_compile_gb"] = round(bounded("compiled.rss_compile_gb", extra / 1e9, size,
-                                                          [r for _, r in residual[True]]), 3)
+    memory = _memory_fit(rows, terms, cal)
+    out["compiled"].update(memory.pop("compiled"))
+    out.update(memory)
     for name, value in _constants(out):  # those no row refitted: kept from the calibration in force
         bounded(name, value, 0.0, [{"config": "none of these rows (kept from the calibration in force)"}])
     return out
+
+
+def _memory_fit(rows: list[dict], terms: list[dict], cal: dict[str, Any]) -> dict[str, Any]:
+    """The process memory that is not tensors and the heap's share over them, from the rows'
+    peaks: measured = `rss_base_gb` + (1 + `fragmentation`) x tensors on the eager rows, and
+    + `rss_compile_gb` + (1 + compiled `fragmentation`) x tensors on the compiled ones (each a
+    line by least squares; the tensors are the model's own count: a row's predicted memory
+    without these terms). `fragmentation` is what glibc's heap holds beyond the live tensors at
+    the peak (blocks freed by earlier steps that a step's new tensors do not fit into); compiled
+    blocks allocate fewer, planned buffers, so they get their own. Rows of one size cannot tell
+    a base from a share: then the share in force is kept and the base is the median residual."""
+    parts = ("fragmentation", "framework", "compile_runtime")
+    points = [(sum(v for k, v in r["predicted"]["components"].items() if k not in parts), r["memory_measured"], r)
+              for r in rows]
+    size = statistics.median(m for _, m, _ in points) / 1e9 if points else 1.0
+    out: dict[str, Any] = {"compiled": {}}
+    base = cal.get("rss_base_gb", 0.3) * 1e9
+    for compiled, where, key in ((False, out, "rss_base_gb"), (True, out["compiled"], "rss_compile_gb")):
+        mine = [(x, m - (base if compiled else 0.0), r) for (x, m, r), t in zip(points, terms) if t["compiled"] == compiled]
+        if not mine:
+            continue
+        share = with_fragmentation(cal, compiled)
+        xs = [x for x, _, _ in mine]
+        if len(mine) > 2 and max(xs) > 1.5 * min(xs):
+            intercept, slope = _line(xs, [y for _, y, _ in mine])
+            share = _sig(bounded(f"{'compiled.' if compiled else ''}fragmentation", slope - 1, 1.0, [r for *_, r in mine]))
+        else:
+            intercept = statistics.median(y - (1 + share) * x for x, y, _ in mine)
+        where["fragmentation"] = share
+        where[key] = round(bounded(f"{'compiled.' if compiled else ''}{key}", intercept / 1e9, size, [r for *_, r in mine]), 3)
+        if not compiled:
+            base = where[key] * 1e9
+    return out
+
+
+def with_fragmentation(cal: dict[str, Any], compiled: bool) -> float:
+    """The heap's share over the tensors in force: the compiled one where it has its own."""
+    eager = cal.get("fragmentation", 0.0)
+    return cal.get("compiled", {}).get("fragmentation", eager) if compiled else eager
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Intercept and slope of the least-squares line through the points."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
 
 
 def _sig(x: float) -> float:

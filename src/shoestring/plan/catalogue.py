@@ -120,6 +120,7 @@ class Device:
     kind: str = "cuda"  # "cuda" or "cpu": which device class's calibration applies
     capability: tuple[int, int] | None = None  # CUDA compute capability
     compile_overhead_bytes: int = 0  # what compiled blocks' runtime adds to `overhead_bytes` (calibrated)
+    compile_fragmentation: float | None = None  # `fragmentation` with compiled blocks (None: the same; CPU: calibrated)
     # CPU: the share of the machine's cores one process computes on (a rank of several: less),
     # which decides whether the calibrated `rank_mfu_gain` applies (plan/throughput.py)
     cores_share: float = 1.0
@@ -242,6 +243,8 @@ def budget_device(device: torch.device, memory_bytes: int) -> Device:
         return replace(entry, memory_bytes=memory_bytes)
     cal = calibration("cpu")
     return replace(entry, memory_bytes=memory_bytes, overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB),
+                   fragmentation=cal.get("fragmentation", entry.fragmentation),
+                   compile_fragmentation=cal.get("compiled", {}).get("fragmentation", cal.get("fragmentation", entry.fragmentation)),
                    compile_overhead_bytes=int(cal.get("compiled", {}).get("rss_compile_gb", 0.0) * GB))
 
 

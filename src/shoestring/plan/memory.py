@@ -143,8 +143,8 @@ def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_
     if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
         kind = parse_mode(mode)[0]
         extra = trainable.block_activation_bytes(tokens, levers.precision, levers.compiled)
-        kept = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
-        blocks += kept * extra
+        saving = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
+        blocks += saving * extra
         working += extra
     # the chunk buffers are gone before the blocks' backward starts: count what exceeds them
     backward = 2 * working + kept
@@ -181,7 +181,8 @@ def estimate_memory(info: ModelInfo, trainable: Trainable, levers: Levers, world
         forward_end = parts["activations"] + parts["loss"] + parts["backward_working"]
         parts["grads"] = max(0, parts["grads"] + backward - forward_end)
     allocated = sum(parts.values())
-    parts["fragmentation"] = int(allocated * device.fragmentation)
+    frag = device.compile_fragmentation if levers.compiled and device.compile_fragmentation is not None else device.fragmentation
+    parts["fragmentation"] = int(allocated * frag)
     parts["framework"] = device.overhead_bytes
     if levers.compiled:
         parts["compile_runtime"] = device.compile_overhead_bytes
