@@ -158,7 +158,9 @@ def measure(system: str, work: Work, compiled: bool, warmup: int, steps: int) ->
     with profile() as prof:
         for _ in range(steps):
             step(x, y)
-    return {"step_s": statistics.median(times), **{b: t / 1e6 / steps for b, t in split(prof.events()).items()}}
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"step_s": statistics.median(times), **{b: t / 1e6 / steps for b, t in split(prof.events()).items()},
+            "top": [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in top]}
 
 
 def main() -> None:
@@ -174,6 +176,7 @@ def main() -> None:
     ap.add_argument("--systems", default="shoestring,hf")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--top", type=int, default=0, help="also list each configuration's N ops with the most self CPU time")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # name each compiled kernel in the profile
@@ -185,11 +188,13 @@ def main() -> None:
     print(f"preset {base.preset}, batch {base.batch} x {base.seq_len}, vocab {base.vocab}, {a.threads} threads, "
           f"torch {torch.__version__}; ms per step (median of {a.steps} after {a.warmup} warm-up); buckets: self CPU "
           f"time per step over {a.steps} profiled steps, share of the profiled total\n")
+    tops, peaks = [], {}
     print("| system | precision | mode | step ms | tokens/s | MFU | " + " | ".join(BUCKETS) + " |")
     print("|---|---|---|---:|---:|---:|" + "---:|" * len(BUCKETS))
     for precision in a.precisions.split(","):
         work = replace(base, precision=precision)
-        peak = probe.matmul_peak_flops(torch.device("cpu"), PrecisionPolicy(precision).compute_dtype, a.threads)
+        peak = peaks[precision] = probe.matmul_peak_flops(torch.device("cpu"), PrecisionPolicy(precision).compute_dtype,
+                                                          a.threads)
         for mode in a.modes.split(","):
             for system in a.systems.split(","):
                 r = measure(system, work, mode == "compiled", a.warmup, a.steps)
@@ -199,8 +204,14 @@ def main() -> None:
                 cells = " | ".join(f"{r[b] * 1e3:.0f} ({r[b] / total:.0%})" for b in BUCKETS)
                 print(f"| {system} | {precision} | {mode} | {r['step_s'] * 1e3:.0f} | {tps:,.0f} | "
                       f"{'error' if mfu is None else f'{mfu:.1%}'} | {cells} |", flush=True)
+                tops.append((f"{system} {precision} {mode}", total, r["top"][: a.top]))
     print(f"\nMFU: model FLOPs ({flops_per_token / 1e6:.1f} MFLOP/token, the same architecture on both sides) per second "
-          f"over `probe.matmul_peak_flops` for the compute dtype at {a.threads} threads.")
+          f"over `probe.matmul_peak_flops` for the compute dtype at {a.threads} threads: "
+          + ", ".join(f"{p} {f / 1e9:,.0f} GFLOP/s" for p, f in peaks.items()) + ".")
+    for label, total, top in tops if a.top else ():
+        print(f"\n{label}: ops with the most self CPU time\n\n| op | ms per step | share |\n|---|---:|---:|")
+        for key, t in top:
+            print(f"| `{key[:90]}` | {t * 1e3:.1f} | {t / total:.1%} |")
 
 
 if __name__ == "__main__":
