@@ -57,7 +57,7 @@ BUCKETS = ("matmul", "attention", "element-wise/norm/rope/act", "loss", "optimiz
 ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "BlockedCausalAttention", "attention_forward")
 MATMUL = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::_addmm_activation"}
 BATCHED = {"aten::bmm", "aten::baddbmm"}
-LOSS = ("_ChunkedLinearCrossEntropy", "cross_entropy", "log_softmax", "nll_loss")
+LOSS = ("_ChunkedLinearCrossEntropy", "cross_entropy", "log_softmax", "nll_loss", "logsumexp")
 ALLOC = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::empty", "aten::empty_like", "aten::empty_strided",
          "aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_", "aten::clone", "aten::contiguous",
          "aten::resize_", "aten::new_empty", "aten::new_empty_strided", "aten::new_zeros", "aten::full", "aten::ones_like"}
@@ -69,7 +69,6 @@ VIEWS = {"aten::view", "aten::reshape", "aten::_unsafe_view", "aten::as_strided"
 
 def bucket(name: str, ancestors: Iterable[str]) -> str:
     """The bucket of one profiler event, from its name and its callers' names (innermost first)."""
-    ancestors = list(ancestors)
     context = [name, *ancestors]
     fused = name.startswith("graph_") and "cpp_fused" in name  # an inductor CPU kernel (enable_kernel_profile)
     if OPTIMIZER in context:
@@ -78,7 +77,7 @@ def bucket(name: str, ancestors: Iterable[str]) -> str:
         return "attention"
     if name in MATMUL or "mkldnn" in name or "onednn" in name:
         return "matmul"
-    if any(w in c for c in ([name] if fused else context) for w in LOSS + ("logsumexp",)):
+    if any(w in c for c in ([name] if fused else context) for w in LOSS):
         return "loss"
     if name in ALLOC:
         return "alloc/copies"
