@@ -99,7 +99,7 @@ def table(rows: list[dict]) -> str:
     spec = rows[0]["spec"]
     fp32, none = row(rows, "fp32"), row(rows)
     lines = [f"Model `{spec['preset']}`{' (blocks compiled)' if spec['compile'] else ''}, batch {spec['batch']} x {spec['seq_len']} tokens, vocab {spec['vocab_size']}; "
-             f"median of {len(none['step_s_all'])} fresh-process rounds x {spec['steps']} steps.", "",
+             f"median of {len(none['step_s_all'])} interleaved rounds x {spec['steps']} steps.", "",
              "| precision | step (s) | tokens/s | vs fp32 | MFU of the measured peak | params+grads+optim+master (MiB) | saved activations (MiB) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     precisions = [p for p in PRECISIONS if any(r["precision"] == p for r in rows)]

@@ -180,7 +180,7 @@ def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = 
     cases = {c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}
     probe.forget()  # predict against the machine as it is now, not a stale cached peak
     probed = {w: probe_cpu(w) for w in sorted({c.world for c in cases})}  # before the runs, in the same conditions
-    measured = harness.interleaved({c.label: job(c) for c in cases}, rounds, progress)
+    measured = harness.fresh_rounds({c.label: job(c) for c in cases}, rounds, progress)
     raw = [{"case": asdict(c), "set": which, "runs": [_slowest(ranks) for ranks in measured[c.label]],
             "probe": probed[c.world]} for c, which in cases.items()]
     return calibrate_and_predict(raw)
