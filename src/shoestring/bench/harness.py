@@ -54,7 +54,7 @@ PROCESS_GROUP_TIMEOUT_S = 600
 # Taking turns: where a worker finds its control directory and how many rounds it times.
 TURNS_ENV, ROUNDS_ENV = "SHOESTRING_BENCH_TURNS", "SHOESTRING_BENCH_ROUNDS"
 POLL_S = 0.015  # a waiting process sleeps between looks: idle, it must not take the stepping job's cores
-TURN_TIMEOUT_S = 1200  # a set-up (compiling, cold) or one round taking longer than this is stuck
+TURN_TIMEOUT_S = 1200  # a set-up (compiling, cold), a round or a wait for a turn this long: stuck
 SETUP_AT_ONCE = 2  # jobs setting up at once: imports and compiling are mostly one thread each
 # Rank processes alive at once, GROUP_RANKS_MEASURED
 GROUP_RANKS = 12
@@ -347,8 +347,12 @@ class Turns:
             (Path(self.control) / marker).touch()
 
     def _await(self, marker: str) -> None:
-        path = Path(self.control) / marker
+        """Sleep until the parent writes `marker`; give up if it is gone (its control directory
+        removed) or silent for `TURN_TIMEOUT_S`, so that no orphan waits for ever."""
+        path, deadline = Path(self.control) / marker, time.monotonic() + TURN_TIMEOUT_S
         while not path.exists():
+            if not path.parent.is_dir() or time.monotonic() > deadline:
+                raise RuntimeError(f"no {marker} from the bench harness in {path.parent}: it has gone")
             time.sleep(POLL_S)
 
 
