@@ -56,7 +56,10 @@ TURNS_ENV, ROUNDS_ENV = "SHOESTRING_BENCH_TURNS", "SHOESTRING_BENCH_ROUNDS"
 POLL_S = 0.015  # a waiting process sleeps between looks: idle, it must not take the stepping job's cores
 TURN_TIMEOUT_S = 1200  # a set-up (compiling, cold), a round or a wait for a turn this long: stuck
 SETUP_AT_ONCE = 2  # jobs setting up at once: imports and compiling are mostly one thread each
-# Rank processes alive at once, GROUP_RANKS_MEASURED
+# Rank processes alive at once. A `small` rank holds 0.9-1.7 GiB at its peak (VmHWM); measured over
+# a whole `shoestring bench --size small --only levers strategies incumbents`, the most resident at
+# once (every python process of the run: ranks, torchrun launchers, the parent) was 15.7 GiB; 12
+# ranks leave room in 24 GiB. `full` (16 x 512) ranks hold more: mind the machine's memory there.
 GROUP_RANKS = 12
 
 
