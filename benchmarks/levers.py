@@ -16,7 +16,7 @@ from shoestring.bench import levers
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="small", choices=list(levers.SIZES))
-    p.add_argument("--rounds", type=int, help="fresh-process rounds per configuration (median taken)")
+    p.add_argument("--rounds", type=int, help="timed rounds per configuration, taken in turns (median taken)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (regional) in every configuration")
     a = p.parse_args()
     rows = levers.run(a.size, a.rounds, progress=lambda s: print(s, file=sys.stderr, flush=True), compile=a.compile)

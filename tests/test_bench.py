@@ -210,3 +210,52 @@ def test_a_failed_job_is_a_row_with_its_error_when_asked():
     bad = {"bad": harness.Job("tests.test_bench:no_such_job", {})}
     out = harness.interleaved(bad, rounds=1, keep_going=True)
     assert "error" in out["bad"][0][0]
+
+
+def _turn_job(spec: dict) -> dict:
+    """A job for the turn-taking test: each round's wall-clock start and end; `die_at`: the step
+    at which the process dies."""
+    import time
+
+    from shoestring.bench import harness
+
+    spans = []
+
+    def step(i: int) -> None:
+        if i == spec.get("die_at"):
+            os._exit(3)
+        t0 = time.time()
+        time.sleep(0.02)
+        spans.append((t0, time.time()))
+
+    timing = harness.timed_steps(step, steps=2)
+    timed = spans[harness.WARMUP:]
+    return {**timing, "rounds": [{**r, "start": timed[2 * k][0], "end": timed[2 * k + 1][1]}
+                                 for k, r in enumerate(timing["rounds"])]}
+
+
+def test_rounds_are_taken_in_turns_without_overlap():
+    from shoestring.bench import harness
+
+    jobs = {name: harness.Job("tests.test_bench:_turn_job", {}) for name in ("a", "b")}
+    out = harness.interleaved(jobs, rounds=3)
+    spans = sorted((rank[0]["start"], rank[0]["end"], name, r) for name, rs in out.items() for r, rank in enumerate(rs))
+    assert [(name, r) for _, _, name, r in spans] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert all(end <= next_start for (_, end, *_), (next_start, *_) in zip(spans, spans[1:]))
+    assert all(len(rank[0]["steps_s"]) == 2 and rank[0]["peak_rss_bytes"] > 0 for rs in out.values() for rank in rs)
+
+
+def test_a_worker_that_dies_is_named_not_waited_for():
+    import pytest
+
+    from shoestring.bench import harness
+
+    dying = {"ok": harness.Job("tests.test_bench:_turn_job", {}),
+             "dies": harness.Job("tests.test_bench:_turn_job", {"die_at": harness.WARMUP + 2})}  # in its second round
+    with pytest.raises(RuntimeError, match="'dies'.*ended \\(exit code 3\\) before done.1"):
+        harness.interleaved(dying, rounds=2)
+    out = harness.interleaved(dying, rounds=2, keep_going=True)
+    assert "error" in out["dies"][0][0] and "error" not in out["ok"][1][0]
+    never = {"plain": harness.Job("tests.test_bench:_rank_job", {"x": 1})}  # returns without taking turns
+    with pytest.raises(RuntimeError, match="ended \\(exit code 0\\) before ready"):
+        harness.interleaved(never, rounds=2)

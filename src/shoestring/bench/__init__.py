@@ -1,3 +1,3 @@
-"""Side-by-side benchmarks: each configuration measured in its own fresh process (so peak memory
-is that configuration's alone), rounds interleaved across configurations (so machine noise hits
-all of them alike), medians reported."""
+"""Side-by-side benchmarks: each configuration measured in its own processes (so peak memory is
+that configuration's alone), timed rounds taken in turns across configurations (so machine noise
+hits all of them alike, and no round overlaps another's), medians reported."""

@@ -123,7 +123,7 @@ def run(size: str = "small", rounds: int | None = None, progress: Callable[[str]
                                    "steps": steps, "eval_prompts": prompts},
                                   env={"HF_HUB_OFFLINE": "1"})  # all local: never wait on the network
                 for mode in MODES}
-        runs = harness.interleaved(jobs, rounds or default_rounds, progress)
+        runs = harness.fresh_rounds(jobs, rounds or default_rounds, progress)  # whole runs: a fresh process each
     rows = []
     for got in runs.values():
         best = harness.median_round([ranks[0] for ranks in got], key="tokens_per_s")

@@ -5,7 +5,7 @@ AdamW) versus the same architecture and the same initial weights as
 `transformers.LlamaForCausalLM` (sdpa attention) trained by Hugging Face `Trainer` (fused AdamW,
 `optim="adamw_torch_fused"`), each **eager and compiled** (ours: `train.compile = true`,
 regional, each block; HF: `TrainingArguments(torch_compile=True)`, the whole model), each also
-with activation checkpointing on (HF: its own `gradient_checkpointing`). Every system runs in the
+with activation checkpointing on (HF: its own `gradient_checkpointing`; not at `small`). Every system runs in the
 trainer's `auto` precision for this machine (`Work.precision`, resolved once by the parent): bf16
 where its matmuls are fast (for HF Trainer on CPU that is accelerate's `torch.autocast(cpu,
 bf16)` around fp32 weights, the same arithmetic as our bf16 policy), else fp32.
@@ -18,10 +18,12 @@ The goals are judged best against best: our fastest row against the peer's faste
 compiled (bench/goals.py). Every system sees the same token batches in the same order (a seeded
 random bigram chain: a learnable stream whose best loss is ln 4), the same sequence length and
 micro-batch, AdamW with the same lr/betas/weight decay/clipping and the same schedule
-(`shoestring.train.schedule`), for the same number of steps. Every configuration runs in fresh
-processes through the measuring harness (bench/harness.py: its warm-up rule, timer and peak),
-in interleaved rounds (A B C ... A B C ...), and the row is the round with the median step time,
-every round's figure beside it.
+(`shoestring.train.schedule`), for the same number of steps: the warm-up and every round, one
+run per system. Each configuration's processes start once and take their timed rounds in turns
+with the others' (A B C ... A B C ...) through the measuring harness (bench/harness.py: its
+warm-up rule, timer and per-round peak); the row is the round with the median step time, every
+round's figure beside it. The single-device systems without and with checkpointing, and the
+two-rank systems, are three groups: each takes turns among its own processes.
 
     PYTHONPATH=src python benchmarks/incumbents.py --size small     (or `run(size)` from code)
 """
@@ -41,7 +43,6 @@ from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models import build_model, preset_args
 from shoestring.models.llama import ModelArgs
 from shoestring.parallel import OptimizerSettings
-from shoestring.measure.memory import PeakRSS
 from shoestring.train.schedule import lr_at
 
 RANKS = 2
@@ -75,7 +76,8 @@ class Work:
     vocab: int
     batch: int  # sequences per optimizer step (global: split over the ranks)
     seq_len: int
-    steps: int  # timed, after the harness's warm-up steps
+    steps: int  # timed per round, after the harness's warm-up steps
+    rounds: int = 1  # timed rounds, taken in turns (set by `run`)
     precision: str = "auto"  # resolved by `run` before any worker starts: every system the same
     lr: float = 1e-3  # low enough that bf16 rounding differences are not amplified into other curves
     warmup_steps: int = 3
@@ -86,7 +88,7 @@ class Work:
 
     @property
     def total_steps(self) -> int:
-        return harness.WARMUP + self.steps
+        return harness.WARMUP + self.rounds * self.steps
 
     @property
     def args(self) -> ModelArgs:
@@ -101,12 +103,16 @@ class Work:
 
 
 # size -> (single-device work, two-rank work, rounds). `small`: the `small` preset at 8 x 256
-# (a compute-bound step of ~350 GFLOP), 3 timed steps, 5 interleaved rounds of 14 configurations.
+# (a compute-bound step of ~350 GFLOP, 1-3 s here), 5 rounds of 1 timed step in turns (set-up, HF's
+# whole-model compile above all, costs more than the rounds), 10 configurations:
+# to fit the suite's 15 minutes it leaves out the checkpointing rows (`CHECKPOINTED_AT`), which
+# `full` and `smoke` keep; eager and compiled, ours and HF's, all run.
 SIZES: dict[str, tuple[Work, Work, int]] = {
     "smoke": (Work("micro", 512, 4, 32, steps=2), Work("micro", 512, 4, 32, steps=1), 1),
-    "small": (Work("small", 8192, 8, 256, steps=3), Work("small", 8192, 8, 256, steps=3), 5),
+    "small": (Work("small", 8192, 8, 256, steps=1), Work("small", 8192, 8, 256, steps=1), 5),
     "full": (Work("small", 8192, 16, 512, steps=10), Work("small", 8192, 16, 512, steps=10), 7),
 }
+CHECKPOINTED_AT = ("smoke", "full")  # the sizes that run the single-device checkpointing rows
 
 
 # ---- the shared work --------------------------------------------------------------------------
@@ -134,18 +140,15 @@ def hf_model(work: Work):
 
 def _train_loop(work: Work, step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], rank: int = 0,
                 world: int = 1) -> dict[str, Any]:
-    """`step(i, x, y) -> loss` over this rank's share of every batch, through the harness's timer."""
+    """`step(i, x, y) -> loss` over this rank's share of every batch, through the harness's timer
+    (its figures, each round's, and every step's loss)."""
     data = token_batches(work)
 
     def one(i: int) -> torch.Tensor:
         batch = data[i].tensor_split(world)[rank]
         return step(i, batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
 
-    rss = PeakRSS()
-    rss.reset()
-    timing = harness.timed_steps(one, work.steps)
-    return {"step_s": timing["step_s"], "steps_s": timing["steps_s"], "peak_rss_bytes": rss.peak_bytes(),
-            "losses": timing["losses"]}
+    return harness.timed_steps(one, work.steps)
 
 
 # ---- shoestring ---------------------------------------------------------------------------------
@@ -185,15 +188,20 @@ def run_hf_trainer(work: Work, system: System) -> dict[str, Any]:
             return self.lr_scheduler
 
     class Record(TrainerCallback):
+        """The harness's turns around each optimizer step: timed from its begin to its end, so
+        that a wait for a turn, the data loader and the logging are outside the timed step."""
+
         def __init__(self) -> None:
-            self.ends: list[float] = []
+            self.turns = harness.Turns(work.steps)
+            self.t0 = 0.0
             self.losses: list[float] = []
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
+        def on_step_begin(self, args, state, control, **kw):
+            self.turns.before(state.global_step)
+            self.t0 = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
+        def on_step_end(self, args, state, control, **kw):  # the step is counted by now
+            self.turns.after(state.global_step - 1, time.perf_counter() - self.t0)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -213,13 +221,9 @@ def run_hf_trainer(work: Work, system: System) -> dict[str, Any]:
             dataloader_num_workers=0, disable_tqdm=True, seed=work.seed, remove_unused_columns=False)
         record = Record()
         trainer = SameSchedule(model=model, args=args, train_dataset=dataset, callbacks=[record])
-        rss = PeakRSS()
-        rss.reset()
         trainer.train()
         precision = str(trainer.accelerator.mixed_precision)
-    timed = harness.steady([b - a for a, b in zip(record.ends, record.ends[1:])])
-    return {"step_s": statistics.median(timed), "steps_s": timed, "peak_rss_bytes": rss.peak_bytes(),
-            "losses": record.losses, "note": f"accelerate mixed_precision={precision}"}
+    return {**record.turns.result(), "losses": record.losses, "note": f"accelerate mixed_precision={precision}"}
 
 
 # ---- two-rank peers on the HF model -----------------------------------------------------------
@@ -291,15 +295,18 @@ RUNNERS = {"shoestring": run_shoestring, "shoestring-fsdp2": run_shoestring, "hf
 
 
 def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """One rank of one system (the harness starts it in a fresh process)."""
+    """One rank of one system, all its rounds (the harness starts its processes)."""
     work = Work(**{**spec["work"], "betas": tuple(spec["work"]["betas"])})
+    if work.rounds != harness.worker_rounds():
+        raise RuntimeError(f"the work says {work.rounds} rounds, the harness {harness.worker_rounds()}")
     system = System(**spec["system"])
     return RUNNERS[system.name](work, system)
 
 
 # ---- the parent: rounds, rows, table ------------------------------------------------------------
 def _row(system: System, work: Work, rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """The round with the median step time (the slowest rank's), every round's figure beside it."""
+    """The round with the median step time (the slowest rank's), every round's figure beside it;
+    the losses are the whole run's (warm-up and every round), averaged over the ranks."""
     per_round = []
     for ranks in rounds:
         if "error" in ranks[0]:
@@ -322,18 +329,24 @@ def run(size: str = "small", parts: tuple[str, ...] = ("single", "distributed"),
         progress: Callable[[str], None] = lambda s: None, rounds: int | None = None,
         only: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Measure every system at `size` (smoke | small | full) in interleaved rounds, one row per
-    system (`only`: the systems whose `case` is named)."""
+    system (`only`: the systems whose `case` is named; else every system `size` runs)."""
     from shoestring.levers.precision import resolve_precision
     from shoestring.plan.probe import device_facts
 
     precision = str(resolve_precision(device_facts(torch.device("cpu"))).value)
     single, two, default_rounds = SIZES[size]
-    single, two = replace(single, precision=precision), replace(two, precision=precision)
+    rounds = rounds or default_rounds
+    single, two = (replace(w, precision=precision, rounds=rounds) for w in (single, two))
     systems = [(s, single) for s in SINGLE if "single" in parts] + [(s, two) for s in DISTRIBUTED if "distributed" in parts]
-    systems = [(s, w) for s, w in systems if only is None or s.case in only]
-    jobs = {s.case: harness.Job("shoestring.bench.incumbents:measure_job", {"system": asdict(s), "work": asdict(w)}, s.ranks)
-            for s, w in systems}
-    measured = harness.interleaved(jobs, rounds or default_rounds, progress, keep_going=True)
+    systems = [(s, w) for s, w in systems
+               if (s.case in only if only is not None else s.checkpointing == "none" or size in CHECKPOINTED_AT)]
+    # The rows a goal compares take turns together (a group); within a group the compiled systems
+    # start first, so that the longest set-ups overlap the others'.
+    order = sorted(systems, key=lambda sw: (sw[0].ranks, sw[0].checkpointing != "none", not sw[0].compiled))
+    jobs = {s.case: harness.Job("shoestring.bench.incumbents:measure_job", {"system": asdict(s), "work": asdict(w)}, s.ranks,
+                                group=f"{s.ranks} {s.checkpointing}")
+            for s, w in order}
+    measured = harness.interleaved(jobs, rounds, progress, keep_going=True)
     return [_row(s, w, measured[s.case]) for s, w in systems]
 
 
@@ -378,7 +391,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"{fsdp['tokens_per_s'] / o['tokens_per_s']:.2f}x tokens/s (goal >= 1x), peak memory per rank "
                          f"{fsdp['peak_rss_bytes'] / o['peak_rss_bytes']:.2f}x")
     good = [r for r in rows if "error" not in r]
-    curves = ["", "Loss per step (same tokens, same initial weights; the median round's):", "",
+    curves = ["", "Loss per step (same tokens, same initial weights; the warm-up steps and every round):", "",
               "| step | " + " | ".join(r["case"] for r in good) + " |", "|---:|" + "---:|" * len(good)]
     for i in range(max((len(r["losses"]) for r in good), default=0)):
         cells = [f"{r['losses'][i]:.4f}" if i < len(r["losses"]) else "" for r in good]

@@ -22,10 +22,11 @@ from shoestring.measure.memory import MiB
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
 CHECKPOINTING = ("none", "full", "every:2", "selective")
 
-# size -> (the step every configuration takes, rounds)
+# size -> (the step every configuration takes: `steps` timed per round, rounds). `small` times 2
+# steps per round (3 rounds in turns): `shoestring bench --size small` must fit in 15 minutes.
 SIZES = {
     "smoke": (StepSpec(preset="micro", vocab_size=512, batch=2, seq_len=32, steps=1), 1),
-    "small": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=256, steps=3), 3),
+    "small": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=256, steps=2), 3),
     "full": (StepSpec(preset="small", vocab_size=8192, batch=8, seq_len=512, steps=4), 5),
 }
 
@@ -99,7 +100,7 @@ def table(rows: list[dict]) -> str:
     spec = rows[0]["spec"]
     fp32, none = row(rows, "fp32"), row(rows)
     lines = [f"Model `{spec['preset']}`{' (blocks compiled)' if spec['compile'] else ''}, batch {spec['batch']} x {spec['seq_len']} tokens, vocab {spec['vocab_size']}; "
-             f"median of {len(none['step_s_all'])} fresh-process rounds x {spec['steps']} steps.", "",
+             f"median of {len(none['step_s_all'])} interleaved rounds x {spec['steps']} steps.", "",
              "| precision | step (s) | tokens/s | vs fp32 | MFU of the measured peak | params+grads+optim+master (MiB) | saved activations (MiB) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     precisions = [p for p in PRECISIONS if any(r["precision"] == p for r in rows)]

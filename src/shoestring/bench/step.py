@@ -1,6 +1,6 @@
 """Measure one single-process training configuration's step: time, throughput, counted and real
 memory, through the measuring harness (bench/harness.py: the trainer's build path, its warm-up
-rule and timer, a fresh process per measurement).
+rule and timer, one process per configuration taking its rounds in turns with the others).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class StepSpec:
 
 
 def measure(spec: StepSpec) -> dict:
-    """Build the step as `shoestring train` would, time it, then count its saved activations on
-    one more step (after the peak is read: the counter holds what it counts)."""
+    """Build the step as `shoestring train` would, time its rounds, then count its saved
+    activations on one more step (after the peaks are read: the counter holds what it counts)."""
     from shoestring.levers.checkpointing import estimate_saved_activation_bytes
     from shoestring.models import preset_args
     from shoestring.measure.memory import SavedActivationCounter
@@ -61,6 +61,7 @@ def measure(spec: StepSpec) -> dict:
         "state_bytes": strategy.memory(),
         "peak_rss_bytes": peak,
         "flops_per_token": strategy.unwrapped().flops_per_token(spec.seq_len),
+        "rounds": [{**r, "tokens_per_s": spec.batch * spec.seq_len / r["step_s"]} for r in timing["rounds"]],
     }
 
 
@@ -69,7 +70,7 @@ def measure_job(spec: dict) -> dict:
 
 
 def side_by_side(specs: dict[str, StepSpec], rounds: int, progress: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
-    """name -> the round with the median step time over `rounds` interleaved fresh-process
-    rounds, with `step_s_all` (every round's figure) so the spread is visible."""
+    """name -> the round with the median step time over `rounds` rounds taken in turns, with
+    `step_s_all` (every round's figure) so the spread is visible."""
     runs = harness.interleaved({name: spec.job() for name, spec in specs.items()}, rounds, progress)
     return {name: harness.median_round([ranks[0] for ranks in rs]) for name, rs in runs.items()}

@@ -1,7 +1,7 @@
 """`shoestring bench`: every benchmark section at one size, in one run, into one report.
 
 A section is a module with `run(size, ..., progress=...) -> list[dict]` (its own rounds, each
-configuration in fresh processes, medians kept) and `table(rows) -> str` (Markdown). Sections
+configuration in its own processes, rounds in turns, medians kept) and `table(rows) -> str` (Markdown). Sections
 are imported only when run, so a missing one (or its missing extra) costs one line in the
 output and the document instead of the whole suite. The report: docs/benchmarks.md filled
 between its markers (bench/report.py), charts in docs/img/, raw rows in benchmarks.json.
