@@ -190,3 +190,15 @@ def test_the_fit_refuses_a_heap_smaller_than_its_tensors():
     rows = _with_heap(pa.predict_rows(_raw()), 0.35e9, -0.3, 0.08e9, 0.05)
     with pytest.raises(pa.FitError, match=r"^fragmentation = -0\.3 is beyond its lower bound 0\.0"):
         pa.fit(rows)
+
+
+def test_a_narrower_model_spends_more_of_its_step_outside_the_matmuls():
+    from shoestring.plan.model import model_info
+    from shoestring.plan.throughput import compute_seconds, elementwise_per_mflop, elementwise_scale
+
+    fitted = pa.fit(pa.predict_rows(_raw()))
+    small, tiny = (elementwise_per_mflop(model_info(p), 256) for p in ("small", "tiny"))
+    assert fitted["elementwise_ref"] == pytest.approx(small, rel=1e-3)  # the fit set's model
+    assert elementwise_scale(fitted, small) == pytest.approx(1.0, rel=1e-3)
+    assert elementwise_scale(fitted, tiny) > 1.5 and elementwise_scale({}, tiny) == 1.0
+    assert compute_seconds(1.0, 1.0, 0.5, elementwise_scale(fitted, tiny)) > compute_seconds(1.0, 1.0, 0.5)

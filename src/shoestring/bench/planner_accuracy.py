@@ -210,7 +210,7 @@ def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = 
     cases = for_this_machine({c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}, bf16_fast)
     # probed before the runs, in the same conditions: per (ranks, threads) a case runs on
     probed = {k: probe_cpu(*k) for k in sorted({(c.world, c.threads or None) for c in cases}, key=str)}
-    measured = harness.fresh_rounds({c.label: job(c) for c in cases}, rounds, progress)
+    measured = harness.interleaved({c.label: job(c) for c in cases}, rounds, progress, overlap_setup=True)
     raw = [{"case": asdict(c), "set": which, "runs": [_slowest(ranks) for ranks in measured[c.label]],
             "probe": probed[(c.world, c.threads or None)]} for c, which in cases.items()]
     return calibrate_and_predict(raw)
@@ -339,12 +339,16 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     A constant with no row to fit it keeps its current value. Judge a fit on the check set
     (`calibrate_and_predict`), never on the rows it came from."""
     from shoestring.plan.catalogue import calibration
-    from shoestring.plan.throughput import compute_dtype, compute_seconds, with_compiled
+    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, with_compiled
 
     cal = calibration("cpu")
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
     out["compiled"] = dict(cal.get("compiled", {}))
     terms = [_terms(r) for r in rows]
+    mfu_rows = [t for r, t in zip(rows, terms) if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
+                and t["cores_share"] == 1 and not r["case"].get("memory_only")]
+    if mfu_rows:  # the model the MFU is fitted on (the fit set runs one): what `elementwise_scale` is relative to
+        out["elementwise_ref"] = round(statistics.median(t["elementwise"] for t in mfu_rows), 3)
     for group, compiled in ((out, False), (out["compiled"], True)):
         where = "compiled." if compiled else ""
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
@@ -383,7 +387,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             prec, mode = r["case"]["precision"], r["case"]["checkpointing"]
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
             mfu = g["mfu"][prec] * (g.get("rank_mfu_gain", 1.0) if t["cores_share"] < 1 else 1.0)
-            compute = compute_seconds(t["at_peak"], t["full_at_peak"], mfu) * (
+            compute = compute_seconds(t["at_peak"], t["full_at_peak"], mfu, elementwise_scale(out, t["elementwise"])) * (
                 1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
             left = _measured_step(r) - compute - t["comm_bw"]
             per_call.setdefault(r["case"]["strategy"], []).append((left / t["collectives"], _measured_step(r) / t["collectives"], r))
@@ -470,7 +474,7 @@ def _terms(row: dict) -> dict[str, Any]:
     from shoestring.plan.memory import Levers
     from shoestring.plan.model import model_info
     from shoestring.plan.search import Request, trainable_for
-    from shoestring.plan.throughput import collectives, comm_bytes, compute_dtype
+    from shoestring.plan.throughput import collectives, comm_bytes, compute_dtype, elementwise_per_mflop
 
     case = Case(**row["case"])
     device = cpu_device(row["probe"])
@@ -481,10 +485,12 @@ def _terms(row: dict) -> dict[str, Any]:
     levers = Levers(case.precision, case.checkpointing, case.strategy, micro_batch=case.batch // case.world,
                     compiled=row["predicted"]["compiled"])
     tokens, peak = levers.micro_batch * case.seq_len, device.peak_flops(compute_dtype(case.precision))
+    elementwise = elementwise_per_mflop(info, case.seq_len)
     return {"compiled": levers.compiled, "at_peak": tokens * flops / peak,
             "full_at_peak": tokens * info.flops_per_token(case.seq_len) / peak,
             "comm_bw": comm_bytes(info, trainable, levers, case.world) / (device.link_gbs(case.world) * 1e9),
             "collectives": collectives(info, trainable, levers, case.world), "cores_share": device.cores_share,
+            "elementwise": elementwise,
             "share": len(checkpointed_blocks(info.args.n_layers, case.checkpointing)) / info.args.n_layers}
 
 

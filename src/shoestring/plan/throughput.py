@@ -119,13 +119,30 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
     return sum(c.sent_bytes(ring_of(c, world, levers.shard_group or world, world).ranks) for c in cost.collectives)
 
 
-def compute_seconds(at_peak: float, full_at_peak: float, mfu: float) -> float:
+def compute_seconds(at_peak: float, full_at_peak: float, mfu: float, rest_scale: float = 1.0) -> float:
     """A step's compute: its matmul FLOPs at the peak (`at_peak`), plus the rest of the work,
     which the MFU calibration measures as (1/MFU - 1) times the matmul time of the full model's
-    step (`full_at_peak`). A parameter-efficient lever (LoRA: no weight gradients for the frozen
+    step (`full_at_peak`), times `rest_scale` for a model other than the one it was measured on
+    (`elementwise_scale`). A parameter-efficient lever (LoRA: no weight gradients for the frozen
     base) removes matmul FLOPs but not the element-wise work between them; with every weight
     training the two are the same and this is `at_peak / mfu`."""
-    return at_peak + full_at_peak * (1 / mfu - 1)
+    return at_peak + full_at_peak * (1 / mfu - 1) * rest_scale
+
+
+def elementwise_per_mflop(info: ModelInfo, seq_len: int) -> float:
+    """Layers x width per MFLOP of a token's training step: the element-wise work (norms, rope,
+    activations, residual adds: each touches a token's `dim` values per layer) against the
+    matmul work (which grows with dim^2 per layer)."""
+    return info.args.n_layers * info.args.dim / info.flops_per_token(seq_len) * 1e6
+
+
+def elementwise_scale(cal: dict, per_mflop: float) -> float:
+    """How much more non-matmul time per matmul second a model of `per_mflop`
+    (`elementwise_per_mflop`) has than the one the CPU MFU was fitted on (`elementwise_ref` in
+    the calibration; 1 where there is none): a narrower model spends a larger share of its step
+    outside the matmuls, a wider one a smaller."""
+    ref = cal.get("elementwise_ref")
+    return per_mflop / ref if ref else 1.0
 
 
 def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, world: int, seq_len: int,
@@ -134,7 +151,8 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
     peak = device.peak_flops(compute_dtype(levers.precision))
     cal = device_calibration(device, levers.compiled)
     compute = compute_seconds(tokens * flops_per_token / peak, tokens * info.flops_per_token(seq_len) / peak,
-                              achievable_mfu(device, levers.precision, levers.compiled))
+                              achievable_mfu(device, levers.precision, levers.compiled),
+                              elementwise_scale(cal, elementwise_per_mflop(info, seq_len)) if device.kind == "cpu" else 1.0)
     recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len, levers.compiled) - 1.0)
     if trainable.dequant_bytes is not None:  # a quantised base: one memory-bound pass per forward, backward, recompute
         dequant = levers.grad_accum * trainable.dequant_bytes(levers.compiled) / (device.mem_bw_gbs * 1e9)
