@@ -145,14 +145,12 @@ def fresh_rounds(jobs: dict[str, Job], rounds: int, progress: Callable[[str], No
 
 
 def interleaved(jobs: dict[str, Job], rounds: int, progress: Callable[[str], None] = lambda s: None,
-                keep_going: bool = False, overlap_setup: bool = False) -> Rounds:
+                keep_going: bool = False) -> Rounds:
     """name -> one entry (every rank's result) per round. Each job's processes start once and take
     their rounds in turns with the other jobs of their group (the module docstring says how);
     the job times through `timed_steps` or `Turns`. `keep_going`: a failed job is recorded as
-    `[{"error": ...}]` in each round instead of stopping the rest. One round runs in fresh
-    processes one after another, unless `overlap_setup`: then in turns too, so that set-ups
-    (imports, compiling, warm-up: mostly one thread each) run two at a time, untimed."""
-    if rounds == 1 and not overlap_setup:
+    `[{"error": ...}]` in each round instead of stopping the rest."""
+    if rounds == 1:
         return fresh_rounds(jobs, rounds, progress, keep_going)
     out: Rounds = {}
     for group in groups(jobs):

@@ -210,7 +210,7 @@ def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = 
     cases = for_this_machine({c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}, bf16_fast)
     # probed before the runs, in the same conditions: per (ranks, threads) a case runs on
     probed = {k: probe_cpu(*k) for k in sorted({(c.world, c.threads or None) for c in cases}, key=str)}
-    measured = harness.interleaved({c.label: job(c) for c in cases}, rounds, progress, overlap_setup=True)
+    measured = harness.fresh_rounds({c.label: job(c) for c in cases}, rounds, progress)
     raw = [{"case": asdict(c), "set": which, "runs": [_slowest(ranks) for ranks in measured[c.label]],
             "probe": probed[(c.world, c.threads or None)]} for c, which in cases.items()]
     return calibrate_and_predict(raw)
