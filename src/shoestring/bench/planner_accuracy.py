@@ -339,22 +339,22 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     A constant with no row to fit it keeps its current value. Judge a fit on the check set
     (`calibrate_and_predict`), never on the rows it came from."""
     from shoestring.plan.catalogue import calibration
-    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, with_compiled
+    from shoestring.plan.catalogue import with_compiled
+    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores
 
     cal = calibration("cpu")
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
     out["compiled"] = dict(cal.get("compiled", {}))
     terms = [_terms(r) for r in rows]
-    mfu_rows = [t for r, t in zip(rows, terms) if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
+    # the rows an MFU comes from: one process on every core, every weight training, a real model
+    mfu_rows = [(r, t) for r, t in zip(rows, terms) if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
                 and t["cores_share"] == 1 and not r["case"].get("memory_only")]
     if mfu_rows:  # the model the MFU is fitted on (the fit set runs one): what `elementwise_scale` is relative to
-        out["elementwise_ref"] = round(statistics.median(t["elementwise"] for t in mfu_rows), 3)
+        out["elementwise_ref"] = round(statistics.median(t["elementwise"] for _, t in mfu_rows), 3)
     for group, compiled in ((out, False), (out["compiled"], True)):
         where = "compiled." if compiled else ""
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
-        plain = [(r, t) for r, t in mine if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
-                 and t["cores_share"] == 1]
-        plain = [(r, t) for r, t in plain if not r["case"].get("memory_only")]
+        plain = [(r, t) for r, t in mfu_rows if t["compiled"] == compiled]
         fitted = {}
         for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
@@ -386,7 +386,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             g = with_compiled(out, t["compiled"])
             prec, mode = r["case"]["precision"], r["case"]["checkpointing"]
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
-            mfu = g["mfu"][prec] * (g.get("rank_mfu_gain", 1.0) if t["cores_share"] < 1 else 1.0)
+            mfu = on_cores(g, g["mfu"][prec], t["cores_share"])
             compute = compute_seconds(t["at_peak"], t["full_at_peak"], mfu, elementwise_scale(out, t["elementwise"])) * (
                 1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
             left = _measured_step(r) - compute - t["comm_bw"]
@@ -412,6 +412,8 @@ def _memory_fit(rows: list[dict], terms: list[dict], cal: dict[str, Any]) -> dic
     the peak (blocks freed by earlier steps that a step's new tensors do not fit into); compiled
     blocks allocate fewer, planned buffers, so they get their own. Rows of one size cannot tell
     a base from a share: then the share in force is kept and the base is the median residual."""
+    from shoestring.plan.catalogue import with_compiled
+
     parts = ("fragmentation", "framework", "compile_runtime")
     points = [(sum(v for k, v in r["predicted"]["components"].items() if k not in parts), r["memory_measured"], r)
               for r in rows]
@@ -422,7 +424,7 @@ def _memory_fit(rows: list[dict], terms: list[dict], cal: dict[str, Any]) -> dic
         mine = [(x, m - (base if compiled else 0.0), r) for (x, m, r), t in zip(points, terms) if t["compiled"] == compiled]
         if not mine:
             continue
-        share = with_fragmentation(cal, compiled)
+        share = with_compiled(cal, compiled).get("fragmentation", 0.0)
         xs = [x for x, _, _ in mine]
         if len(mine) > 2 and max(xs) > 1.5 * min(xs):
             intercept, slope = _line(xs, [y for _, y, _ in mine])
@@ -434,12 +436,6 @@ def _memory_fit(rows: list[dict], terms: list[dict], cal: dict[str, Any]) -> dic
         if not compiled:
             base = where[key] * 1e9
     return out
-
-
-def with_fragmentation(cal: dict[str, Any], compiled: bool) -> float:
-    """The heap's share over the tensors in force: the compiled one where it has its own."""
-    eager = cal.get("fragmentation", 0.0)
-    return cal.get("compiled", {}).get("fragmentation", eager) if compiled else eager
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:

@@ -234,6 +234,16 @@ def cpu_device(probed: dict[str, Any]) -> Device:
                    per_node=ranks, cores_share=share)
 
 
+def with_compiled(cal: dict, compiled: bool) -> dict:
+    """A calibration; for compiled blocks, its `compiled` table over it (a table in both, such
+    as `mfu`, merged key by key: what compiled runs did not measure stays)."""
+    if not compiled:
+        return cal
+    over = cal.get("compiled", {})
+    return {**cal, **{k: {**cal[k], **v} if isinstance(v, dict) and isinstance(cal.get(k), dict) else v
+                      for k, v in over.items()}}
+
+
 def budget_device(device: torch.device, memory_bytes: int) -> Device:
     """This device's catalogue class with `memory_bytes` to spend (a run's memory budget): what
     a memory estimate needs, without probing anything (the CPU's non-tensor memory calibrated)."""
@@ -244,7 +254,7 @@ def budget_device(device: torch.device, memory_bytes: int) -> Device:
     cal = calibration("cpu")
     return replace(entry, memory_bytes=memory_bytes, overhead_bytes=int(cal.get("rss_base_gb", 0.3) * GB),
                    fragmentation=cal.get("fragmentation", entry.fragmentation),
-                   compile_fragmentation=cal.get("compiled", {}).get("fragmentation", cal.get("fragmentation", entry.fragmentation)),
+                   compile_fragmentation=with_compiled(cal, True).get("fragmentation", entry.fragmentation),
                    compile_overhead_bytes=int(cal.get("compiled", {}).get("rss_compile_gb", 0.0) * GB))
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shoestring.levers.checkpointing import checkpointed_blocks, estimate_recompute_flops_fraction, parse_mode
-from shoestring.plan.catalogue import Device, calibration
+from shoestring.plan.catalogue import Device, calibration, with_compiled
 from shoestring.plan.memory import Levers, strategy_cost
 from shoestring.plan.model import ModelInfo, Trainable
 from shoestring.plan.network import communication, ring_of
@@ -59,16 +59,6 @@ def device_calibration(device: Device, compiled: bool) -> dict:
     return with_compiled(calibration("cpu" if device.kind == "cpu" else "gpu"), compiled)
 
 
-def with_compiled(cal: dict, compiled: bool) -> dict:
-    """A calibration; for compiled blocks, its `compiled` table over it (a table in both, such
-    as `mfu`, merged key by key: what compiled runs did not measure stays)."""
-    if not compiled:
-        return cal
-    over = cal.get("compiled", {})
-    return {**cal, **{k: {**cal[k], **v} if isinstance(v, dict) and isinstance(cal.get(k), dict) else v
-                      for k, v in over.items()}}
-
-
 def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> float:
     """The fraction of the peak a step reaches: published per GPU class; on the CPU calibrated per
     precision for a process on every core, times `rank_mfu_gain` for a process on fewer (a rank of
@@ -76,7 +66,13 @@ def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> fl
     if device.kind != "cpu":
         return device.mfu
     cal = device_calibration(device, compiled)
-    return cal.get("mfu", {}).get(precision, device.mfu) * (cal.get("rank_mfu_gain", 1.0) if device.cores_share < 1 else 1.0)
+    return on_cores(cal, cal.get("mfu", {}).get(precision, device.mfu), device.cores_share)
+
+
+def on_cores(cal: dict, mfu: float, cores_share: float) -> float:
+    """`mfu` (a process on every core) for a process on `cores_share` of them: `rank_mfu_gain`
+    applies to one on fewer."""
+    return mfu * (cal.get("rank_mfu_gain", 1.0) if cores_share < 1 else 1.0)
 
 
 def overlap(device: Device, info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> float:
@@ -152,7 +148,7 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
     cal = device_calibration(device, levers.compiled)
     compute = compute_seconds(tokens * flops_per_token / peak, tokens * info.flops_per_token(seq_len) / peak,
                               achievable_mfu(device, levers.precision, levers.compiled),
-                              elementwise_scale(cal, elementwise_per_mflop(info, seq_len)) if device.kind == "cpu" else 1.0)
+                              elementwise_scale(cal, elementwise_per_mflop(info, seq_len)))
     recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len, levers.compiled) - 1.0)
     if trainable.dequant_bytes is not None:  # a quantised base: one memory-bound pass per forward, backward, recompute
         dequant = levers.grad_accum * trainable.dequant_bytes(levers.compiled) / (device.mem_bw_gbs * 1e9)
