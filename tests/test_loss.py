@@ -62,3 +62,14 @@ def test_frozen_head_gets_no_gradient_and_the_same_hidden_gradient():
     expected = _grads(reference_cross_entropy, hidden.detach().requires_grad_(), weight, targets)
     assert frozen.grad is None
     torch.testing.assert_close(hidden.grad, expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_pass_over_the_logits_equals_the_eager_one():
+    """The compile lever's kernel (one fused pass over each chunk's logits): the same loss and
+    gradients, soft-cap and ignored rows included."""
+    hidden, weight, targets = _inputs(4)
+    eager = _grads(lambda h, w, t: cross_entropy_from_hidden(h, w, t, chunk=40, softcap=2.0), hidden, weight, targets)
+    fused = _grads(lambda h, w, t: cross_entropy_from_hidden(h, w, t, chunk=40, softcap=2.0, compiled=True),
+                   hidden, weight, targets)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

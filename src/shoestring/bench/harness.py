@@ -423,7 +423,9 @@ def build(tree: dict[str, Any], vocab: int, device: torch.device | None = None):
 
 
 def compiled_blocks(strategy) -> bool:
-    return any(getattr(b, "_compiled_call_impl", None) is not None for b in strategy.unwrapped().layers)
+    from shoestring.levers.compile import compiled
+
+    return compiled(strategy.unwrapped())
 
 
 def _run_rank(target: str, spec: dict[str, Any]) -> list[dict[str, Any]] | None:

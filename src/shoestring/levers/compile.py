@@ -68,6 +68,12 @@ def unavailable(device: torch.device) -> str | None:
     return f"compile is not supported on {device.type}"
 
 
+def compiled(model: Llama) -> bool:
+    """Whether `compile_blocks` compiled this model's blocks: the loss then compiles its pass over
+    the logits too (`models/loss.py`), so one decision covers both."""
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
+
+
 def compile_blocks(model: Llama, device: torch.device | None = None) -> bool:
     """Compile every block in place; returns False (blocks left eager, with a warning) when
     compile cannot run on `device`."""

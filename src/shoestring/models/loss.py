@@ -10,9 +10,17 @@ applied in backward). What stays alive until backward is `grad_hidden` (tokens x
 
 A final-logit soft-cap (Gemma 2: logits -> c tanh(logits / c)) is applied per chunk; its
 derivative (1 - tanh^2) multiplies the softmax gradient before it reaches hidden and weight.
+
+The gradient of the loss w.r.t. the logits is softmax - onehot(target). Its one-hot part is
+applied after the matmuls, to the few rows it touches (`hidden`'s gradient less the target's
+head row, the head's gradient less each token's hidden row), so the pass over the `chunk x
+vocab` logits (`softmax_grad`) is element-wise and reductions only: compiled (`compiled=True`,
+what the compile lever asks for), it is one fused kernel instead of a scatter between passes.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,38 +29,53 @@ IGNORE_INDEX = -100
 LOSS_CHUNK = 1024  # tokens whose logits exist at once (the planner counts one chunk's buffers)
 
 
+def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, softcap: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss, its softmax (times each row's weight: 0 on ignored rows, the
+    soft-cap's derivative where there is one) in `dtype`, and the weight of each row's one-hot
+    term. The gradient w.r.t. the logits is `probs - weight x onehot(target)`."""
+    logits = logits.float()
+    if softcap:
+        tanh = torch.tanh(logits.div_(softcap))
+        logits = torch.mul(tanh, softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    loss = ((lse - target_logit) * valid).sum()
+    probs = logits.sub_(lse[:, None]).exp_().mul_(valid[:, None])
+    onehot = valid
+    if softcap:
+        slope = 1 - tanh.square_()
+        probs.mul_(slope)
+        onehot = valid * slope.gather(1, targets[:, None]).squeeze(1)
+    return loss, probs.to(dtype), onehot
+
+
+@functools.cache
+def _compiled_softmax_grad():
+    return torch.compile(softmax_grad)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                softcap: float) -> torch.Tensor:
+                softcap: float, compiled: bool) -> torch.Tensor:
         needs_grad = hidden.requires_grad or weight.requires_grad
         head_trains = weight.requires_grad  # a frozen head (LoRA) needs no vocab x dim gradient
+        kernel = _compiled_softmax_grad() if compiled else softmax_grad
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if head_trains else None
         for start in range(0, hidden.shape[0], chunk):
-            h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-            logits = (h @ weight.T).float()
-            if softcap:
-                tanh = torch.tanh(logits.div_(softcap))
-                logits = torch.mul(tanh, softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = t.clamp(min=0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += ((lse - target_logit) * v).sum()
-            if needs_grad:
-                # d loss / d logits = softmax - onehot, zero on ignored rows.
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(len(t), device=g.device), safe_t] -= 1.0
-                g.mul_(v[:, None])
-                if softcap:
-                    g.mul_(1 - tanh.square_())
-                g = g.to(h.dtype)
-                grad_hidden[start : start + chunk] = g @ weight
+            h, t = hidden[start : start + chunk], targets[start : start + chunk].clamp(min=0)
+            chunk_loss, probs, onehot = kernel(h @ weight.T, t, valid[start : start + chunk].float(), softcap, h.dtype)
+            loss += chunk_loss
+            if needs_grad:  # d loss / d logits = probs - onehot x onehot(t)
+                torch.sub(probs @ weight, weight[t] * onehot[:, None].to(h.dtype), out=grad_hidden[start : start + chunk])
                 if head_trains:
-                    grad_weight += (g.T @ h).float()
+                    grad_weight += (probs.T @ h).float()
+                    grad_weight.index_add_(0, t, h.float() * onehot[:, None], alpha=-1)
         loss = loss / n_valid
         if needs_grad:
             grad_hidden.div_(n_valid)
@@ -64,23 +87,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = None if grad_weight is None else grad_weight * grad_out.to(grad_weight.dtype)
-        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight, None, None, None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight, None, None, None, None
 
 
 def cross_entropy_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK, softcap: float | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK, softcap: float | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (soft-capped at `softcap` when given) against
     `targets` (IGNORE_INDEX rows skipped).
 
     hidden (..., dim), weight (vocab, dim), targets (...). Under autocast the matmuls run in the
-    autocast dtype, like an `nn.Linear` would; the softmax is always fp32.
+    autocast dtype, like an `nn.Linear` would; the softmax is always fp32. `compiled`: the pass
+    over the logits runs as one compiled kernel (`softmax_grad`).
     """
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(h, w, targets.reshape(-1), chunk, softcap or 0.0)
+        return _ChunkedLinearCrossEntropy.apply(h, w, targets.reshape(-1), chunk, softcap or 0.0, compiled)
 
 
 def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

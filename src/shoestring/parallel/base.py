@@ -25,6 +25,7 @@ from torch import nn
 
 from shoestring.config import ParallelSection
 from shoestring.errors import UserError
+from shoestring.levers.compile import compiled
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.parallel.cost import STEP_COUNTER_BYTES, Cost, Workload
 from shoestring.models.loss import cross_entropy_from_hidden
@@ -110,14 +111,17 @@ def require_file(directory: Path, name: str) -> Path:
 class WithLoss(nn.Module):
     """The model and its loss in one forward. Wrappers act at forward boundaries (DDP's reducer,
     FSDP2's unshard/reshard, ZeRO-3's parameter gathers), so the tied head weight must be used
-    inside a forward, not after it."""
+    inside a forward, not after it. The loss's pass over the logits is compiled where the blocks
+    are (the compile lever's one decision)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.compiled = compiled(model)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
-        return cross_entropy_from_hidden(self.model(x, doc), self.model.lm_head.weight, y, softcap=self.model.args.final_softcap)
+        return cross_entropy_from_hidden(self.model(x, doc), self.model.lm_head.weight, y,
+                                         softcap=self.model.args.final_softcap, compiled=self.compiled)
 
 
 def replicated_state_bytes(n_params: int, policy: PrecisionPolicy) -> dict[str, int]:
