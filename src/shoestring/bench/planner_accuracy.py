@@ -3,16 +3,15 @@ memory and tokens/s on a **check set** of configurations the calibration never s
 
 The cases come in two disjoint sets, chosen here before anything is fitted: a **fit set** on the
 `small` preset at 8 x 256 that isolates each calibrated constant (each precision's MFU, each
-checkpointing mode's multiplier, each strategy's communication: the share hidden behind compute and
-the cost per collective call, the process's own memory),
-and a **check set** in other presets, sequence lengths, micro-batches, and other combinations of
-checkpointing mode, strategy and precision. `run(size)` measures both (interleaved rounds), fits
-`[calibration.cpu]` to the fit set alone (`fit`), predicts every row with that fit, and reports
-both sets' errors; the verdict is on the check set. A fitted constant outside its physical bounds
-(an MFU above 1, a recompute that makes a step faster, a step that hides more than all of its
-communication, a negative memory) stops
-the fit with `FitError` naming it, instead of being absorbed into a meaningless number: the rows
-are then predicted with the calibration in force, and the table says why.
+checkpointing mode's multiplier, each strategy's communication: the share hidden behind compute
+and the cost per collective call, the process's own memory), and a **check set** in other
+presets, sequence lengths, micro-batches, and other combinations of checkpointing mode, strategy
+and precision. `run(size)` measures both (interleaved rounds), fits `[calibration.cpu]` to the
+fit set alone (`fit`), predicts every row with that fit, and reports both sets' errors; the
+verdict is on the check set. A fitted constant outside its physical bounds (an MFU above 1, a
+recompute that makes a step faster, a step hiding more than all of its communication, a negative
+memory) stops the fit with `FitError` naming it, instead of being absorbed into a meaningless
+number: the rows are then predicted with the calibration in force, and the table says why.
 
 `predict_rows(raw)` re-predicts saved measurements (iterate on the model without re-measuring);
 `calibration_toml` writes a fit as hardware.toml's tables; `shoestring calibrate` runs the fit

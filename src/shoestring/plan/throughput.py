@@ -114,8 +114,9 @@ def split_exposed(exposed_s: float, comm_s: float, calls: int) -> tuple[float, f
     taken: a step that waits at least its bytes' time hides none of them (the rest is the per-call
     cost: gloo on the cores that compute); only a step shorter than compute + bytes proves part of
     them ran beside the compute (DDP's bucketed all-reduce during a long backward), and then no
-    per-call cost is left to charge. The two meet at (0, 0), so the split is continuous."""
-    if exposed_s >= comm_s:
+    per-call cost is left to charge. The two meet at (0, 0), so the split is continuous. (No
+    bytes: nothing to hide, the whole remainder is per call.)"""
+    if exposed_s >= comm_s or not comm_s:
         return 0.0, (exposed_s - comm_s) / calls if calls else 0.0
     return 1 - exposed_s / comm_s, 0.0
 
