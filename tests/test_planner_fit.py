@@ -202,3 +202,74 @@ def test_a_narrower_model_spends_more_of_its_step_outside_the_matmuls():
     assert elementwise_scale(fitted, small) == pytest.approx(1.0, rel=1e-3)
     assert elementwise_scale(fitted, tiny) > 1.5 and elementwise_scale({}, tiny) == 1.0
     assert compute_seconds(1.0, 1.0, 0.5, elementwise_scale(fitted, tiny)) > compute_seconds(1.0, 1.0, 0.5)
+
+
+AVX2 = json.loads((Path(__file__).parents[1] / "benchmarks" / "planner_accuracy_raw_avx2.json").read_text())
+
+
+def _with_comm(overlap: dict[str, float], per_call: dict[str, float]) -> tuple[list[dict], dict]:
+    """The recorded AVX2 fit set with each 2-rank row's step replaced by what the planner predicts
+    when its strategy hides `overlap` of its bytes' time and pays `per_call` per collective (every
+    other constant: the fit of the single-process rows), and that calibration."""
+    raw = [copy.deepcopy(r) for r in AVX2 if r["set"] == pa.FIT]
+    base = pa.fit(pa.predict_rows([r for r in raw if r["case"]["strategy"] == "single"]))
+    known = {**base, "comm_overlap": overlap, "collective_s": per_call}
+    with catalogue.calibrated("cpu", known):
+        for r, row in zip(raw, pa.predict_rows(raw)):
+            if r["case"]["strategy"] != "single":
+                for run in r["runs"]:
+                    run["step_s"] = row["case"]["batch"] * row["case"]["seq_len"] / row["tokens_per_s_predicted"]
+                    run["steps_s"] = [run["step_s"]]
+    return raw, known
+
+
+def test_the_hidden_share_and_the_per_call_cost_come_back_out_of_the_rows():
+    """A strategy that hides part of its bytes gets that share and no per-call cost; one that
+    waits for more than its bytes gets the per-call cost and hides none (`split_exposed`)."""
+    overlap, per_call = {"ddp": 0.6, "fsdp2": 0.0, "yafsdp": 0.25}, {"ddp": 0.0, "fsdp2": 0.012, "yafsdp": 0.0}
+    raw, known = _with_comm(overlap, per_call)
+    with catalogue.calibrated("cpu", known):
+        fitted = pa.fit(pa.predict_rows(raw))
+    for k in overlap:
+        assert fitted["comm_overlap"][k] == pytest.approx(overlap[k], abs=2e-3), k
+        assert fitted["collective_s"][k] == pytest.approx(per_call[k], abs=1e-4), k
+
+
+def test_the_fit_refuses_a_step_that_hides_more_than_all_of_its_communication():
+    raw = [copy.deepcopy(r) for r in AVX2 if r["set"] == pa.FIT]
+    _scale_step(raw, "small pretrain, ddp, fp32, ckpt none, 8x256", 0.7)  # shorter than its compute alone
+    with pytest.raises(pa.FitError, match=r"^comm_overlap\.ddp = \d+\.\d+ is beyond its upper bound 1\.0 .*ddp, fp32"):
+        pa.fit(pa.predict_rows(raw))
+    with pytest.raises(pa.FitError, match=r"comm_overlap\.fsdp2 = -0\.2 is beyond its lower bound 0\.0"):
+        pa.bounded("comm_overlap.fsdp2", -0.2, 1.0, [])
+
+
+def test_the_prediction_hides_the_calibrated_share_and_the_fit_inverts_it():
+    from shoestring.plan.throughput import cpu_exposed_comm, split_exposed
+
+    case = pa.Case("small", "ddp", "fp32", "none", 8, 256)
+    probe = next(r["probe"] for r in AVX2 if r["case"]["strategy"] == "ddp")
+    steps = {}
+    for share in (0.0, 0.5):
+        table = {**catalogue.calibration("cpu"), "comm_overlap": {"ddp": share}, "collective_s": {"ddp": 0.01}}
+        with catalogue.calibrated("cpu", table):
+            steps[share] = pa.predict(case, probe, False)["step"]
+    total = steps[0.0]["comm"] - 0.01 * 5  # DDP's 5 bucket calls on `small`
+    assert total > 0 and steps[0.5]["comm"] == pytest.approx(steps[0.0]["comm"] - 0.5 * total)
+    assert steps[0.5]["compute"] == steps[0.0]["compute"]
+    # one rule: whatever the split of a measured exposed time, the prediction gives it back
+    for exposed in (0.05, 0.1, 0.3):
+        share, per_call = split_exposed(exposed, 0.1, 4)
+        cal = {"comm_overlap": {"ddp": share}, "collective_s": {"ddp": per_call}}
+        assert cpu_exposed_comm(cal, "ddp", 0.1, 2.0, 4) == pytest.approx(exposed)
+        assert min(share, per_call) == 0.0 and 0.0 <= share <= 1.0
+    # never more hidden than the compute beside it; a table from before the share was per strategy
+    assert cpu_exposed_comm({"comm_overlap": {"ddp": 1.0}}, "ddp", 0.3, 0.1, 1) == pytest.approx(0.2)
+    assert cpu_exposed_comm({"comm_overlap": 0.5}, "fsdp2", 0.2, 1.0, 3) == pytest.approx(0.1)
+
+
+def test_the_recorded_avx2_rows_fit_with_ddps_hidden_all_reduce():
+    """The AVX2 run's fit was refused (a negative per-call cost for DDP) before the CPU model had
+    a hidden share: its DDP step is shorter than compute + bytes over the probed bandwidth."""
+    fitted = pa.fit([r for r in pa.predict_rows(AVX2) if r["set"] == pa.FIT])
+    assert fitted["comm_overlap"]["ddp"] > 0.5 and fitted["collective_s"]["ddp"] == 0.0

@@ -3,14 +3,15 @@ memory and tokens/s on a **check set** of configurations the calibration never s
 
 The cases come in two disjoint sets, chosen here before anything is fitted: a **fit set** on the
 `small` preset at 8 x 256 that isolates each calibrated constant (each precision's MFU, each
-checkpointing mode's multiplier, each strategy's per-collective cost, the process's own memory),
-and a **check set** in other presets, sequence lengths, micro-batches, and other combinations of
-checkpointing mode, strategy and precision. `run(size)` measures both (interleaved rounds), fits
-`[calibration.cpu]` to the fit set alone (`fit`), predicts every row with that fit, and reports
-both sets' errors; the verdict is on the check set. A fitted constant outside its physical bounds
-(an MFU above 1, a recompute that makes a step faster, a negative per-call cost or memory) stops
-the fit with `FitError` naming it, instead of being absorbed into a meaningless number: the rows
-are then predicted with the calibration in force, and the table says why.
+checkpointing mode's multiplier, each strategy's communication: the share hidden behind compute
+and the cost per collective call, the process's own memory), and a **check set** in other
+presets, sequence lengths, micro-batches, and other combinations of checkpointing mode, strategy
+and precision. `run(size)` measures both (interleaved rounds), fits `[calibration.cpu]` to the
+fit set alone (`fit`), predicts every row with that fit, and reports both sets' errors; the
+verdict is on the check set. A fitted constant outside its physical bounds (an MFU above 1, a
+recompute that makes a step faster, a step hiding more than all of its communication, a negative
+memory) stops the fit with `FitError` naming it, instead of being absorbed into a meaningless
+number: the rows are then predicted with the calibration in force, and the table says why.
 
 `predict_rows(raw)` re-predicts saved measurements (iterate on the model without re-measuring);
 `calibration_toml` writes a fit as hardware.toml's tables; `shoestring calibrate` runs the fit
@@ -291,6 +292,8 @@ BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "time_selective": (1.0, None, "recomputing blocks cannot make a step faster"),
     "rank_mfu_gain": (0.0, None, "a step cannot take negative time"),
     "collective_s": (0.0, None, "a collective call cannot take negative time"),
+    "comm_overlap": (0.0, 1.0, "a step hides none to all of its communication's time, no more: a share"
+                               " above 1 means the step was shorter than its compute alone"),
     "rss_base_gb": (0.0, None, "a process's own memory cannot be negative"),
     "rss_compile_gb": (0.0, None, "compiled blocks' runtime cannot give memory back"),
     "fragmentation": (0.0, None, "a heap cannot hold less than the tensors in it"),
@@ -329,9 +332,11 @@ def fit(rows: list[dict]) -> dict[str, Any]:
       MFU of one on every core, from the one-process rows on fewer threads (their MFU against the
       peak probed on that many threads, over their precision's fitted MFU); `mfu` times it stays
       within the `mfu` bound;
-    * `collective_s.<strategy>`: the fixed cost of one collective call, from the 2-rank rows:
-      the measured step less the predicted compute (with the gain), recompute and bytes /
-      bandwidth, per call;
+    * `comm_overlap.<strategy>` and `collective_s.<strategy>`: the share of the bytes' time
+      hidden behind compute and the fixed cost of one collective call, from the 2-rank rows: the
+      measured step less the predicted compute (with the gain) and recompute is the exposed
+      communication, split by the inverse of the rule the prediction uses
+      (`throughput.split_exposed`: the least hidden that explains it);
     * `rss_base_gb`, `fragmentation`, `compiled.rss_compile_gb`: the process memory that is not
       tensors, what the heap holds over the tensors, what the compiled runtime adds
       (`_memory_fit`: least squares over every row).
@@ -340,7 +345,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     (`calibrate_and_predict`), never on the rows it came from."""
     from shoestring.plan.catalogue import calibration
     from shoestring.plan.catalogue import with_compiled
-    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores
+    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores, split_exposed
 
     cal = calibration("cpu")
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
@@ -380,7 +385,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         for name, value in _constants(out):
             if name.removeprefix("compiled.").startswith("mfu."):
                 bounded(name, value * out["rank_mfu_gain"], 1.0, [r for r, _ in few])
-    per_call: dict[str, list[tuple[float, float, dict]]] = {}
+    per_strategy: dict[str, list[tuple[tuple[float, float], float, dict]]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
             g = with_compiled(out, t["compiled"])
@@ -389,12 +394,16 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             mfu = on_cores(g, g["mfu"][prec], t["cores_share"])
             compute = compute_seconds(t["at_peak"], t["full_at_peak"], mfu, elementwise_scale(out, t["elementwise"])) * (
                 1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
-            left = _measured_step(r) - compute - t["comm_bw"]
-            per_call.setdefault(r["case"]["strategy"], []).append((left / t["collectives"], _measured_step(r) / t["collectives"], r))
-    if per_call:
-        out["collective_s"] = {**out.get("collective_s", {}), **{
-            k: _sig(bounded(f"collective_s.{k}", statistics.median(c for c, _, _ in v), statistics.median(s for _, s, _ in v),
-                            [r for _, _, r in v])) for k, v in sorted(per_call.items())}}
+            split = split_exposed(_measured_step(r) - compute, t["comm_bw"], t["collectives"])
+            per_strategy.setdefault(r["case"]["strategy"], []).append((split, _measured_step(r) / t["collectives"], r))
+    for k, v in sorted(per_strategy.items()):
+        src = [r for _, _, r in v]
+        overlap = _sig(bounded(f"comm_overlap.{k}", statistics.median(o for (o, _), _, _ in v), 1.0, src))
+        per_call = _sig(bounded(f"collective_s.{k}", statistics.median(c for (_, c), _, _ in v),
+                                statistics.median(s for _, s, _ in v), src))
+        for key, value in (("comm_overlap", overlap), ("collective_s", per_call)):
+            kept = out.get(key, {})  # a calibration written before the share was per strategy: one figure
+            out[key] = {**(kept if isinstance(kept, dict) else {}), k: value}
     memory = _memory_fit(rows, terms, cal)
     out["compiled"].update(memory.pop("compiled"))
     out.update(memory)

@@ -8,13 +8,13 @@
                 the device class's measured multiplier where element-wise work dominates (CPU)
     comm      = the strategy's collectives (its own cost model), each priced on the links it
                 crosses (plan/network.py: latency per call and ring step, bytes over the slowest
-                link), partly hidden behind compute (the strategy's `overlap`; on the CPU, gloo
-                runs on the cores that compute, so the calibrated `comm_overlap` applies
-                instead), plus on the CPU a fixed cost per collective call, per strategy
-                (`collective_s` in hardware.toml, calibrated: on gloo each FSDP2 group's gather
-                or reduce-scatter costs hooks, copies and synchronisation besides its bytes,
-                YaFSDP's flat buffers about a third of that, DDP's bucketed all-reduce next to
-                nothing)
+                link), partly hidden behind compute: on GPUs by the strategy's own `overlap`; on
+                the CPU (`cpu_exposed_comm`), where gloo's threads share the cores that compute,
+                by the calibrated share of each strategy's bytes' time that runs beside the
+                compute (`comm_overlap`, per strategy: DDP all-reduces its buckets while
+                backward still runs), plus a fixed cost per collective call (`collective_s`:
+                hooks, copies and synchronisation around the bytes, never hidden); the fit
+                takes both from one row per strategy by the inverse rule (`split_exposed`)
     offload   = optimizer state over PCIe and back, plus a host AdamW pass, not hidden
 
 Achievable MFU per device comes from the catalogue (published training runs for GPUs, this
@@ -75,14 +75,6 @@ def on_cores(cal: dict, mfu: float, cores_share: float) -> float:
     return mfu * (cal.get("rank_mfu_gain", 1.0) if cores_share < 1 else 1.0)
 
 
-def overlap(device: Device, info: ModelInfo, trainable: Trainable, levers: Levers, world: int) -> float:
-    """Share of communication hidden behind compute: the strategy's own figure on GPUs; on the
-    CPU, where gloo runs on the cores that compute, the calibrated one."""
-    if device.kind == "cpu":
-        return calibration("cpu").get("comm_overlap", 0.0)
-    return strategy_cost(info, trainable, levers, world, device.kind).overlap
-
-
 def collectives(info: ModelInfo, trainable: Trainable, levers: Levers, world: int, device_type: str = "cpu") -> int:
     """Collective calls per optimizer step, as the strategy lists them."""
     return sum(c.calls for c in strategy_cost(info, trainable, levers, world, device_type).collectives)
@@ -93,6 +85,40 @@ def collective_seconds(cal: dict, strategy: str) -> float:
     synchronisation around the bytes); a strategy not calibrated takes the largest measured."""
     per = cal.get("collective_s", {})
     return per.get(strategy, max(per.values(), default=0.0))
+
+
+def comm_overlap(cal: dict, strategy: str) -> float:
+    """The calibrated share of `strategy`'s bytes' time hidden behind compute on the CPU; a
+    strategy not calibrated takes the smallest measured (a calibration written before the share
+    was per strategy holds one figure for all)."""
+    per = cal.get("comm_overlap", {})
+    if not isinstance(per, dict):
+        return float(per)
+    return per.get(strategy, min(per.values(), default=0.0))
+
+
+def cpu_exposed_comm(cal: dict, strategy: str, comm_s: float, beside_s: float, calls: int) -> float:
+    """The communication a CPU step waits for: of the bytes' time `comm_s` (bytes over the probed
+    gloo bandwidth), the share `comm_overlap` runs while the step computes (never more than the
+    compute beside it, `beside_s`), the rest adds to the step; each of the `calls` collective calls
+    adds its fixed cost (`collective_s`), which is not hidden. The prediction (`step_time`) and the
+    fit (`split_exposed`, its inverse) use this one rule."""
+    hidden = min(comm_overlap(cal, strategy) * comm_s, beside_s)
+    return comm_s - hidden + calls * collective_seconds(cal, strategy)
+
+
+def split_exposed(exposed_s: float, comm_s: float, calls: int) -> tuple[float, float]:
+    """`cpu_exposed_comm` inverted for one measured row: (`comm_overlap`, `collective_s`) that
+    give its exposed communication `exposed_s` (measured step less compute and recompute). One
+    row cannot tell hidden bytes from a cost per call, so the explanation that hides the least is
+    taken: a step that waits at least its bytes' time hides none of them (the rest is the per-call
+    cost: gloo on the cores that compute); only a step shorter than compute + bytes proves part of
+    them ran beside the compute (DDP's bucketed all-reduce during a long backward), and then no
+    per-call cost is left to charge. The two meet at (0, 0), so the split is continuous. (No
+    bytes: nothing to hide, the whole remainder is per call.)"""
+    if exposed_s >= comm_s or not comm_s:
+        return 0.0, (exposed_s - comm_s) / calls if calls else 0.0
+    return 1 - exposed_s / comm_s, 0.0
 
 
 def recompute_multiplier(info: ModelInfo, device: Device, mode: str, seq_len: int, compiled: bool = False) -> float:
@@ -155,11 +181,13 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
         compute += 2 * dequant
         if parse_mode(levers.checkpointing)[0] != "offload":
             recompute += dequant * len(checkpointed_blocks(info.args.n_layers, levers.checkpointing)) / info.args.n_layers
-    net = communication(strategy_cost(info, trainable, levers, world, device.kind), world, levers.shard_group or world, device)
+    cost = strategy_cost(info, trainable, levers, world, device.kind)
+    net = communication(cost, world, levers.shard_group or world, device)
     comm = net.seconds
-    hidden = overlap(device, info, trainable, levers, world) * (compute + recompute)
-    exposed = max(comm - hidden, comm * 0.1) if comm else 0.0
-    exposed += net.calls * collective_seconds(cal, levers.strategy)
+    if device.kind == "cpu":
+        exposed = cpu_exposed_comm(cal, levers.strategy, comm, compute + recompute, net.calls)
+    else:  # the strategy's published overlap hides up to that share of the compute's time, never the last 10%
+        exposed = max(comm - cost.overlap * (compute + recompute), comm * 0.1)
     offload = 0.0
     if levers.offload:
         shard = trainable.n_params / world
