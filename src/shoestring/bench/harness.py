@@ -9,7 +9,8 @@ The same rules everywhere, so that two sections' figures can be set side by side
 * **build**: `build(tree, vocab)` is the trainer's path: `resolve_auto` on this machine's probed
   facts, then `build_strategy` (levers applied in the fixed order, compile where `auto` says).
 * **warm-up and timer**: `timed_steps` runs `WARMUP` untimed steps (the first compiles, allocates
-  and creates the optimizer state; the second is the first on warm state) then times each step
+  and creates the optimizer state; the next is already within a few % of the later ones, for us
+  and for HF Trainer's compiled model alike, so one is enough) then times each step
   with `time.perf_counter` between barriers; a foreign loop (Hugging Face Trainer's callbacks)
   calls the same `Turns` before and after each step. A round's figure is its median step.
 * **rounds, taken in turns**: `interleaved` starts each configuration's processes once; each sets
@@ -48,7 +49,7 @@ import torch
 
 from shoestring.measure.memory import PeakRSS
 
-WARMUP = 2
+WARMUP = 1
 RESULT_MARK = "SHOESTRING-BENCH-RESULT "
 PROCESS_GROUP_TIMEOUT_S = 600
 # Taking turns: where a worker finds its control directory and how many rounds it times.
