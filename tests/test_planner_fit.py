@@ -32,12 +32,8 @@ def test_the_sets_are_disjoint_and_chosen_in_code():
         assert not {(c.preset, c.seq_len, c.batch // c.world) for c in check} & shapes, size
         assert not {c.label for c in check} & {c.label for c in fit}
     small = pa.SIZES["small"]
-    # the check set reaches what the fit set does not: a preset no MFU row runs (the fit set's one
-    # `tiny` row, at another shape, fits only how the step scales with width), other sequence
-    # lengths, modes
-    mfu_presets = {c.preset for c in small[pa.FIT] if c.preset != "tiny"}
-    assert {c.preset for c in small[pa.CHECK]} - mfu_presets
-    assert [c for c in small[pa.FIT] if c.preset == "tiny"] == [pa.Case("tiny", "single", "fp32", "none", 32, 128)]
+    # the check set reaches what the fit set does not: other presets, sequence lengths, modes
+    assert {c.preset for c in small[pa.CHECK]} - {c.preset for c in small[pa.FIT]}
     assert {c.seq_len for c in small[pa.CHECK]} - {c.seq_len for c in small[pa.FIT]}
     assert {c.checkpointing for c in small[pa.CHECK]} - {c.checkpointing for c in small[pa.FIT]}
 
@@ -196,41 +192,16 @@ def test_the_fit_refuses_a_heap_smaller_than_its_tensors():
         pa.fit(rows)
 
 
-def _with_width_row(exponent: float) -> list[dict]:
-    """The recorded fit set and a `tiny` fp32 row whose step is what the model predicts when the
-    rest of a step scales with width to the power `exponent` (its peak: the predicted one)."""
-    from shoestring.plan.throughput import compute_seconds
-
-    raw = _raw()
-    base = pa.fit(pa.predict_rows(raw))
-    src = next(r for r in raw if pa.Case(**r["case"]).label == "small pretrain, single, fp32, ckpt none, 8x256")
-    row = copy.deepcopy(src)
-    row["case"].update(preset="tiny", batch=32, seq_len=128)
-    predicted = pa.predict_rows([row])[0]
-    t = pa._terms(predicted)
-    ratio = t["elementwise"] / base["elementwise_ref"]
-    step = compute_seconds(t["at_peak"], t["full_at_peak"], base["mfu"]["fp32"], ratio ** exponent)
-    row["runs"] = [{**row["runs"][0], "step_s": step, "steps_s": [step], "peak_rss": predicted["memory_predicted"]}]
-    return pa.predict_rows(raw + [row])
-
-
 def test_a_narrower_model_spends_more_of_its_step_outside_the_matmuls():
     from shoestring.plan.model import model_info
     from shoestring.plan.throughput import compute_seconds, elementwise_per_mflop, elementwise_scale
 
-    fitted = pa.fit(_with_width_row(0.4))
+    fitted = pa.fit(pa.predict_rows(_raw()))
     small, tiny = (elementwise_per_mflop(model_info(p), 256) for p in ("small", "tiny"))
-    assert fitted["elementwise_ref"] == pytest.approx(small, rel=1e-3)  # the fit set's MFU model
-    assert fitted["elementwise_exponent"] == pytest.approx(0.4, abs=0.01)  # from the narrower model's row
+    assert fitted["elementwise_ref"] == pytest.approx(small, rel=1e-3)  # the fit set's model
     assert elementwise_scale(fitted, small) == pytest.approx(1.0, rel=1e-3)
-    assert elementwise_scale(fitted, tiny) == pytest.approx((tiny / small) ** 0.4, rel=2e-2)
-    assert elementwise_scale({}, tiny) == 1.0 and elementwise_scale({"elementwise_ref": small}, tiny) == pytest.approx(tiny / small)
+    assert elementwise_scale(fitted, tiny) > 1.5 and elementwise_scale({}, tiny) == 1.0
     assert compute_seconds(1.0, 1.0, 0.5, elementwise_scale(fitted, tiny)) > compute_seconds(1.0, 1.0, 0.5)
-
-
-def test_the_fit_refuses_a_narrower_model_with_less_outside_its_matmuls():
-    with pytest.raises(pa.FitError, match=r"^elementwise_exponent = -0\.[45]\d* is beyond its lower bound 0\.0 .*tiny"):
-        pa.fit(_with_width_row(-0.5))
 
 
 AVX2 = json.loads((Path(__file__).parents[1] / "benchmarks" / "planner_accuracy_raw_avx2.json").read_text())

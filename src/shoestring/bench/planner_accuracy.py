@@ -28,7 +28,6 @@ as it was during the run.
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 from dataclasses import asdict, dataclass, replace
@@ -88,9 +87,8 @@ class Case:
 # matter (the process's own memory, beside the heap's share that grows with the tensors; its
 # step is no MFU row: it cannot keep the cores busy), what a rank on part of
 # the cores reaches (one process on one thread at a rank's share of the batch), each strategy's
-# collectives, LoRA's memory), and one row of a narrower model (`tiny`: how the rest of a step
-# scales with width). ~13 rows of 0.3-3 s steps: ~3 minutes on 2 idle cores with inductor's
-# on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
+# collectives, LoRA's memory). ~12 rows of 0.3-3 s steps: ~3 minutes on 2 idle cores with
+# inductor's on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
 _FIT = [
     Case("small", "single", "fp32", "none", 8, 256),
     Case("small", "single", "fp32", "full", 8, 256),
@@ -104,7 +102,6 @@ _FIT = [
     Case("small", "fsdp2", "bf16", "none", 8, 256),
     Case("small", "yafsdp", "bf16", "none", 8, 256),
     Case("small", "single", "bf16", "none", 8, 256, mode="lora"),
-    Case("tiny", "single", "fp32", "none", 32, 128),
 ]
 # The check set: none of its rows shares preset, sequence length and micro-batch with a fit row,
 # and every one combines levers differently (`every:2`, selective in fp32, a sharded strategy
@@ -122,7 +119,7 @@ SIZES: dict[str, dict[str, list[Case]]] = {
                     Case("micro", "single", "bf16", "none", 2, 64, mode="lora", steps=1)],
               CHECK: [Case("micro", "single", "fp32", "full", 4, 32, steps=1)]},
     "small": {FIT: _FIT, CHECK: _CHECK},
-    "full": {FIT: [replace(c, preset="small" if c.preset == "tiny" else "medium") for c in _FIT],
+    "full": {FIT: [replace(c, preset="medium") for c in _FIT],
              CHECK: [replace(c, preset="small" if c.preset == "tiny" else "medium") for c in _CHECK]},
 }
 
@@ -294,7 +291,6 @@ BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "time_full": (1.0, None, "recomputing blocks cannot make a step faster"),
     "time_selective": (1.0, None, "recomputing blocks cannot make a step faster"),
     "rank_mfu_gain": (0.0, None, "a step cannot take negative time"),
-    "elementwise_exponent": (0.0, None, "a narrower model does not spend less of its step outside the peak-rate matmuls"),
     "collective_s": (0.0, None, "a collective call cannot take negative time"),
     "comm_overlap": (0.0, 1.0, "a step hides none to all of its communication's time, no more: a share"
                                " above 1 means the step was shorter than its compute alone"),
@@ -328,11 +324,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     isolate it, in this order, each checked against its physical bounds (`bounded`):
 
     * `mfu.<precision>`: the fraction of the probed peak a step reaches, from the single-device
-      rows without checkpointing of the reference model (the one most rows run: FLOPs at the
-      peak / measured step); its `elementwise_per_mflop` is `elementwise_ref`;
-    * `elementwise_exponent`: how the rest of the step scales with width (`elementwise_scale`),
-      from the single-device rows of a model of another width without checkpointing, against
-      their precision's MFU;
+      rows without checkpointing (FLOPs at the peak / measured step);
     * `time_full` / `time_selective`: the step-time multiplier of those modes, from the
       single-device rows with them, against the compute their own precision's fitted MFU gives
       (never another precision's: that would measure the precision, not the recompute);
@@ -359,14 +351,10 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
     out["compiled"] = dict(cal.get("compiled", {}))
     terms = [_terms(r) for r in rows]
-    # the rows an MFU comes from: one process on every core, every weight training, a real model;
-    # those of the model most of them run fit the MFU, the others (another width) how it scales
-    whole = [(r, t) for r, t in zip(rows, terms) if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
-             and t["cores_share"] == 1 and not r["case"].get("memory_only")]
-    reference = statistics.mode(r["case"]["preset"] for r, _ in whole) if whole else None
-    mfu_rows = [(r, t) for r, t in whole if r["case"]["preset"] == reference]
-    widths = [(r, t) for r, t in whole if r["case"]["preset"] != reference and r["case"]["checkpointing"] == "none"]
-    if mfu_rows:  # what `elementwise_scale` is relative to
+    # the rows an MFU comes from: one process on every core, every weight training, a real model
+    mfu_rows = [(r, t) for r, t in zip(rows, terms) if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
+                and t["cores_share"] == 1 and not r["case"].get("memory_only")]
+    if mfu_rows:  # the model the MFU is fitted on (the fit set runs one): what `elementwise_scale` is relative to
         out["elementwise_ref"] = round(statistics.median(t["elementwise"] for _, t in mfu_rows), 3)
     for group, compiled in ((out, False), (out["compiled"], True)):
         where = "compiled." if compiled else ""
@@ -389,14 +377,6 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             if src:
                 value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
                 group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src]))
-    if widths:
-        exponents = []
-        for r, t in widths:
-            mfu = with_compiled(out, t["compiled"])["mfu"][r["case"]["precision"]]
-            scale = (_measured_step(r) - t["at_peak"]) / (t["full_at_peak"] * (1 / mfu - 1))
-            exponents.append(math.log(max(scale, 1e-9)) / math.log(t["elementwise"] / out["elementwise_ref"]))
-        out["elementwise_exponent"] = _sig(bounded("elementwise_exponent", statistics.median(exponents), 1.0,
-                                                   [r for r, _ in widths]))
     few = [(r, t) for r, t in zip(rows, terms) if t["cores_share"] < 1 and not t["collectives"]]
     if few:
         gains = [t["at_peak"] / _measured_step(r) / with_compiled(out, t["compiled"])["mfu"][r["case"]["precision"]]

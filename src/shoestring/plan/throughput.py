@@ -162,10 +162,9 @@ def elementwise_scale(cal: dict, per_mflop: float) -> float:
     """How much more non-matmul time per matmul second a model of `per_mflop`
     (`elementwise_per_mflop`) has than the one the CPU MFU was fitted on (`elementwise_ref` in
     the calibration; 1 where there is none): a narrower model spends a larger share of its step
-    outside the peak-rate matmuls, a wider one a smaller, as `(per_mflop / ref) **
-    elementwise_exponent`, the exponent fitted from a model of another width (1 where none was)."""
+    outside the matmuls, a wider one a smaller."""
     ref = cal.get("elementwise_ref")
-    return (per_mflop / ref) ** cal.get("elementwise_exponent", 1.0) if ref else 1.0
+    return per_mflop / ref if ref else 1.0
 
 
 def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Device, world: int, seq_len: int,
