@@ -95,6 +95,27 @@ def test_config_round_trip_through_our_export_config(family_dirs, family):
     assert args_from_hf_config(hf_config_from_args(args, torch.float32, {})) == args
 
 
+def test_a_gguf_files_tokenizer_is_rebuilt_once_per_file_version(tmp_path, monkeypatch):
+    """transformers' rebuild of the vocabulary is cached by path, size and mtime: a second read
+    never calls it and gives the same tokenizer; a rewritten file is rebuilt."""
+    from shoestring.models import hf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    file = write_gguf(make_family(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")
+    first = read_source(f"gguf:{file}")
+    cached = tmp_path / "cache" / "shoestring" / "gguf-tokenizers"
+    assert len(list(cached.glob("*.json"))) == 1
+    with monkeypatch.context() as m:
+        m.setattr(hf, "_transformers", lambda: pytest.fail("the tokenizer was rebuilt"))
+        second = read_source(f"gguf:{file}")
+    text = "<|im_start|>user\n w1 w2 hello<|im_end|>"
+    assert second.tokenizer.encode(text).ids == first.tokenizer.encode(text).ids
+    assert (second.config, second.tokenizer_config) == (first.config, first.tokenizer_config)
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
+    read_source(f"gguf:{file}")
+    assert len(list(cached.glob("*.json"))) == 2
+
+
 @pytest.mark.parametrize("family", NAMES)
 def test_gguf_file_loads_to_the_same_model(tmp_path, family):
     path = make_family(tmp_path / family, family, **GGUF_FIT.get(family, {}))

@@ -51,10 +51,10 @@ CASES: dict[str, tuple[dict, int]] = {
 # The cases `--size small` leaves out to fit its time budget (15 minutes for the whole suite):
 # ZeRO-1/2 and FSDP2 without resharding trade memory for speed in ways ddp and fsdp2 already
 # bracket; ddp stands for the unsharded baseline; yafsdp on torch's collectives, yafsdp without
-# async collectives and fsdp2 without prefetch are ablations; ZeRO-3 with checkpointing adds
-# little to ZeRO-3 without (the yafsdp-vs-fsdp2 checkpointed pair, which a goal judges, stays).
+# async collectives and fsdp2 without prefetch are ablations; the checkpointed strategies repeat
+# the comparison on a step with a longer backward (their goals are judged at `full` only).
 FULL_ONLY = ("single", "fsdp2 no-reshard", "zero1", "zero2", "yafsdp async native", "fsdp2 no-prefetch",
-             "yafsdp sync", "zero3 + full ckpt")
+             "yafsdp sync", "zero3 + full ckpt", "fsdp2 reshard + full ckpt", "yafsdp async + full ckpt")
 # The cases that take their rounds in turns together (bench/harness.py: one group's processes
 # are alive at once): those the goals compare (bench/goals.py), then the rest, then checkpointed.
 COMPARED = ("ddp", "fsdp2 reshard", "fsdp2 no-prefetch", "zero3", "yafsdp sync", "yafsdp async")

@@ -26,6 +26,7 @@ compute something else.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -430,23 +431,41 @@ def _transformers():
 
 def read_gguf(file: Path) -> HFSource:
     """Weights and config from the file itself (models/gguf.py, de-quantised to fp32); the
-    tokenizer through transformers, which rebuilds it from the file's vocabulary."""
+    tokenizer through transformers, which rebuilds it from the file's vocabulary (`gguf_tokenizer`)."""
     from shoestring.models.gguf import read_gguf_weights
-    from shoestring.quiet import quiet_imports
 
     if not file.is_file():
         raise UserError(f"{file}: GGUF file not found")
     config, state = read_gguf_weights(file)
-    tf = _transformers()
-    with quiet_imports():  # transformers' GGUF path imports torchao's quantizers when torchao is installed
-        tok = tf.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     config["architectures"] = [FAMILIES[config["model_type"]].architecture]
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(tok, name, None) is not None:
-            config[name] = getattr(tok, name)
+    tokenizer, tok_cfg, ids = gguf_tokenizer(file)
+    return HFSource({**config, **ids}, state, tokenizer, tok_cfg)
+
+
+def gguf_tokenizer(file: Path) -> tuple[Tokenizer, dict[str, Any], dict[str, int]]:
+    """The tokenizer transformers rebuilds from a GGUF file's vocabulary, its tokenizer config and
+    special token ids. The rebuild is seconds of Python for a 50k vocabulary (as long as reading
+    the weights), so it is cached by the file's path, size and modification time."""
+    from shoestring.cache import cache_dir, write_atomic
+    from shoestring.quiet import quiet_imports
+
+    stat = file.stat()
+    key = hashlib.sha1(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    cached = cache_dir() / "gguf-tokenizers" / f"{key}.json"
+    try:
+        saved = json.loads(cached.read_text())
+        return Tokenizer.from_str(saved["tokenizer"]), saved["config"], saved["ids"]
+    except (OSError, ValueError, KeyError):
+        pass
+    with quiet_imports():  # transformers' GGUF path imports torchao's quantizers when torchao is installed
+        tok = _transformers().AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    ids = {name: getattr(tok, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if getattr(tok, name, None) is not None}
     tok_cfg = {"chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
                "pad_token": tok.pad_token, "tokenizer_class": "PreTrainedTokenizerFast"}
-    return HFSource(config, state, tok.backend_tokenizer, {k: v for k, v in tok_cfg.items() if v})
+    tok_cfg = {k: v for k, v in tok_cfg.items() if v}
+    write_atomic(cached, json.dumps({"tokenizer": tok.backend_tokenizer.to_str(), "config": tok_cfg, "ids": ids}))
+    return tok.backend_tokenizer, tok_cfg, ids
 
 
 def read_source(source: str) -> HFSource:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from shoestring.cache import cache_dir, write_atomic
 from shoestring.dist import free_port
 from shoestring.levers.precision import DTYPE_NAMES, DeviceFacts
 
@@ -117,8 +118,7 @@ def forget() -> None:
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "shoestring" / "probe.json"
+    return cache_dir() / "probe.json"
 
 
 def _read_cache() -> dict[str, Any]:
@@ -129,14 +129,7 @@ def _read_cache() -> dict[str, Any]:
 
 
 def _write_cache(entries: dict[str, Any]) -> None:
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**_read_cache(), **entries}, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home still gets a (re-measured) answer
+    write_atomic(cache_path(), json.dumps({**_read_cache(), **entries}, indent=1))  # read-only home: re-measured
 
 
 def _cached(key: str, measure: Callable[[], float]) -> float:
