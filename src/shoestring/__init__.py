@@ -11,7 +11,7 @@ wrong place: move it down.
 __version__ = "0.1.0"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "quiet", "dist"),  # leaves: errors, quiet third-party imports, process-group plumbing
+    ("errors", "quiet", "dist", "cache"),  # leaves: errors, quiet third-party imports, process-group plumbing, the user cache
     ("measure", "checkpoint"),  # memory accounting; checkpoint files that survive a kill at any byte
     ("models",),  # model definitions and the loss: nothing of precision, devices or parallelism
     ("levers",),  # precision, activation checkpointing, compile, LoRA: each owns apply + estimate
