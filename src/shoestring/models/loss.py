@@ -11,11 +11,9 @@ applied in backward). What stays alive until backward is `grad_hidden` (tokens x
 A final-logit soft-cap (Gemma 2: logits -> c tanh(logits / c)) is applied per chunk; its
 derivative (1 - tanh^2) multiplies the softmax gradient before it reaches hidden and weight.
 
-The gradient of the loss w.r.t. the logits is softmax - onehot(target). Its one-hot part is
-applied after the matmuls, to the few rows it touches (`hidden`'s gradient less the target's
-head row, the head's gradient less each token's hidden row), so the pass over the `chunk x
-vocab` logits (`softmax_grad`) is element-wise and reductions only: compiled (`compiled=True`,
-what the compile lever asks for), it is one fused kernel instead of a scatter between passes.
+The pass over each chunk's `chunk x vocab` logits (`softmax_grad`: log-sum-exp, the loss, the
+gradient softmax - onehot) is element-wise work and reductions; with `compiled=True` (what the
+compile lever asks for) it runs as one compiled kernel instead of eager passes over the chunk.
 """
 
 from __future__ import annotations
@@ -30,10 +28,13 @@ LOSS_CHUNK = 1024  # tokens whose logits exist at once (the planner counts one c
 
 
 def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, softcap: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk's summed loss, its softmax (times each row's weight: 0 on ignored rows, the
-    soft-cap's derivative where there is one) in `dtype`, and the weight of each row's one-hot
-    term. The gradient w.r.t. the logits is `probs - weight x onehot(target)`."""
+                 dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss and its gradient w.r.t. the logits, softmax - onehot(target) (0 on
+    ignored rows, times the soft-cap's derivative where there is one), in `dtype`. `fused`: the
+    one-hot as a comparison with the column index, so that under compile the whole gradient is
+    one element-wise pass; eagerly an indexed subtraction, which touches only the targets, is
+    cheaper. The one-hot is subtracted here, in fp32, before the matmuls: after them, a confident
+    row's `probs @ W` and `W[target]` nearly cancel, and in bf16 the difference would be noise."""
     logits = logits.float()
     if softcap:
         tanh = torch.tanh(logits.div_(softcap))
@@ -41,18 +42,20 @@ def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     loss = ((lse - target_logit) * valid).sum()
-    probs = logits.sub_(lse[:, None]).exp_().mul_(valid[:, None])
-    onehot = valid
+    g = logits.sub_(lse[:, None]).exp_()
+    if fused:
+        g = g - (torch.arange(g.shape[1], device=g.device) == targets[:, None]).to(g.dtype)
+    else:
+        g[torch.arange(len(targets), device=g.device), targets] -= 1.0
+    g.mul_(valid[:, None])
     if softcap:
-        slope = 1 - tanh.square_()
-        probs.mul_(slope)
-        onehot = valid * slope.gather(1, targets[:, None]).squeeze(1)
-    return loss, probs.to(dtype), onehot
+        g.mul_(1 - tanh.square_())
+    return loss, g.to(dtype)
 
 
 @functools.cache
 def _compiled_softmax_grad():
-    return torch.compile(softmax_grad)
+    return torch.compile(functools.partial(softmax_grad, fused=True))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -69,13 +72,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if head_trains else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk].clamp(min=0)
-            chunk_loss, probs, onehot = kernel(h @ weight.T, t, valid[start : start + chunk].float(), softcap, h.dtype)
+            chunk_loss, g = kernel(h @ weight.T, t, valid[start : start + chunk].float(), softcap, h.dtype)
             loss += chunk_loss
-            if needs_grad:  # d loss / d logits = probs - onehot x onehot(t)
-                torch.sub(probs @ weight, weight[t] * onehot[:, None].to(h.dtype), out=grad_hidden[start : start + chunk])
+            if needs_grad:
+                grad_hidden[start : start + chunk] = g @ weight
                 if head_trains:
-                    grad_weight += (probs.T @ h).float()
-                    grad_weight.index_add_(0, t, h.float() * onehot[:, None], alpha=-1)
+                    grad_weight += (g.T @ h).float()
         loss = loss / n_valid
         if needs_grad:
             grad_hidden.div_(n_valid)
