@@ -4,12 +4,23 @@ rebuilt tokenizer). Everything in it can be deleted; a read-only home only loses
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "shoestring"
+
+
+def read_json(path: Path) -> Any | None:
+    """What `path` holds, or None when it is missing or unreadable (half-written by a run that
+    died, or from another version): the caller measures or derives it again."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomic(path: Path, text: str) -> None:

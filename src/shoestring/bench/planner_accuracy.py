@@ -343,8 +343,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
 
     A constant with no row to fit it keeps its current value. Judge a fit on the check set
     (`calibrate_and_predict`), never on the rows it came from."""
-    from shoestring.plan.catalogue import calibration
-    from shoestring.plan.catalogue import with_compiled
+    from shoestring.plan.catalogue import calibration, with_compiled
     from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores, split_exposed
 
     cal = calibration("cpu")

@@ -446,17 +446,15 @@ def gguf_tokenizer(file: Path) -> tuple[Tokenizer, dict[str, Any], dict[str, int
     """The tokenizer transformers rebuilds from a GGUF file's vocabulary, its tokenizer config and
     special token ids. The rebuild is seconds of Python for a 50k vocabulary (as long as reading
     the weights), so it is cached by the file's path, size and modification time."""
-    from shoestring.cache import cache_dir, write_atomic
+    from shoestring.cache import cache_dir, read_json, write_atomic
     from shoestring.quiet import quiet_imports
 
     stat = file.stat()
     key = hashlib.sha1(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     cached = cache_dir() / "gguf-tokenizers" / f"{key}.json"
-    try:
-        saved = json.loads(cached.read_text())
+    saved = read_json(cached)
+    if isinstance(saved, dict) and {"tokenizer", "config", "ids"} <= saved.keys():
         return Tokenizer.from_str(saved["tokenizer"]), saved["config"], saved["ids"]
-    except (OSError, ValueError, KeyError):
-        pass
     with quiet_imports():  # transformers' GGUF path imports torchao's quantizers when torchao is installed
         tok = _transformers().AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     ids = {name: getattr(tok, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")

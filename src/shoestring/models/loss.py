@@ -67,12 +67,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         kernel = _compiled_softmax_grad() if compiled else softmax_grad
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
+        weights = valid.float()  # 0 on ignored rows
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if head_trains else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk].clamp(min=0)
-            chunk_loss, g = kernel(h @ weight.T, t, valid[start : start + chunk].float(), softcap, h.dtype)
+            chunk_loss, g = kernel(h @ weight.T, t, weights[start : start + chunk], softcap, h.dtype)
             loss += chunk_loss
             if needs_grad:
                 grad_hidden[start : start + chunk] = g @ weight

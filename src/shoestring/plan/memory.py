@@ -143,8 +143,8 @@ def activation_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, seq_
     if trainable.block_activation_bytes is not None:  # e.g. LoRA's adapters, the lever's own estimate
         kind = parse_mode(mode)[0]
         extra = trainable.block_activation_bytes(tokens, levers.precision, levers.compiled)
-        saving = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
-        blocks += saving * extra
+        keeping = a.n_layers if kind == "selective" else a.n_layers - len(checkpointed_blocks(a.n_layers, mode))
+        blocks += keeping * extra  # the blocks that keep the adapters' activations
         working += extra
     # the chunk buffers are gone before the blocks' backward starts: count what exceeds them
     backward = 2 * working + kept

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from shoestring.cache import cache_dir, write_atomic
+from shoestring.cache import cache_dir, read_json, write_atomic
 from shoestring.dist import free_port
 from shoestring.levers.precision import DTYPE_NAMES, DeviceFacts
 
@@ -122,10 +122,7 @@ def cache_path() -> Path:
 
 
 def _read_cache() -> dict[str, Any]:
-    try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(cache_path()) or {}
 
 
 def _write_cache(entries: dict[str, Any]) -> None:
