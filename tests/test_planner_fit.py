@@ -60,6 +60,17 @@ def test_a_constant_within_noise_of_its_bound_is_taken_at_the_bound():
         pa.bounded("collective_s.ddp", -0.1, 1.0, [])
 
 
+def test_a_constant_beyond_its_bound_by_less_than_its_rows_noise_is_taken_at_the_bound():
+    """The rows' own step-to-step spread (here 8%) is what a bound violation must exceed."""
+    noisy = [{"config": "a row", "runs": [{"step_s": 1.04, "steps_s": [1.0, 1.08]}]}]
+    assert pa.noise(noisy) == pytest.approx(0.08) and pa.noise([]) == pa.NOISE
+    assert pa.bounded("time_selective", 0.95, 1.0, [], beside=noisy) == 1.0
+    with pytest.raises(pa.FitError, match=r"time_selective = 0\.95 is beyond .* by more than its rows' noise \(3\.0%\)"):
+        pa.bounded("time_selective", 0.95, 1.0, [])
+    with pytest.raises(pa.FitError, match=r"noise \(8\.0%\)"):
+        pa.bounded("time_selective", 0.9, 1.0, noisy)
+
+
 def test_a_kept_constant_out_of_bounds_stops_the_fit(monkeypatch):
     """A constant no row refits keeps its value: it is checked too (the old compiled 0.955)."""
     table = {**catalogue.calibration("cpu"), "compiled": {"time_selective": 0.955}}
@@ -274,3 +285,12 @@ def test_the_recorded_avx2_rows_fit_with_ddps_hidden_all_reduce():
     a hidden share: its DDP step is shorter than compute + bytes over the probed bandwidth."""
     fitted = pa.fit([r for r in pa.predict_rows(AVX2) if r["set"] == pa.FIT])
     assert fitted["comm_overlap"]["ddp"] > 0.5 and fitted["collective_s"]["ddp"] == 0.0
+
+
+def test_fit_and_check_cases_alternate_in_their_own_orders():
+    """The cases run one after another: alternating the sets makes a slow phase of the machine
+    fall on fit and check rows alike."""
+    fit_set, check_set = pa.SIZES["small"]["fit"], pa.SIZES["small"]["check"]
+    order = pa._alternating(fit_set, check_set)
+    assert [c for c, w in order if w == "fit"] == fit_set and [c for c, w in order if w == "check"] == check_set
+    assert [w for _, w in order[:6]] == ["fit", "check", "fit", "fit", "check", "fit"]

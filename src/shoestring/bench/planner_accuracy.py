@@ -19,11 +19,11 @@ set on this machine and writes its own calibration (plan/catalogue.py reads it f
 
 Method: each configuration runs in fresh processes through the measuring harness
 (bench/harness.py: the trainer's `resolve_auto` + `build_strategy`, its warm-up rule and timer,
-the ranks splitting the cores), so the planner is asked about exactly what ran (the compile
-lever's rule included). Tokens/s is the median timed step of the slowest rank, measured memory the
-largest per-rank peak RSS (VmHWM from the end of set-up). What the probe measured (matmul peak,
-all-reduce bandwidth) is saved with each row, so a re-prediction or a fit later uses the machine
-as it was during the run.
+the ranks splitting the cores), fit and check cases alternating, so the planner is asked about
+exactly what ran (the compile lever's rule included). Tokens/s is the median timed step of the
+slowest rank, measured memory the largest per-rank peak RSS (VmHWM from the end of set-up). What
+the probe measured (matmul peak, all-reduce bandwidth) is saved with each row, so a re-prediction
+or a fit later uses the machine as it was during the run.
 """
 
 from __future__ import annotations
@@ -155,12 +155,8 @@ def for_this_machine(cases: dict[Case, str], bf16_fast: bool) -> dict[Case, str]
     return out
 
 
-def measure(case: Case) -> dict[str, Any]:
-    """One fresh process per rank: the peak RSS is this configuration's own."""
-    return _slowest(harness.launch(job(case)))
-
-
 def _slowest(out: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round of a case: the slowest rank's step, the largest rank's peak."""
     slowest = max(out, key=lambda o: o["step_s"])
     return {"peak_rss": max(o["peak_rss"] for o in out), "step_s": slowest["step_s"], "steps_s": slowest["steps_s"],
             "compiled": out[0]["compiled"]}
@@ -196,8 +192,9 @@ def _row(case: Case, runs: list[dict], probed: dict[str, Any], which: str) -> di
 def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = lambda s: None,
         only: str = "") -> list[dict]:
     """Measure every case of `size` ("smoke": seconds; "small": minutes on 2 cores; "full": a
-    larger model) whose label contains `only`, `rounds` fresh-process rounds interleaved; fit the
-    calibration to the fit set and predict every row with it (`calibrate_and_predict`)."""
+    larger model) whose label contains `only`, `rounds` fresh-process rounds, fit and check cases
+    alternating (`_alternating`); fit the calibration to the fit set and predict every row with
+    it (`calibrate_and_predict`)."""
     import torch
 
     from shoestring.levers.precision import resolve_precision
@@ -208,13 +205,23 @@ def run(size: str = "small", rounds: int = 1, progress: Callable[[str], None] = 
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     probe.forget()  # predict against the machine as it is now, not a stale cached peak
     bf16_fast = resolve_precision(probe.device_facts(torch.device("cpu"))).value == "bf16"
-    cases = for_this_machine({c: which for which, cs in SIZES[size].items() for c in cs if only in c.label}, bf16_fast)
+    sets = SIZES[size]
+    cases = for_this_machine({c: which for c, which in _alternating(sets[FIT], sets[CHECK]) if only in c.label}, bf16_fast)
     # probed before the runs, in the same conditions: per (ranks, threads) a case runs on
     probed = {k: probe_cpu(*k) for k in sorted({(c.world, c.threads or None) for c in cases}, key=str)}
     measured = harness.fresh_rounds({c.label: job(c) for c in cases}, rounds, progress)
     raw = [{"case": asdict(c), "set": which, "runs": [_slowest(ranks) for ranks in measured[c.label]],
             "probe": probed[(c.world, c.threads or None)]} for c, which in cases.items()]
     return calibrate_and_predict(raw)
+
+
+def _alternating(fit_set: list[Case], check_set: list[Case]) -> list[tuple[Case, str]]:
+    """Both sets' cases spread evenly through one order, each set in its own order: a slow phase
+    of the machine (minutes, on a shared host) then falls on fit and check rows alike, instead of
+    on the fit rows that set a check row's prediction alone."""
+    tagged = [((i + 0.5) / len(cases), k, case, which)
+              for k, (which, cases) in enumerate(((FIT, fit_set), (CHECK, check_set))) for i, case in enumerate(cases)]
+    return [(case, which) for *_, case, which in sorted(tagged, key=lambda t: t[:2])]
 
 
 def predict_rows(raw: list[dict], which: str | None = None) -> list[dict]:
@@ -284,8 +291,8 @@ class FitError(ValueError):
     the measurement is (noise, a contended machine). Never written."""
 
 
-# constant -> (lower bound, upper bound, why); a fitted value within NOISE of a bound is taken at
-# the bound (step-time noise of a few %), farther out the fit stops.
+# constant -> (lower bound, upper bound, why); a fitted value within the noise of its rows of a
+# bound is taken at the bound, farther out the fit stops (`bounded`).
 BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "mfu": (0.0, 1.0, "a step cannot run its matmuls faster than the measured peak"),
     "time_full": (1.0, None, "recomputing blocks cannot make a step faster"),
@@ -298,22 +305,33 @@ BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "rss_compile_gb": (0.0, None, "compiled blocks' runtime cannot give memory back"),
     "fragmentation": (0.0, None, "a heap cannot hold less than the tensors in it"),
 }
-NOISE = 0.03
+NOISE = 0.03  # the least noise a fitted value is allowed: a step's time moves by a few % run to run
 
 
-def bounded(name: str, value: float, scale: float, rows: list[dict]) -> float:
+def noise(rows: list[dict]) -> float:
+    """How far a value fitted from `rows` may be off from step-time noise alone: the widest
+    step-to-step spread (slowest over fastest timed step, less 1) of any of them, at least NOISE."""
+    steps = [[t for run in r.get("runs", []) for t in run.get("steps_s", [run["step_s"]])] for r in rows]
+    return max([NOISE, *(max(s) / min(s) - 1 for s in steps if len(s) > 1)])
+
+
+def bounded(name: str, value: float, scale: float, rows: list[dict], beside: list[dict] = ()) -> float:
     """`value` of constant `name` ("compiled.mfu.bf16") checked against its kind's bounds
-    (`BOUNDS["mfu"]`); `scale`: what NOISE is a fraction of (1 for ratios and multipliers; a step's or a
-    process's size for absolute constants). Raises FitError naming the constant, its bound and rows."""
+    (`BOUNDS["mfu"]`); `scale`: what the noise is a fraction of (1 for ratios and multipliers; a
+    step's or a process's size for absolute constants). A value beyond a bound by less than the
+    noise of the rows it came from (`rows`, and `beside`: the rows it is measured against) is
+    taken at the bound: it is no evidence against it. Farther out, FitError names the constant,
+    its bound and rows."""
     lo, hi, why = BOUNDS[name.removeprefix("compiled.").split(".")[0]]
     for bound, outside in ((lo, lo is not None and value < lo), (hi, hi is not None and value > hi)):
         if not outside:
             continue
-        if abs(value - bound) <= NOISE * scale:
+        allowed = noise([*rows, *beside])
+        if abs(value - bound) <= allowed * scale:
             return bound
         kind = "lower" if bound == lo else "upper"
-        raise FitError(f"{name} = {value:.4g} is beyond its {kind} bound {bound} ({why}); fitted from: "
-                       + "; ".join(r["config"] for r in rows)
+        raise FitError(f"{name} = {value:.4g} is beyond its {kind} bound {bound} ({why}) by more than its rows' noise"
+                       f" ({allowed:.1%}); fitted from: " + "; ".join(r["config"] for r in rows)
                        + ". Re-measure on an idle machine (more rounds), or fix the model term it stands in for.")
     return value
 
@@ -375,7 +393,9 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             src = [(r, t) for r, t in plain if r["case"]["checkpointing"] == mode and r["case"]["precision"] in fitted]
             if src:
                 value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
-                group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src]))
+                against = [r for r, _ in plain if r["case"]["checkpointing"] == "none"
+                           and r["case"]["precision"] in {x["case"]["precision"] for x, _ in src}]
+                group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src], against))
     few = [(r, t) for r, t in zip(rows, terms) if t["cores_share"] < 1 and not t["collectives"]]
     if few:
         gains = [t["at_peak"] / _measured_step(r) / with_compiled(out, t["compiled"])["mfu"][r["case"]["precision"]]
