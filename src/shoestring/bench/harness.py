@@ -439,6 +439,7 @@ def _run_rank(target: str, spec: dict[str, Any]) -> list[dict[str, Any]] | None:
     import torch.distributed as tdist
 
     from shoestring import dist
+
     module, name = target.split(":")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads(world)))  # a job may ask for fewer

@@ -244,9 +244,14 @@ def calibrate_and_predict(raw: list[dict]) -> list[dict]:
         return [{**r, "calibration": "the calibration fitted to this run's fit set", "fitted": fitted} for r in predict_rows(raw)]
 
 
+def _step_times(run: dict) -> list[float]:
+    """A round's timed steps, or its median where only that was kept."""
+    return run.get("steps_s", [run["step_s"]])
+
+
 def _steps(runs: list[dict]) -> str:
-    """Each round's timed steps (rounds apart by ';'), or its median where only that was kept."""
-    return "; ".join(", ".join(f"{t:.2f}" for t in x.get("steps_s", [x["step_s"]])) for x in runs)
+    """Each round's timed steps (rounds apart by ';')."""
+    return "; ".join(", ".join(f"{t:.2f}" for t in _step_times(x)) for x in runs)
 
 
 def _within(rows: list[dict]) -> str:
@@ -311,7 +316,7 @@ NOISE = 0.03  # the least noise a fitted value is allowed: a step's time moves b
 def noise(rows: list[dict]) -> float:
     """How far a value fitted from `rows` may be off from step-time noise alone: the widest
     step-to-step spread (slowest over fastest timed step, less 1) of any of them, at least NOISE."""
-    steps = [[t for run in r.get("runs", []) for t in run.get("steps_s", [run["step_s"]])] for r in rows]
+    steps = [[t for run in r.get("runs", []) for t in _step_times(run)] for r in rows]
     return max([NOISE, *(max(s) / min(s) - 1 for s in steps if len(s) > 1)])
 
 
@@ -377,11 +382,12 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         where = "compiled." if compiled else ""
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
         plain = [(r, t) for r, t in mfu_rows if t["compiled"] == compiled]
-        fitted = {}
+        fitted, fitted_from = {}, {}
         for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
             value = statistics.median(t["at_peak"] / _measured_step(r) for r, t in src)
-            fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", value, 1.0, [r for r, _ in src]))
+            fitted_from[prec] = [r for r, _ in src]
+            fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", value, 1.0, fitted_from[prec]))
         mfu = {**group.get("mfu", {}), **fitted}
         for prec in {r["case"]["precision"] for r, _ in mine} - set(fitted):  # no plain row: this run's figure
             same = [v for k, v in fitted.items() if compute_dtype(k) == compute_dtype(prec)]  # for its compute dtype
@@ -393,8 +399,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
             src = [(r, t) for r, t in plain if r["case"]["checkpointing"] == mode and r["case"]["precision"] in fitted]
             if src:
                 value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
-                against = [r for r, _ in plain if r["case"]["checkpointing"] == "none"
-                           and r["case"]["precision"] in {x["case"]["precision"] for x, _ in src}]
+                against = [x for prec in {r["case"]["precision"] for r, _ in src} for x in fitted_from[prec]]
                 group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src], against))
     few = [(r, t) for r, t in zip(rows, terms) if t["cores_share"] < 1 and not t["collectives"]]
     if few:
