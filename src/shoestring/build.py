@@ -2,7 +2,8 @@
 a fixed order: LoRA -> activation checkpointing -> compile -> data-parallel strategy (with
 precision). LoRA replaces modules and freezes the base, so it goes first: the later levers must
 see the final module structure. Checkpointing wraps a block's forward, compile then traces the
-wrapped forward, and the strategy (which may shard or cast parameters) comes last.
+wrapped forward, and the strategy (which may shard or cast parameters) comes last. Before all of
+them, the host-memory lever sets the process's allocator (it is the process's, not the model's).
 
 The config's `auto` settings (precision, compile) are decided first, by `resolve_auto`, from the
 device's measured facts (the probe's, which the caller passes): a strategy is built from a
@@ -19,6 +20,7 @@ from shoestring import dist
 from shoestring.config import Config, build_config
 from shoestring.errors import UserError
 from shoestring.levers import compile as compile_lever
+from shoestring.levers import host_memory
 from shoestring.levers.checkpointing import apply_checkpointing
 from shoestring.levers.lora import LoRASettings, apply_lora, is_nf4, nf4_splits
 from shoestring.levers.precision import Choice, DeviceFacts, PrecisionPolicy, resolve_precision, slow_warning
@@ -148,6 +150,8 @@ def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: H
         raise ValueError("build_strategy needs a resolved config: resolve_auto(cfg, probe.device_facts(device)).cfg")
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
+    if cfg.train.keep_host_memory:  # before the model: its buffers and every step's come from the kept heap
+        host_memory.keep_freed_memory()
     # An NF4 base (QLoRA) is quantised in host memory: its full-precision original, 8x its size,
     # never has to fit on the device.
     host = torch.device("cpu") if cfg.lora.enabled and cfg.lora.base_dtype == "nf4" else device

@@ -143,6 +143,10 @@ class TrainSection(Section):
     # Regional torch.compile of the blocks: true | false | "auto" (on where it pays: CUDA, and a
     # CPU whose half-precision matmuls are fast, when the run uses them; see shoestring.levers.compile).
     compile: bool | Literal["auto"] = "auto"
+    # Keep the host memory a step frees in the process (glibc's malloc would give it back, and the
+    # next step fault it in again): faster steps, a resident set that does not shrink between
+    # steps (see shoestring.levers.host_memory). false: the C library's defaults.
+    keep_host_memory: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
     nan_policy: Literal["stop", "skip"] = "stop"

@@ -1,0 +1,50 @@
+"""Host-memory lever: keep the memory a step frees in the process, so the next step does not
+fault it in again.
+
+glibc's malloc gives large freed blocks back to the kernel: a block above its mmap threshold is
+unmapped when freed, and the top of its heap is trimmed once more than the trim threshold is
+free. A training step frees its activations at the end of backward and asks for the same sizes in
+the next forward, so every step maps, faults and zeroes the same pages again. On the `small`
+preset (8 x 256, bf16, blocks compiled, 2 threads) that was 11,000-69,000 minor faults and
+0.04-0.19 s of kernel time a step on a 2-core AMD EPYC (Zen 5) virtual machine, in a 0.7-0.9 s
+step, and the step's time varied with them (docs/performance.md).
+
+`keep_freed_memory()` fixes both thresholds (`mallopt`), which also turns off glibc's dynamic
+adjustment of them: blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, and
+the heap is never trimmed. The process then reuses its own pages: faults fall to about zero
+after the first step. Blocks above 32 MiB are still mapped and unmapped each time, which is one
+more reason the chunked loss never forms the full logits.
+
+What it costs: freed memory stays in the process's resident set, so a later phase that needs
+less does not give it back (the peak is unchanged: it is the most the process held at once), and
+blocks that glibc would have mapped separately now share one heap, where they can fragment: the
+peak rose by up to 10% in one configuration measured on a Zen 4 (yafsdp, pure bf16, full
+checkpointing, 4 x 512), and not at all in others (docs/performance.md). The planner does not model that
+separately; its memory calibration is fitted on runs built with this lever on (the default).
+
+`train.keep_host_memory = false` leaves glibc's defaults. Off glibc (macOS, musl) there is no
+`mallopt`, and this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+M_TRIM_THRESHOLD = -1  # glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest mmap threshold glibc takes on 64-bit (HEAP_MAX_SIZE / 2)
+NEVER_TRIM = 2**31 - 1  # an int: the largest trim threshold mallopt takes
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Keep freed blocks (up to 32 MiB each) in this process from now on. True where glibc took
+    the setting; once per process (the setting is the process's, and lasts)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
