@@ -32,6 +32,7 @@ def test_side_by_side_takes_the_median_round():
 
 
 def test_bench_cli_fills_the_report_and_keeps_the_prose(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the levers section re-probes: not the user's cache
     monkeypatch.setattr(levers, "PRECISIONS", ("fp32", "bf16"))
     monkeypatch.setattr(levers, "CHECKPOINTING", ("none", "full"))
     (tmp_path / "benchmarks.md").write_text("# B\n\nWhy bf16 wins.\n\n<!-- bench:levers -->\nold figures\n<!-- /bench:levers -->\n\nMore prose.\n")

@@ -48,15 +48,30 @@ def test_kept_memory_is_reused_without_faults():
     assert _late_faults("keep") < 8_000
 
 
-def test_the_config_decides_whether_a_build_keeps_memory(monkeypatch):
-    from shoestring.build import build_strategy
+def test_auto_keeps_memory_in_one_process_only():
+    from shoestring.levers import host_memory
+
+    assert host_memory.decide("auto", 1).value is True
+    assert host_memory.decide("auto", 2).value is False
+    assert host_memory.decide(True, 4).value is True and host_memory.decide(False, 1).value is False
+
+
+def test_the_resolved_config_decides_whether_a_build_keeps_memory(monkeypatch):
+    from shoestring.build import build_strategy, resolve_auto
     from shoestring.config import build_config
     from shoestring.levers import host_memory
+    from shoestring.plan.probe import device_facts
 
     calls = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
-    for keep in (True, False):
+    kept, said = [], []
+    for keep in ("auto", False):
         cfg = build_config({"model": {"preset": "tiny"}, "precision": {"mode": "fp32"},
                             "train": {"compile": False, "keep_host_memory": keep}})
-        build_strategy(cfg, 64, torch.device("cpu"))
-    assert calls == [1]
+        resolved = resolve_auto(cfg, device_facts(torch.device("cpu")))
+        kept.append(resolved.cfg.train.keep_host_memory)
+        said.append(resolved.lines()[-1])
+        build_strategy(resolved.cfg, 64, torch.device("cpu"))
+    assert kept == [True, False] and calls == [1]
+    assert said[0].startswith("host memory: kept (one process")
+    assert said[1] == "host memory: given back (train.keep_host_memory = false)"

@@ -71,7 +71,7 @@ def test_a_bad_mode_is_one_line_and_exit_2(capsys):
 
 def test_probe_grows_until_saturated_and_stops_a_clearly_slow_dtype(monkeypatch):
     """Synthetic rates: fp32 saturates at 512, bf16 keeps rising to 1024, fp16 is 100x slow at
-    the first size and is never timed again."""
+    the first size, again when timed twice more there, and is never timed at a larger size."""
     table = {256: {"fp32": 100 * G, "bf16": 150 * G, "fp16": 1 * G}, 512: {"fp32": 200 * G, "bf16": 300 * G},
              1024: {"fp32": 201 * G, "bf16": 400 * G}, 2048: {"bf16": 401 * G}}
     asked = []
@@ -84,7 +84,22 @@ def test_probe_grows_until_saturated_and_stops_a_clearly_slow_dtype(monkeypatch)
     peaks = probe._measure_peaks(torch.device("cpu"))
     assert peaks["fp32"] == probe.Peak(201 * G, 1024) and peaks["bf16"] == probe.Peak(401 * G, 2048)
     assert peaks["fp16"] == probe.Peak(1 * G, 256, slow=True)
-    assert asked[1:] == [(512, ("fp32", "bf16")), (1024, ("fp32", "bf16")), (2048, ("bf16",))]
+    assert asked[1:] == [(256, ("fp32", "fp16"))] * probe.RECHECKS + [(512, ("fp32", "bf16")), (1024, ("fp32", "bf16")),
+                                                                      (2048, ("bf16",))]
+
+
+def test_probe_does_not_call_a_dtype_slow_from_one_contended_window(monkeypatch):
+    """bf16 100x slow in the first window only (other work held the cores): timed again, it is
+    fast, grows, and is not recorded as slow."""
+    windows = iter([{"fp32": 100 * G, "bf16": 1 * G, "fp16": 1 * G}, {"fp32": 100 * G, "bf16": 150 * G, "fp16": 1 * G}])
+
+    def fake(device, n, dtypes):
+        rates = next(windows, None) or {"fp32": 100 * G, "bf16": 150 * G, "fp16": 1 * G}
+        return {d: rates[d] for d in dtypes}
+
+    monkeypatch.setattr(probe, "_time_size", fake)
+    peaks = probe._measure_peaks(torch.device("cpu"))
+    assert not peaks["bf16"].slow and peaks["bf16"].flops == 150 * G and peaks["fp16"].slow
 
 
 def test_probe_caches_per_instruction_set(tmp_path, monkeypatch):

@@ -44,16 +44,19 @@ class Resolved:
     cfg: Config
     precision: Choice
     compile: Choice
+    host_memory: Choice
     warning: str | None  # the precision runs its matmuls far slower than fp32 here
 
     def lines(self) -> list[str]:
         """What was chosen, one line each, for the start of a run."""
         return [f"precision: {self.precision.value} ({self.precision.reason})",
-                f"compile: {'on' if self.compile.value else 'off'} ({self.compile.reason})"]
+                f"compile: {'on' if self.compile.value else 'off'} ({self.compile.reason})",
+                f"host memory: {'kept' if self.host_memory.value else 'given back'} ({self.host_memory.reason})"]
 
 
 def resolve_auto(cfg: Config, facts: DeviceFacts, saved: dict[str, Any] | None = None) -> Resolved:
-    """`precision.mode` and `train.compile` decided on `facts`: "auto" by the levers' rules, a
+    """`precision.mode`, `train.compile` and `train.keep_host_memory` decided on `facts` and this
+    run's ranks: "auto" by the levers' rules, a
     resumed run (`saved`: the config it ran with) keeping the precision it started with unless
     the config names one, LoRA's bf16-held base getting bf16 where the rule says fp32."""
     mode = cfg.precision.mode
@@ -68,9 +71,11 @@ def resolve_auto(cfg: Config, facts: DeviceFacts, saved: dict[str, Any] | None =
             precision = Choice("bf16", "lora.base_dtype = 'bf16' needs low-precision compute")
     policy = PrecisionPolicy(str(precision.value))
     compiled = compile_lever.decide(cfg.train.compile, facts, policy)
+    keep = host_memory.decide(cfg.train.keep_host_memory, dist.world_size())
     tree = cfg.to_dict()
     tree["precision"]["mode"], tree["train"]["compile"] = precision.value, compiled.value
-    return Resolved(build_config(tree, "resolved config"), precision, compiled, slow_warning(policy.mode, facts))
+    tree["train"]["keep_host_memory"] = keep.value
+    return Resolved(build_config(tree, "resolved config"), precision, compiled, keep, slow_warning(policy.mode, facts))
 
 
 def precision_policy(cfg: Config) -> PrecisionPolicy:
@@ -146,7 +151,7 @@ def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
 
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
     """The strategy for a resolved config (`resolve_auto`)."""
-    if "auto" in (cfg.precision.mode, cfg.train.compile):
+    if "auto" in (cfg.precision.mode, cfg.train.compile, cfg.train.keep_host_memory):
         raise ValueError("build_strategy needs a resolved config: resolve_auto(cfg, probe.device_facts(device)).cfg")
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work

@@ -145,8 +145,9 @@ class TrainSection(Section):
     compile: bool | Literal["auto"] = "auto"
     # Keep the host memory a step frees in the process (glibc's malloc would give it back, and the
     # next step fault it in again): faster steps, a resident set that does not shrink between
-    # steps (see shoestring.levers.host_memory). false: the C library's defaults.
-    keep_host_memory: bool = True
+    # steps. true | false | "auto" (on where it was measured to pay: a run of one process; see
+    # shoestring.levers.host_memory). false: the C library's defaults.
+    keep_host_memory: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # What a non-finite loss does: stop (keeping the last good checkpoint) or skip the batch.
     nan_policy: Literal["stop", "skip"] = "stop"

@@ -13,9 +13,10 @@ Two ranks (gloo): shoestring's fsdp2 versus `fully_shard` applied by hand to the
 plain loop (the FSDP2 tutorial's way; compiled: each decoder layer `compile()`d before it is
 sharded, as torchtitan does), versus DeepSpeed ZeRO-3 through its own engine on the HF model
 (compiled: `engine.compile()`). A peer that fails to compile here is a row with its error.
-Every system's process keeps the host memory its steps free (`levers/host_memory.py`, shoestring's
-default; allocator tuning is what a competent user does for CPU training, as the jemalloc/tcmalloc
-advice in CPU performance guides says), so that the comparison is of the training, not of malloc.
+Every system's process gets shoestring's default allocator setting for its number of ranks
+(`levers/host_memory.py`: one process keeps the host memory its steps free, ranks do not; tuning
+the allocator is what a competent user does for CPU training, as the jemalloc/tcmalloc advice in
+CPU performance guides says), so that the comparison is of the training, not of malloc.
 
 The goals are judged best against best: our fastest row against the peer's fastest, eager or
 compiled (bench/goals.py). Every system sees the same token batches in the same order (a seeded
@@ -304,7 +305,8 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     if work.rounds != harness.worker_rounds():
         raise RuntimeError(f"the work says {work.rounds} rounds, the harness {harness.worker_rounds()}")
     system = System(**spec["system"])
-    host_memory.keep_freed_memory()  # every system's process, as shoestring's own (its default): a fair allocator
+    if host_memory.decide("auto", system.ranks).value:  # the peers' processes as ours: a fair allocator
+        host_memory.keep_freed_memory()
     return RUNNERS[system.name](work, system)
 
 

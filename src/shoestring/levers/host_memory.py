@@ -22,8 +22,12 @@ peak rose by up to 10% in one configuration measured on a Zen 4 (yafsdp, pure bf
 checkpointing, 4 x 512), and not at all in others (docs/performance.md). The planner does not model that
 separately; its memory calibration is fitted on runs built with this lever on (the default).
 
-`train.keep_host_memory = false` leaves glibc's defaults. Off glibc (macOS, musl) there is no
-`mallopt`, and this does nothing.
+Where it pays (`decide`, for `train.keep_host_memory = "auto"`, the default): in a process that
+trains alone (one rank), where it was measured: 1.2x on the `small` step above, its faults gone.
+On two ranks of one thread each (yafsdp and fsdp2, `small`, measured the same day through the
+planner's rows, fresh processes either way) the step times did not move beyond their noise, and
+the peak rose by 0-10%, so ranks keep glibc's defaults. `true` / `false` force it. Off glibc
+(macOS, musl) there is no `mallopt`, and this does nothing.
 """
 
 from __future__ import annotations
@@ -32,10 +36,22 @@ import ctypes
 import ctypes.util
 import functools
 
+from shoestring.levers.precision import Choice
+
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # the largest mmap threshold glibc takes on 64-bit (HEAP_MAX_SIZE / 2)
 NEVER_TRIM = 2**31 - 1  # an int: the largest trim threshold mallopt takes
+
+
+def decide(setting: bool | str, world_size: int) -> Choice:
+    """Resolve `train.keep_host_memory` (True, False or "auto") for a run of `world_size` ranks,
+    with the reason (module docstring: the rule)."""
+    if setting != "auto":
+        return Choice(bool(setting), f"train.keep_host_memory = {str(setting).lower()}")
+    if world_size == 1:
+        return Choice(True, "one process: its steps reuse the memory the last one freed instead of faulting it in")
+    return Choice(False, f"{world_size} ranks: no gain measured on ranks, and up to 10% more peak memory")
 
 
 @functools.cache

@@ -44,6 +44,7 @@ SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (1024, 2048, 4096, 8192)}  # squ
 WINDOW_S = {"cpu": 0.1, "cuda": 0.05}  # timing per size (every dtype, interleaved; at least 3 rounds)
 MAX_MATMUL_S = 0.25  # a size whose one matmul would take longer than this is not timed
 CLEARLY_SLOWER = 4.0  # at the first size: a dtype this many times slower than fp32 stops there
+RECHECKS = 2  # ... once it has looked that slow this many more times (a contended window is not a slow CPU)
 SATURATED = 1.05  # a size gaining less than this factor over the previous one ends that dtype's growth
 
 
@@ -161,6 +162,24 @@ def _time_size(device: torch.device, n: int, dtypes: list[str]) -> dict[str, flo
     return {d: 2 * n**3 / t for d, t in best.items()}  # inf time: rate 0
 
 
+def _looks_slow(rates: dict[str, float]) -> list[str]:
+    return [d for d in rates if d != "fp32" and rates[d] * CLEARLY_SLOWER < rates["fp32"]]
+
+
+def _recheck_slow(device: torch.device, n: int, rates: dict[str, float]) -> dict[str, float]:
+    """`rates` at the first size, with each dtype that looks clearly slower than fp32 timed again
+    beside fp32 (up to RECHECKS more windows, the best rate kept): slow kernels are slow every
+    time, while one window in which other work held the cores can make any dtype look slow, and
+    a cached "slow" would turn `auto` precision to fp32 for every later run."""
+    for _ in range(RECHECKS):
+        again = _looks_slow(rates)
+        if not again:
+            break
+        more = _time_size(device, n, ["fp32", *again])
+        rates = {d: max(r, more.get(d, 0.0)) for d, r in rates.items()}
+    return rates
+
+
 def _measure_peaks(device: torch.device) -> dict[str, Peak]:
     """Every dtype's peak: sizes grow while a dtype's rate still rises (module docstring)."""
     best: dict[str, Peak] = {}
@@ -170,6 +189,8 @@ def _measure_peaks(device: torch.device) -> dict[str, Peak]:
         if not timed:
             break
         rates = _time_size(device, n, timed)
+        if i == 0:
+            rates = _recheck_slow(device, n, rates)
         growing = []
         for d in timed:
             before = best.get(d)

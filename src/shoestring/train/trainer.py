@@ -621,6 +621,7 @@ class Trainer:
             "precision": {"mode": run.resolved.precision.value, "reason": run.resolved.precision.reason,
                           "warning": run.resolved.warning, "matmul_flops": dict(run.facts.matmul_flops)},
             "compile": {"on": run.resolved.compile.value, "reason": run.resolved.compile.reason},
+            "keep_host_memory": {"on": run.resolved.host_memory.value, "reason": run.resolved.host_memory.reason},
             "memory_bytes": {**strategy.memory(), "activations_saved": saved_act_bytes,
                              "device_peak": peak, "device_peak_max_rank": dist.maximum(peak)},
             # Measured on one step (bytes this rank sent; collective time, hidden or not).
