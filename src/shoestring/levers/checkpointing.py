@@ -97,9 +97,9 @@ def _aten_ops(*names: str) -> frozenset:
 
 
 # Outputs kept by `selective`: the matmuls, and attention (on CPU `F.scaled_dot_product_attention`
-# dispatches to `_scaled_dot_product_flash_attention_for_cpu`; `models/attention.py`'s blocked
-# attention, compiled or windowed or soft-capped, runs its own op; on CUDA to the flash / efficient
-# / cuDNN kernels, or to the math path, which is made of bmm's). These are the ops whose recompute
+# dispatches to `_scaled_dot_product_flash_attention_for_cpu`, and so does the forward of
+# `models/attention.py`'s blocked attention, unless windowed or soft-capped: then its own op; on CUDA to the flash / efficient / cuDNN
+# kernels, or to the math path, which is made of bmm's). These are the ops whose recompute
 # costs FLOPs; everything else in a block (RMSNorm, RoPE, SiLU, the SwiGLU product, dtype casts,
 # views) is element-wise and cheap to recompute, so it is PREFER_RECOMPUTE.
 SAVE_OPS = _aten_ops(
@@ -110,7 +110,7 @@ SAVE_OPS = _aten_ops(
     "_scaled_dot_product_cudnn_attention",
     "_flash_attention_forward",
     "_efficient_attention_forward",
-) | {attention_forward._opoverload}  # blocked attention's forward (models/attention.py)
+) | {attention_forward._opoverload}  # windowed / soft-capped attention (models/attention.py)
 
 
 def _resolve_op(name: str):

@@ -8,14 +8,10 @@ Plain causal attention is `F.scaled_dot_product_attention`, except on CPU inside
 `torch.compile`. There PyTorch's flash-attention backward
 (`_scaled_dot_product_flash_attention_for_cpu_backward`) runs the attention FLOPs at a small
 fraction of the matmul rate: on the small preset in bf16 it was a quarter of a compiled training
-step (docs/performance.md). Its forward is fast in fp32; in bf16 the same attention written as
-blocked matmuls and compiled is faster (small preset, bf16: 4.7 against 9.1 ms a layer, a step
-1.03x faster; in fp32 the step was 0.97x, so fp32 keeps flash). So `BlockedCausalAttention` runs
-the flash forward in fp32 and, in a half precision, the blocked one (`_blocked_forward`, compiled,
-called from the opaque op `attention_forward`, so the block's graph stays free of the scores);
-either saves only q, k, v, the output and the logsumexp, no `seq x seq` tensor. It replaces the
-backward by the textbook one written with dense matmuls, recomputing the probabilities from the
-saved logsumexp:
+step (docs/performance.md). Its forward is fast. So `BlockedCausalAttention` keeps the flash
+forward (which saves only q, k, v, the output and the logsumexp, no `seq x seq` tensor) and
+replaces the backward by the textbook one written with dense matmuls, recomputing the
+probabilities from the saved logsumexp:
 
     S = Q K^T * scale (capped: c tanh(S / c))    P = exp(S - lse)  (causal, windowed)
     dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dO * O)) (capped: * (1 - tanh^2))
@@ -32,11 +28,9 @@ Sliding windows, soft-capping and document masks always take `BlockedCausalAtten
 or compiled, any device): SDPA has no soft-capping, and a window or documents as an SDPA mask
 would be saved for backward (a `seq x seq` tensor per layer, per row for documents: the
 backward rebuilds each block's mask from the document ids, `batch x seq` integers). Its forward
-is `attention_forward`, one custom op: on the CPU, the flash kernel with the window and documents
-as an additive mask, except inside a compiled block in a half precision or with soft-capping,
-which take the compiled blocked forward (eagerly, a compile the user did not ask for would cost
-more than it saves: soft-capping then runs the blocked computation in plain PyTorch, as
-everything off the CPU does). Being one opaque op, its mask and
+is `attention_forward`, one custom op: the CPU flash kernel with the window and documents as an
+additive mask, or, with soft-capping or off the CPU, the same
+blocked computation as the backward's in plain PyTorch. Being one opaque op, its mask and
 scores are never saved (a compiled graph would keep the mask; selective checkpointing, which
 keeps this op's outputs like the flash kernel's, would otherwise cache every block's scores).
 Either way it saves q, k, v, out and lse. Eagerly, plain attention stays SDPA (the dense backward's element-wise
@@ -46,7 +40,6 @@ everything on the meta device.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -108,18 +101,13 @@ def _scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, softcap: float) ->
 
 @torch.library.custom_op("shoestring::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
-                      softcap: float, doc: Optional[torch.Tensor], compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of causal attention (windowed, soft-capped, document-masked where asked). On the
-    CPU: called from a compiled graph (`compiled`) in a half precision or soft-capped, the
-    compiled `_blocked_forward`; else the flash kernel with the window and documents as an
-    additive mask; soft-capped eagerly, or off the CPU, `_blocked_forward`. One opaque op, so
-    that neither the `seq x seq` mask nor a block's scores is ever saved for backward (the
-    compiled graph would keep the mask; selective checkpointing would cache every block's
-    scores)."""
-    on_cpu = q.device.type == "cpu"
-    if on_cpu and compiled and (softcap or q.dtype != torch.float32):
-        return _compiled_blocked_forward()(q, k, v, scale, window, softcap, doc)
-    if on_cpu and not softcap:
+                      softcap: float, doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of windowed, soft-capped or document-masked causal attention: the CPU flash
+    kernel with the window and documents as an additive mask when not capped, else
+    `_blocked_forward`. One opaque op, so that neither the `seq x seq` mask nor a block's scores
+    is ever saved for backward (the compiled graph would keep the mask; selective checkpointing
+    would cache every block's scores)."""
+    if q.device.type == "cpu" and not softcap:
         out, lse = _flash_forward(q, k, v, scale, window, doc)
         return out, lse.contiguous()  # the kernel's lse is laid out (batch, seq, heads): one layout for the fake
     return _blocked_forward(q, k, v, scale, window, softcap, doc)
@@ -150,12 +138,6 @@ def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out, lse
 
 
-@functools.cache
-def _compiled_blocked_forward():
-    """`_blocked_forward` compiled once per shape (the block loop unrolls over the sequence)."""
-    return torch.compile(_blocked_forward, dynamic=False)
-
-
 def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, s, d = q.shape
     out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -163,7 +145,7 @@ def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @attention_forward.register_fake
-def _(q, k, v, scale, window, softcap, doc, compiled):
+def _(q, k, v, scale, window, softcap, doc):
     return _outputs(q)
 
 
@@ -184,7 +166,10 @@ class BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
                 softcap: float, doc: torch.Tensor | None = None) -> torch.Tensor:
-        out, lse = attention_forward(q, k, v, scale, window, softcap, doc, torch.compiler.is_compiling())
+        if q.device.type == "cpu" and not (window or softcap) and doc is None:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        else:
+            out, lse = attention_forward(q, k, v, scale, window, softcap, doc)
         ctx.save_for_backward(q, k, v, out, lse, doc)
         ctx.scale, ctx.window, ctx.softcap = scale, window, softcap
         return out
