@@ -5,7 +5,7 @@ see the final module structure. Checkpointing wraps a block's forward, compile t
 wrapped forward, and the strategy (which may shard or cast parameters) comes last. Before all of
 them, the host-memory lever sets the process's allocator (it is the process's, not the model's).
 
-The config's `auto` settings (precision, compile) are decided first, by `resolve_auto`, from the
+The config's `auto` settings (precision, compile, host memory) are decided first, by `resolve_auto`, from the
 device's measured facts (the probe's, which the caller passes): a strategy is built from a
 resolved config only, so what ran is what the run's config.json says."""
 
@@ -56,9 +56,9 @@ class Resolved:
 
 def resolve_auto(cfg: Config, facts: DeviceFacts, saved: dict[str, Any] | None = None) -> Resolved:
     """`precision.mode`, `train.compile` and `train.keep_host_memory` decided on `facts` and this
-    run's ranks: "auto" by the levers' rules, a
-    resumed run (`saved`: the config it ran with) keeping the precision it started with unless
-    the config names one, LoRA's bf16-held base getting bf16 where the rule says fp32."""
+    run's ranks: "auto" by the levers' rules, a resumed run (`saved`: the config it ran with)
+    keeping the precision it started with unless the config names one, LoRA's bf16-held base
+    getting bf16 where the rule says fp32."""
     mode = cfg.precision.mode
     saved_mode = (saved or {}).get("precision", {}).get("mode", "auto")
     if mode != "auto":
