@@ -151,11 +151,13 @@ def check_nf4_sharding(cfg: Config, model: Llama, world_size: int) -> None:
 
 def build_strategy(cfg: Config, vocab_size: int, device: torch.device, source: HFSource | None = None) -> Strategy:
     """The strategy for a resolved config (`resolve_auto`)."""
-    if "auto" in (cfg.precision.mode, cfg.train.compile, cfg.train.keep_host_memory):
+    if "auto" in (cfg.precision.mode, cfg.train.compile):
         raise ValueError("build_strategy needs a resolved config: resolve_auto(cfg, probe.device_facts(device)).cfg")
     check_parallel(cfg, device, dist.world_size())
     cls = strategy_class(cfg.parallel.strategy)  # imported first: a missing extra fails before work
-    if cfg.train.keep_host_memory:  # before the model: its buffers and every step's come from the kept heap
+    # Before the model: its buffers and every step's come from the kept heap. Decided again here
+    # (the same rule as resolve_auto's) for a config built without resolving it.
+    if host_memory.decide(cfg.train.keep_host_memory, dist.world_size()).value:
         host_memory.keep_freed_memory()
     # An NF4 base (QLoRA) is quantised in host memory: its full-precision original, 8x its size,
     # never has to fit on the device.
