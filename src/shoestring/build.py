@@ -5,9 +5,10 @@ see the final module structure. Checkpointing wraps a block's forward, compile t
 wrapped forward, and the strategy (which may shard or cast parameters) comes last. Before all of
 them, the host-memory lever sets the process's allocator (it is the process's, not the model's).
 
-The config's `auto` settings (precision, compile, host memory) are decided first, by `resolve_auto`, from the
-device's measured facts (the probe's, which the caller passes): a strategy is built from a
-resolved config only, so what ran is what the run's config.json says."""
+The config's `auto` settings (precision, compile, host memory) are decided first, by
+`resolve_auto`, from the device's measured facts (the probe's, which the caller passes) and the
+run's ranks: a strategy is built from a resolved config only, so what ran is what the run's
+config.json says."""
 
 from __future__ import annotations
 
