@@ -191,13 +191,13 @@ def _measure_peaks(device: torch.device) -> dict[str, Peak]:
         rates = _time_size(device, n, timed)
         if i == 0:
             rates = _recheck_slow(device, n, rates)
+        slow = _looks_slow(rates) if i == 0 else []  # at the first size only (CLEARLY_SLOWER)
         growing = []
         for d in timed:
             before = best.get(d)
             if before is None or rates[d] > before.flops:
                 best[d] = Peak(rates[d], n)
-            slow = i == 0 and d != "fp32" and rates[d] * CLEARLY_SLOWER < rates["fp32"]
-            if slow:
+            if d in slow:
                 best[d] = Peak(rates[d], n, slow=True)
             elif before is None or rates[d] >= SATURATED * before.flops:
                 growing.append(d)
