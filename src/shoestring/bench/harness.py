@@ -8,10 +8,13 @@ The same rules everywhere, so that two sections' figures can be set side by side
   gets cores / ranks threads; rank 0 gathers every rank's result and prints it on a marked line.
 * **build**: `build(tree, vocab)` is the trainer's path: `resolve_auto` on this machine's probed
   facts, then `build_strategy` (levers applied in the fixed order, compile where `auto` says).
-* **warm-up and timer**: `timed_steps` runs `WARMUP` untimed steps (the first compiles, allocates
-  and creates the optimizer state; the next is already within a few % of the later ones, for us
-  and for HF Trainer's compiled model alike, so one is enough) then times each step
-  with `time.perf_counter` between barriers; a foreign loop (Hugging Face Trainer's callbacks)
+* **warm-up and timer**: `timed_steps` runs `WARMUP` untimed steps then times each step with
+  `time.perf_counter` between barriers. Two: the first compiles, allocates and creates the
+  optimizer state (after its activations are freed, so in their place); the second lays its
+  activations out around that state and grows the heap once more. With freed host memory kept
+  (levers/host_memory.py) the second step faulted 60,000-67,000 pages in and took 1.6-1.8x the
+  later ones, for us and for HF Trainer alike, eager or compiled (`small`, 8 x 256, bf16, Zen 5);
+  from the third on a step faults almost nothing. A foreign loop (Hugging Face Trainer's callbacks)
   calls the same `Turns` before and after each step. A round's figure is its median step.
 * **rounds, taken in turns**: `interleaved` starts each configuration's processes once; each sets
   up and warms up (at most `SETUP_AT_ONCE` jobs at a time), then waits. Only when all are warm
@@ -49,7 +52,7 @@ import torch
 
 from shoestring.measure.memory import PeakRSS
 
-WARMUP = 1
+WARMUP = 2
 RESULT_MARK = "SHOESTRING-BENCH-RESULT "
 PROCESS_GROUP_TIMEOUT_S = 600
 # Taking turns: where a worker finds its control directory and how many rounds it times.
