@@ -246,3 +246,13 @@ def test_train_auto_treats_an_auto_precision_as_unset(monkeypatch):
                         "train": {"batch_size": 8}})
     chosen, plan = auto_overrides(cfg, 1)
     assert "precision.mode=fp32" in chosen and plan.levers.precision == "fp32"
+
+
+def test_allreduce_probe_ranks_agree_on_their_count(tmp_path, monkeypatch, capfd):
+    """The gloo bandwidth probe's ranks reduce the same number of times (a rank that stopped
+    early closed its connection under one still reducing: a traceback, or no figure at all)."""
+    from shoestring.plan import probe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert probe.allreduce_bandwidth(2, nbytes=1 << 20) > 0
+    assert "Traceback" not in capfd.readouterr().err

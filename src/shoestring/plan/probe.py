@@ -26,6 +26,7 @@ ones held within 15%): the one-thread peak is the floor that exposes it (`_peaks
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -274,16 +275,20 @@ def _allreduce_worker(rank: int, world: int, port: int, nbytes: int, queue) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     t = torch.ones(nbytes // 4)
-    for _ in range(2):
+    dist.all_reduce(t)
+    start = time.perf_counter()
+    dist.all_reduce(t)
+    # Every rank must call all_reduce as often as the others (a rank that stops early closes its
+    # connection under one still reducing): the count for ~0.5 s is agreed, the largest rank's.
+    reps = torch.tensor([max(3, math.ceil(0.5 / max(time.perf_counter() - start, 1e-6)))])
+    dist.all_reduce(reps, op=dist.ReduceOp.MAX)
+    start = time.perf_counter()
+    for _ in range(int(reps)):
         dist.all_reduce(t)
-    reps, start = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - start < 0.5:
-        dist.all_reduce(t)
-        reps += 1
     elapsed = time.perf_counter() - start
     dist.destroy_process_group()
     if rank == 0:
-        queue.put(nbytes * reps / elapsed)
+        queue.put(nbytes * int(reps) / elapsed)
 
 
 def allreduce_bandwidth(ranks: int, nbytes: int = 32 * 2**20) -> float:
