@@ -7,6 +7,7 @@ import subprocess
 import sys
 import types
 
+import pytest
 import torch
 from rich.console import Console
 
@@ -235,11 +236,12 @@ def _turn_job(spec: dict) -> dict:
                                  for k, r in enumerate(timing["rounds"])]}
 
 
-def test_rounds_are_taken_in_turns_without_overlap():
+@pytest.mark.parametrize("timed_extras", [True, False])  # the jobs finish in turns, or together
+def test_rounds_are_taken_in_turns_without_overlap(timed_extras):
     from shoestring.bench import harness
 
     jobs = {name: harness.Job("tests.test_bench:_turn_job", {}) for name in ("a", "b")}
-    out = harness.interleaved(jobs, rounds=3)
+    out = harness.interleaved(jobs, rounds=3, timed_extras=timed_extras)
     spans = sorted((rank[0]["start"], rank[0]["end"], name, r) for name, rs in out.items() for r, rank in enumerate(rs))
     assert [(name, r) for _, _, name, r in spans] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert all(end <= next_start for (_, end, *_), (next_start, *_) in zip(spans, spans[1:]))

@@ -22,7 +22,8 @@ The same rules everywhere, so that two sections' figures can be set side by side
   "go" (a file `go.<r>` in the job's control directory), the job's ranks time their `steps` steps
   and rank 0 writes `done.<r>`, then the next job. No timed round overlaps another job's work,
   and a drift in the machine's load falls on every configuration alike; after the last round the
-  jobs finish (extras measured once, result, exit) in turns too. All processes of a group are
+  jobs finish (extras measured once, result, exit): in turns too where an extra is a time
+  (`interleaved(timed_extras=True)`), else together. All processes of a group are
   alive at once, so jobs run in consecutive groups of at most `GROUP_RANKS` rank processes (and
   never across a change of `Job.group`: the rows a goal compares share a group).
   `median_round` keeps the round with the median step time, with every round's figure beside it.
@@ -154,16 +155,18 @@ def fresh_rounds(jobs: dict[str, Job], rounds: int, progress: Callable[[str], No
 
 
 def interleaved(jobs: dict[str, Job], rounds: int, progress: Callable[[str], None] = lambda s: None,
-                keep_going: bool = False) -> Rounds:
+                keep_going: bool = False, timed_extras: bool = True) -> Rounds:
     """name -> one entry (every rank's result) per round. Each job's processes start once and take
     their rounds in turns with the other jobs of their group (the module docstring says how);
     the job times through `timed_steps` or `Turns`. `keep_going`: a failed job is recorded as
-    `[{"error": ...}]` in each round instead of stopping the rest."""
+    `[{"error": ...}]` in each round instead of stopping the rest. `timed_extras`: what a job
+    measures after its last round includes a time, so the jobs finish in turns too; without,
+    they finish together (their exits, seconds each, overlap)."""
     if rounds == 1:
         return fresh_rounds(jobs, rounds, progress, keep_going)
     out: Rounds = {}
     for group in groups(jobs):
-        out.update(_take_turns(group, rounds, progress, keep_going))
+        out.update(_take_turns(group, rounds, progress, keep_going, timed_extras))
     return {name: out[name] for name in jobs}
 
 
@@ -218,8 +221,8 @@ class _Worker:
         raise RuntimeError(f"{self.what} {why}:\n" + _tail(self.err.read()))
 
     def finish(self) -> list[dict[str, Any]]:
-        """Let it measure its extras and end (its turn after the last round); every rank's result."""
-        self.go(self.rounds)
+        """Wait for it to measure its extras and end, once told to (`go(rounds)`, the turn after
+        its last round); every rank's result."""
         try:
             code = self.proc.wait(TURN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -234,9 +237,11 @@ class _Worker:
             self.proc.wait()
 
 
-def _take_turns(jobs: dict[str, Job], rounds: int, progress: Callable[[str], None], keep_going: bool) -> Rounds:
+def _take_turns(jobs: dict[str, Job], rounds: int, progress: Callable[[str], None], keep_going: bool,
+                timed_extras: bool) -> Rounds:
     """One group: start every job (at most `SETUP_AT_ONCE` setting up at a time), wait until all
-    are warm, then the rounds in turns, then each finishes in turn."""
+    are warm, then the rounds in turns, then each finishes in turn (together without
+    `timed_extras`)."""
     out: Rounds = {}
     workers: dict[str, _Worker] = {}
 
@@ -262,11 +267,14 @@ def _take_turns(jobs: dict[str, Job], rounds: int, progress: Callable[[str], Non
                 for name in list(workers):
                     progress(f"round {r + 1}/{rounds}: {name}")
                     attempt(name, lambda w: (w.go(r), w.wait(f"done.{r}")))
-            for name in list(workers):
-                progress(f"finishing: {name}")
-                ranks = attempt(name, lambda w: w.finish())
-                if ranks is not None:
-                    out[name] = [[_round(rank, r) for rank in ranks] for r in range(rounds)]
+            for names in ([[n] for n in workers] if timed_extras else [list(workers)]):
+                progress(f"finishing: {', '.join(names)}")
+                for name in names:
+                    attempt(name, lambda w: w.go(rounds))
+                for name in [n for n in names if n in workers]:
+                    ranks = attempt(name, lambda w: w.finish())
+                    if ranks is not None:
+                        out[name] = [[_round(rank, r) for rank in ranks] for r in range(rounds)]
         finally:
             for w in workers.values():
                 w.stop()

@@ -353,7 +353,7 @@ def run(size: str = "small", parts: tuple[str, ...] = ("single", "distributed"),
     jobs = {s.case: harness.Job("shoestring.bench.incumbents:measure_job", {"system": asdict(s), "work": asdict(w)}, s.ranks,
                                 group=f"{s.ranks} {s.checkpointing}")
             for s, w in order}
-    measured = harness.interleaved(jobs, rounds, progress, keep_going=True)
+    measured = harness.interleaved(jobs, rounds, progress, keep_going=True, timed_extras=False)  # nothing after the rounds
     return [_row(s, w, measured[s.case]) for s, w in systems]
 
 

@@ -13,9 +13,10 @@ step, and the step's time varied with them (docs/performance.md).
 (`M_TRIM_THRESHOLD` at its largest, which also stops glibc adjusting it): every block comes from
 the heap and the heap is never trimmed. The process then reuses its own pages: faults fall to
 about zero after the first step. Raising the mmap threshold instead is not enough: glibc takes
-it only up to 32 MiB, and a bigger block (HF's `tokens x vocab` fp32 logits, 64 MiB at 8 x 256 x 8192; an embedding's
-gradient at a real vocabulary) was otherwise mapped, faulted and unmapped every step, 24,600
-faults a step in the HF model's step with the threshold alone (docs/performance.md).
+it only up to 32 MiB, and a bigger block (HF's `tokens x vocab` fp32 logits, 64 MiB at 8 x 256 x
+8192; an embedding's gradient at a real vocabulary) was otherwise mapped, faulted and unmapped
+every step: 24,600 faults a step in the HF model's step with the threshold alone
+(docs/performance.md).
 
 What it costs: freed memory stays in the process's resident set, so a later phase that needs
 less does not give it back (the peak is unchanged: it is the most the process held at once), and
