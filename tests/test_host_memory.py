@@ -10,7 +10,11 @@ import pytest
 import torch
 
 # Ten eager fp32 steps of the tiny preset (8 x 255 tokens); the minor faults of the last five.
-# Measured (2-core AMD EPYC, glibc 2.36): 24,000-50,000 by default, 1-3,730 kept.
+# `chunked`: our loss, no block above 32 MiB. Measured (2-core AMD EPYC, glibc 2.36):
+# 24,000-50,000 by default, 1-3,730 kept. `full`: the full logits formed, as HF's loss does, at
+# vocab 8192: 8 x 255 x 8192 fp32 is 64 MiB, above glibc's largest mmap threshold (32 MiB), so
+# mapped and unmapped every step unless the mmap path is off. Measured (Zen 5): 341,000-372,000
+# by default; kept, 1 or 16,323 (the heap grew by one such block once in the five steps).
 STEPS = """
 import sys, torch
 from shoestring.models import build_model, preset_args
@@ -20,48 +24,43 @@ if sys.argv[1] == "keep":
     assert host_memory.keep_freed_memory()
 def faults():
     return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[7])
+def loss(h, w, y):
+    if sys.argv[2] == "full":
+        return torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), y.flatten())
+    return cross_entropy_from_hidden(h, w, y)
 torch.manual_seed(0)
 torch.set_num_threads(1)
-args = preset_args("tiny")
+args = preset_args("tiny", **({"vocab_size": 8192} if sys.argv[2] == "full" else {}))
 model = build_model(args)
 opt = torch.optim.AdamW(model.parameters())
 x = torch.randint(0, args.vocab_size, (8, 256))
 for i in range(10):
     if i == 5:
         before = faults()
-    cross_entropy_from_hidden(model(x[:, :-1]), model.lm_head.weight, x[:, 1:]).backward()
+    loss(model(x[:, :-1]), model.lm_head.weight, x[:, 1:]).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 print(faults() - before)
 """
-
-
-# The same steps with the full logits formed, as HF's loss does: 8 x 255 x 8192 fp32 is 64 MiB, a
-# block above glibc's largest mmap threshold (32 MiB), mapped and unmapped every step unless the
-# mmap path is off. Measured (2-core AMD EPYC, Zen 5): 341,000-372,000 by default; kept, 1 or
-# 16,323 (the heap grew by one such block once in the five steps).
-FULL_LOGITS = STEPS.replace("args = preset_args(\"tiny\")", "args = preset_args(\"tiny\", vocab_size=8192)").replace(
-    "cross_entropy_from_hidden(model(x[:, :-1]), model.lm_head.weight, x[:, 1:])",
-    "torch.nn.functional.cross_entropy((model(x[:, :-1]) @ model.lm_head.weight.T).flatten(0, 1), x[:, 1:].flatten())")
 GLIBC = pytest.mark.skipif(not sys.platform.startswith("linux") or "libc.so" not in str(ctypes.util.find_library("c")),
                            reason="glibc's mallopt and /proc/self/stat")
 
 
-def _late_faults(script: str, mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+def _late_faults(mode: str, loss: str = "chunked") -> int:
+    out = subprocess.run([sys.executable, "-c", STEPS, mode, loss], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
 @GLIBC
 def test_kept_memory_is_reused_without_faults():
-    assert _late_faults(STEPS, "default") > 12_000  # the test can fail: glibc's default did give memory back
-    assert _late_faults(STEPS, "keep") < 8_000
+    assert _late_faults("default") > 12_000  # the test can fail: glibc's default did give memory back
+    assert _late_faults("keep") < 8_000
 
 
 @GLIBC
 def test_blocks_above_the_mmap_threshold_are_kept_too():
-    assert _late_faults(FULL_LOGITS, "default") > 5 * 16_384  # at least one 64 MiB block a step
-    assert _late_faults(FULL_LOGITS, "keep") < 40_000  # at most two such blocks in five steps
+    assert _late_faults("default", "full") > 5 * 16_384  # at least one 64 MiB block a step
+    assert _late_faults("keep", "full") < 40_000  # at most two such blocks in five steps
 
 
 def test_auto_keeps_memory_in_one_process_only():
