@@ -11,7 +11,7 @@ import torch
 
 # Ten eager fp32 steps of the tiny preset (8 x 255 tokens); the minor faults of the last five.
 # `chunked`: our loss, no block above 32 MiB. Measured (2-core AMD EPYC, glibc 2.36):
-# 24,000-50,000 by default, 1-3,730 kept. `full`: the full logits formed, as HF's loss does, at
+# 1,082-50,000 by default (glibc's dynamic thresholds decide), 1-3,730 kept. `full`: the full logits formed, as HF's loss does, at
 # vocab 8192: 8 x 255 x 8192 fp32 is 64 MiB, above glibc's largest mmap threshold (32 MiB), so
 # mapped and unmapped every step unless the mmap path is off. Measured (Zen 5): 341,000-372,000
 # by default; kept, 1 or 16,323 (the heap grew by one such block once in the five steps).
@@ -53,7 +53,9 @@ def _late_faults(mode: str, loss: str = "chunked") -> int:
 
 @GLIBC
 def test_kept_memory_is_reused_without_faults():
-    assert _late_faults("default") > 12_000  # the test can fail: glibc's default did give memory back
+    # Only the kept side: with our loss no block is above 32 MiB, and whether glibc's default
+    # gives freed memory back depends on its dynamic thresholds (1,082 faults in one CI run, where
+    # most give 19,000-50,000). The next test is the control that fails either way.
     assert _late_faults("keep") < 8_000
 
 
