@@ -24,7 +24,7 @@ blocks that glibc would have mapped separately now share one heap, where they ca
 peak rose by up to 10% in one configuration measured on a Zen 4 (yafsdp, pure bf16, full
 checkpointing, 4 x 512), by 4% on our `small` step at 16 x 512, and not at all in others
 (docs/performance.md). The planner does not model that separately: its memory calibration is
-fitted on runs built with the default.
+fitted on runs built with this lever on (the default).
 
 Where it pays (`decide`, for `train.keep_host_memory = "auto"`, the default): in a process that
 trains alone (one rank), where it was measured: 1.2x on the `small` step above, its faults gone.
