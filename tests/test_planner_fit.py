@@ -208,11 +208,63 @@ def test_a_narrower_model_spends_more_of_its_step_outside_the_matmuls():
     from shoestring.plan.throughput import compute_seconds, elementwise_per_mflop, elementwise_scale
 
     fitted = pa.fit(pa.predict_rows(_raw()))
-    small, tiny = (elementwise_per_mflop(model_info(p), 256) for p in ("small", "tiny"))
+    small, tiny = (elementwise_per_mflop(model_info(p)) for p in ("small", "tiny"))
     assert fitted["elementwise_ref"] == pytest.approx(small, rel=1e-3)  # the fit set's model
     assert elementwise_scale(fitted, small) == pytest.approx(1.0, rel=1e-3)
     assert elementwise_scale(fitted, tiny) > 1.5 and elementwise_scale({}, tiny) == 1.0
-    assert compute_seconds(1.0, 1.0, 0.5, elementwise_scale(fitted, tiny)) > compute_seconds(1.0, 1.0, 0.5)
+    assert compute_seconds(1.0, 1.0, 0.1, 0.5, 0.5, elementwise_scale(fitted, tiny)) > compute_seconds(1.0, 1.0, 0.1, 0.5, 0.5)
+
+
+def _with_long_row(raw: list[dict], table: dict) -> list[dict]:
+    """The recorded fit set, its single-process bf16 rows without checkpointing (8 x 256, and the
+    same tokens at 2 x 1024, added) timed as the planner predicts them under the rates of `table`."""
+    short = next(r for r in raw if pa.Case(**r["case"]).label == "small pretrain, single, bf16, ckpt none, 8x256")
+    long = copy.deepcopy(short)
+    long["case"].update(batch=2, seq_len=1024)
+    from shoestring.plan.model import model_info
+    from shoestring.plan.throughput import elementwise_per_mflop
+
+    made = {**catalogue.calibration("cpu"), **table, "elementwise_ref": elementwise_per_mflop(model_info("small"))}
+    with catalogue.calibrated("cpu", made):
+        for row in (short, long):
+            tokens_per_s = pa.predict_rows([row])[0]["tokens_per_s_predicted"]
+            for run in row["runs"]:
+                run["step_s"] = 2048 / tokens_per_s
+                run["steps_s"] = [run["step_s"]]
+    return [*raw, long]
+
+
+def test_attentions_rate_comes_back_out_of_two_sequence_lengths():
+    compiled = {**catalogue.calibration("cpu")["compiled"], "mfu": {"bf16": 0.6, "bf16-pure": 0.6}, "attention_mfu": {"bf16": 0.3}}
+    fitted = pa.fit(pa.predict_rows(_with_long_row(_raw(), {"compiled": compiled})))
+    assert fitted["compiled"]["attention_mfu"]["bf16"] == pytest.approx(0.3, rel=1e-2)
+    assert fitted["compiled"]["mfu"]["bf16"] == pytest.approx(0.6, rel=1e-2)
+
+
+def test_the_fit_refuses_attention_faster_than_the_peak():
+    compiled = {**catalogue.calibration("cpu")["compiled"], "mfu": {"bf16": 0.6, "bf16-pure": 0.6}, "attention_mfu": {"bf16": 1.5}}
+    with pytest.raises(pa.FitError, match=r"^compiled\.attention_mfu\.bf16 = 1\.\d+ is beyond its upper bound 1\.0"):
+        pa.fit(pa.predict_rows(_with_long_row(_raw(), {"compiled": compiled})))
+
+
+def test_attention_at_its_own_rate_makes_longer_sequences_slower_at_the_same_tokens():
+    from shoestring.plan.catalogue import cpu_device
+    from shoestring.plan.throughput import attention_mfu
+
+    probe = next(r["probe"] for r in RAW if r["case"]["strategy"] == "single")
+    step = {}
+    for rate in (None, 0.3):
+        table = copy.deepcopy(catalogue.calibration("cpu"))
+        table["compiled"].pop("attention_mfu", None)
+        if rate:
+            table["compiled"]["attention_mfu"] = {"bf16": rate}
+        with catalogue.calibrated("cpu", table):
+            step[rate] = {s: pa.predict(pa.Case("small", "single", "bf16", "none", 2048 // s, s), probe, True)["step"]["compute"]
+                          for s in (256, 1024)}
+            device = cpu_device(probe)
+            assert attention_mfu(device, "bf16-pure", True) == (rate or pytest.approx(table["compiled"]["mfu"]["bf16-pure"]))
+            assert attention_mfu(device, "bf16", False) == pytest.approx(table["mfu"]["bf16"])  # eager: not calibrated
+    assert step[0.3][1024] / step[0.3][256] > step[None][1024] / step[None][256] > 1
 
 
 # The AVX2-emulated run of 2026-12-01, whose DDP step hid most of its all-reduce (docs/planner.md)

@@ -9,13 +9,15 @@ The same rules everywhere, so that two sections' figures can be set side by side
 * **build**: `build(tree, vocab)` is the trainer's path: `resolve_auto` on this machine's probed
   facts, then `build_strategy` (levers applied in the fixed order, compile where `auto` says).
 * **warm-up and timer**: `timed_steps` runs `WARMUP` untimed steps then times each step with
-  `time.perf_counter` between barriers. Two: the first compiles, allocates and creates the
-  optimizer state (after its activations are freed, so in their place); the second lays its
-  activations out around that state and grows the heap once more. With freed host memory kept
-  (levers/host_memory.py) the second step faulted 60,000-67,000 pages in and took 1.6-1.8x the
-  later ones, for us and for HF Trainer alike, eager or compiled (`small`, 8 x 256, bf16, Zen 5);
-  from the third on a step faults almost nothing. A foreign loop (Hugging Face Trainer's callbacks)
-  calls the same `Turns` before and after each step. A round's figure is its median step.
+  `time.perf_counter` between barriers. One for our strategies: it compiles and lays out the
+  activations above the optimizer state, which they allocate at build (`parallel.base.with_state`),
+  so the next step reuses its blocks. A loop whose optimizer creates its state in the first step
+  (Hugging Face Trainer, a plain torch loop) needs `LAZY_STATE_WARMUP`: the state takes the place
+  of the first step's freed activations, and the second step grows the heap for its own again
+  (60,000-67,000 page faults, 1.6-1.8x a later step, `small` 8 x 256 bf16 on the Zen 5, with
+  freed host memory kept: levers/host_memory.py); from the third on a step faults almost nothing.
+  A foreign loop (Hugging Face Trainer's callbacks) calls the same `Turns` before and after each
+  step. A round's figure is its median step.
 * **rounds, taken in turns**: `interleaved` starts each configuration's processes once; each sets
   up and warms up (at most `SETUP_AT_ONCE` jobs at a time), then waits. Only when all are warm
   does round 0 start, and the rounds go in turns, A B C ... A B C ...: the parent tells one job
@@ -53,7 +55,8 @@ import torch
 
 from shoestring.measure.memory import PeakRSS
 
-WARMUP = 2
+WARMUP = 1
+LAZY_STATE_WARMUP = 2
 RESULT_MARK = "SHOESTRING-BENCH-RESULT "
 PROCESS_GROUP_TIMEOUT_S = 600
 # Taking turns: where a worker finds its control directory and how many rounds it times.
@@ -312,14 +315,14 @@ def worker_rounds() -> int:
 
 
 class Turns:
-    """A rank's side of the rounds. A loop of `total_steps` steps (`WARMUP` untimed, then
+    """A rank's side of the rounds. A loop of `total_steps` steps (`warmup` untimed, then
     `worker_rounds()` rounds of `steps` timed ones) calls `before(i)` and `after(i, seconds)`
     around step i. Taking turns, a round's first step waits for the parent's go (the first round
     says "ready" before it) and resets the peak; its last says "done" with every rank there;
     after the last round the process waits for its turn to finish. `result()`: the figures."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps, self.rounds = steps, worker_rounds()
+    def __init__(self, steps: int, warmup: int = WARMUP) -> None:
+        self.steps, self.warmup, self.rounds = steps, warmup, worker_rounds()
         self.control = os.environ.get(TURNS_ENV)
         self.rss = PeakRSS()
         self.times: list[float] = []
@@ -327,23 +330,23 @@ class Turns:
 
     @property
     def total_steps(self) -> int:
-        return WARMUP + self.rounds * self.steps
+        return self.warmup + self.rounds * self.steps
 
     def before(self, i: int) -> None:
         if i == 0:
             self.rss.reset()
-        r, k = divmod(i - WARMUP, self.steps)
-        if i >= WARMUP and k == 0 and self.control:
+        r, k = divmod(i - self.warmup, self.steps)
+        if i >= self.warmup and k == 0 and self.control:
             if r == 0:
                 self._say("ready")
             self._await(f"go.{r}")
             self.rss.reset()
 
     def after(self, i: int, seconds: float) -> None:
-        if i < WARMUP:
+        if i < self.warmup:
             return
         self.times.append(seconds)
-        r, k = divmod(i - WARMUP, self.steps)
+        r, k = divmod(i - self.warmup, self.steps)
         if k < self.steps - 1:
             return
         times = self.times[-self.steps:]
@@ -377,13 +380,13 @@ class Turns:
             nap = min(POLL_MAX_S, nap * 1.5)
 
 
-def timed_steps(step: Callable[[int], Any], steps: int) -> dict[str, Any]:
-    """`WARMUP` untimed steps then `worker_rounds()` rounds of `steps` timed ones, each step between
+def timed_steps(step: Callable[[int], Any], steps: int, warmup: int = WARMUP) -> dict[str, Any]:
+    """`warmup` untimed steps then `worker_rounds()` rounds of `steps` timed ones, each step between
     barriers (the slowest rank sets the time); `step(i)` may return the step's loss. `Turns.result()`
     with `losses`: every step's, warm-up included."""
     from shoestring import dist
 
-    turns, losses = Turns(steps), []
+    turns, losses = Turns(steps, warmup), []
     for i in range(turns.total_steps):
         turns.before(i)
         dist.barrier()

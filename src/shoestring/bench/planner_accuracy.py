@@ -2,7 +2,8 @@
 memory and tokens/s on a **check set** of configurations the calibration never saw.
 
 The cases come in two disjoint sets, chosen here before anything is fitted: a **fit set** on the
-`small` preset at 8 x 256 that isolates each calibrated constant (each precision's MFU, each
+`small` preset at 8 x 256 that isolates each calibrated constant (each precision's MFU, and
+attention's beside it from one more row of the same tokens at 2 x 1024, each
 checkpointing mode's multiplier, each strategy's communication: the share hidden behind compute
 and the cost per collective call, the process's own memory), and a **check set** in other
 presets, sequence lengths, micro-batches, and other combinations of checkpointing mode, strategy
@@ -83,17 +84,19 @@ class Case:
 
 
 # The fit set: `small` at 8 x 256, one row per constant it isolates (each precision's MFU without
-# checkpointing, each checkpointing mode beside it in the same precision, a model too small to
+# checkpointing, attention's apart from it (the same tokens at 2 x 1024, where attention does
+# 0.23 of the FLOPs against 0.07), each checkpointing mode beside it in the same precision, a model too small to
 # matter (the process's own memory, beside the heap's share that grows with the tensors; its
 # step is no MFU row: it cannot keep the cores busy), what a rank on part of
 # the cores reaches (one process on one thread at a rank's share of the batch), each strategy's
-# collectives, LoRA's memory). ~12 rows of 0.3-3 s steps: ~3 minutes on 2 idle cores with
+# collectives, LoRA's memory). 13 rows of 0.3-3 s steps: ~3 minutes on 2 idle cores with
 # inductor's on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
 _FIT = [
     Case("small", "single", "fp32", "none", 8, 256),
     Case("small", "single", "fp32", "full", 8, 256),
     Case("micro", "single", "fp32", "none", 8, 128, memory_only=True),
     Case("small", "single", "bf16", "none", 8, 256),
+    Case("small", "single", "bf16", "none", 2, 1024),
     Case("small", "single", "bf16", "full", 8, 256),
     Case("small", "single", "bf16", "selective", 8, 256),
     Case("small", "single", "bf16-pure", "none", 8, 256, mode="full-finetune"),
@@ -300,6 +303,7 @@ class FitError(ValueError):
 # bound is taken at the bound, farther out the fit stops (`bounded`).
 BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "mfu": (0.0, 1.0, "a step cannot run its matmuls faster than the measured peak"),
+    "attention_mfu": (0.0, 1.0, "attention cannot run its matmuls faster than the measured peak"),
     "time_full": (1.0, None, "recomputing blocks cannot make a step faster"),
     "time_selective": (1.0, None, "recomputing blocks cannot make a step faster"),
     "rank_mfu_gain": (0.0, None, "a step cannot take negative time"),
@@ -346,15 +350,19 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     (`compiled`: the constants that apply over the eager ones), each constant from the rows that
     isolate it, in this order, each checked against its physical bounds (`bounded`):
 
-    * `mfu.<precision>`: the fraction of the probed peak a step reaches, from the single-device
-      rows without checkpointing (FLOPs at the peak / measured step);
+    * `mfu.<precision>` and `attention_mfu.<compute dtype>`: the fraction of the probed peak a
+      step reaches outside attention and attention's FLOPs reach, from the single-device rows
+      without checkpointing: a precision measured at two sequence lengths (the same tokens a
+      step, so attention's share of the FLOPs differs) gives both, by least squares over its
+      rows (`_rates`); one measured at one length gives its MFU, attention at its dtype's
+      calibrated rate (else at the step's: FLOPs at the peak / measured step);
     * `time_full` / `time_selective`: the step-time multiplier of those modes, from the
-      single-device rows with them, against the compute their own precision's fitted MFU gives
+      single-device rows with them, against the compute their own precision's fitted rates give
       (never another precision's: that would measure the precision, not the recompute);
-    * `rank_mfu_gain`: what a process on part of the cores (a rank of several) reaches over the
-      MFU of one on every core, from the one-process rows on fewer threads (their MFU against the
-      peak probed on that many threads, over their precision's fitted MFU); `mfu` times it stays
-      within the `mfu` bound;
+    * `rank_mfu_gain`: what a process on part of the cores (a rank of several) reaches over one
+      on every core, from the one-process rows on fewer threads (the compute their precision's
+      fitted rates give against the peak probed on that many threads, over their measured
+      step); each rate times it stays within its bound;
     * `comm_overlap.<strategy>` and `collective_s.<strategy>`: the share of the bytes' time
       hidden behind compute and the fixed cost of one collective call, from the 2-rank rows: the
       measured step less the predicted compute (with the gain) and recompute is the exposed
@@ -367,7 +375,7 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     A constant with no row to fit it keeps its current value. Judge a fit on the check set
     (`calibrate_and_predict`), never on the rows it came from."""
     from shoestring.plan.catalogue import calibration, with_compiled
-    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores, split_exposed
+    from shoestring.plan.throughput import compute_dtype, split_exposed
 
     cal = calibration("cpu")
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
@@ -383,11 +391,17 @@ def fit(rows: list[dict]) -> dict[str, Any]:
         mine = [(r, t) for r, t in zip(rows, terms) if t["compiled"] == compiled]
         plain = [(r, t) for r, t in mfu_rows if t["compiled"] == compiled]
         fitted, fitted_from = {}, {}
-        for prec in sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"}):
+        attention = dict(group.get("attention_mfu", {}))
+        by_lengths = sorted({r["case"]["precision"] for r, _ in plain if r["case"]["checkpointing"] == "none"},
+                            key=lambda p: -len({r["case"]["seq_len"] for r, _ in plain if r["case"]["precision"] == p}))
+        for prec in by_lengths:  # those measured at two lengths first: they set their dtype's attention rate
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
-            value = statistics.median(t["at_peak"] / _measured_step(r) for r, t in src)
             fitted_from[prec] = [r for r, _ in src]
-            fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", value, 1.0, fitted_from[prec]))
+            mfu, att = _rates(src, out, attention.get(compute_dtype(prec)))
+            fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", mfu, 1.0, fitted_from[prec]))
+            if att is not None:
+                attention[compute_dtype(prec)] = _sig(bounded(f"{where}attention_mfu.{compute_dtype(prec)}", att, 1.0,
+                                                              fitted_from[prec]))
         mfu = {**group.get("mfu", {}), **fitted}
         for prec in {r["case"]["precision"] for r, _ in mine} - set(fitted):  # no plain row: this run's figure
             same = [v for k, v in fitted.items() if compute_dtype(k) == compute_dtype(prec)]  # for its compute dtype
@@ -395,29 +409,28 @@ def fit(rows: list[dict]) -> dict[str, Any]:
                 mfu[prec] = same[0]
         if mfu:
             group["mfu"] = dict(sorted(mfu.items()))
+        if attention:
+            group["attention_mfu"] = dict(sorted(attention.items()))
         for mode in ("full", "selective"):
             src = [(r, t) for r, t in plain if r["case"]["checkpointing"] == mode and r["case"]["precision"] in fitted]
             if src:
-                value = statistics.median(_measured_step(r) / (t["at_peak"] / fitted[r["case"]["precision"]]) for r, t in src)
+                value = statistics.median(_measured_step(r) / _compute(t, r, out) for r, t in src)
                 against = [x for prec in {r["case"]["precision"] for r, _ in src} for x in fitted_from[prec]]
                 group[f"time_{mode}"] = _sig(bounded(f"{where}time_{mode}", value, 1.0, [r for r, _ in src], against))
     few = [(r, t) for r, t in zip(rows, terms) if t["cores_share"] < 1 and not t["collectives"]]
     if few:
-        gains = [t["at_peak"] / _measured_step(r) / with_compiled(out, t["compiled"])["mfu"][r["case"]["precision"]]
-                 for r, t in few]
+        gains = [_compute(t, r, {**out, "rank_mfu_gain": 1.0}) / _measured_step(r) for r, t in few]
         out["rank_mfu_gain"] = _sig(bounded("rank_mfu_gain", statistics.median(gains), 1.0, [r for r, _ in few]))
         for name, value in _constants(out):
-            if name.removeprefix("compiled.").startswith("mfu."):
+            if name.removeprefix("compiled.").split(".")[0] in ("mfu", "attention_mfu"):
                 bounded(name, value * out["rank_mfu_gain"], 1.0, [r for r, _ in few])
     per_strategy: dict[str, list[tuple[tuple[float, float], float, dict]]] = {}
     for r, t in zip(rows, terms):
         if t["collectives"]:
             g = with_compiled(out, t["compiled"])
-            prec, mode = r["case"]["precision"], r["case"]["checkpointing"]
+            mode = r["case"]["checkpointing"]
             kind = "none" if mode == "none" else ("selective" if mode == "selective" else "full")
-            mfu = on_cores(g, g["mfu"][prec], t["cores_share"])
-            compute = compute_seconds(t["at_peak"], t["full_at_peak"], mfu, elementwise_scale(out, t["elementwise"])) * (
-                1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
+            compute = _compute(t, r, out) * (1 + t["share"] * (g.get(f"time_{kind}", 1.0) - 1))
             split = split_exposed(_measured_step(r) - compute, t["comm_bw"], t["collectives"])
             per_strategy.setdefault(r["case"]["strategy"], []).append((split, _measured_step(r) / t["collectives"], r))
     for k, v in sorted(per_strategy.items()):
@@ -434,6 +447,49 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     for name, value in _constants(out):  # those no row refitted: kept from the calibration in force
         bounded(name, value, 0.0, [{"config": "none of these rows (kept from the calibration in force)"}])
     return out
+
+
+def _compute(t: dict, row: dict, cal: dict[str, Any]) -> float:
+    """A row's compute as the prediction prices it (`throughput.compute_seconds`) under the
+    calibration `cal` being fitted: its precision's rates, on the cores it ran on."""
+    from shoestring.plan.catalogue import with_compiled
+    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores
+
+    g = with_compiled(cal, t["compiled"])
+    prec = row["case"]["precision"]
+    mfu = g["mfu"][prec]
+    attention = g.get("attention_mfu", {}).get(compute_dtype(prec), mfu)
+    return compute_seconds(t["at_peak"], t["full_at_peak"], t["attention_at_peak"], on_cores(g, mfu, t["cores_share"]),
+                           on_cores(g, attention, t["cores_share"]), elementwise_scale(cal, t["elementwise"]))
+
+
+def _rates(src: list[tuple[dict, dict]], cal: dict[str, Any], attention: float | None) -> tuple[float, float | None]:
+    """(MFU, attention's MFU) of one precision from its plain rows (one process, no recompute):
+    each measured step = A / attention + (W + W (1/MFU - 1) s), with A and W attention's and the
+    rest's FLOPs at the peak and s the rows' `elementwise_scale`. Rows at two sequence lengths or
+    more give both by least squares (their attention shares differ); at one length, attention
+    takes `attention` when calibrated (its MFU then from the median row), else the step's own
+    rate (None)."""
+    from shoestring.plan.throughput import elementwise_scale
+
+    points = []  # (W s, A, measured less what does not depend on the rates)
+    for r, t in src:
+        w, a, s = t["at_peak"] - t["attention_at_peak"], t["attention_at_peak"], elementwise_scale(cal, t["elementwise"])
+        points.append((w * s, a, _measured_step(r) - w * (1 - s)))
+    if len({r["case"]["seq_len"] for r, _ in src}) > 1:
+        inv_mfu, inv_attention = _plane(points)
+        return 1 / inv_mfu, 1 / inv_attention
+    if attention is not None:
+        return statistics.median(ws / (y - a / attention) for ws, a, y in points), None
+    return statistics.median((ws + a) / y for ws, a, y in points), None
+
+
+def _plane(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(x, y) minimising the squared error of u x + v y = z over the (u, v, z) points."""
+    suu, svv, suv = (sum(p[i] * p[j] for p in points) for i, j in ((0, 0), (1, 1), (0, 1)))
+    suz, svz = (sum(p[i] * p[2] for p in points) for i in (0, 1))
+    det = suu * svv - suv * suv
+    return (suz * svv - svz * suv) / det, (svz * suu - suz * suv) / det
 
 
 def _memory_fit(rows: list[dict], terms: list[dict], cal: dict[str, Any]) -> dict[str, Any]:
@@ -514,12 +570,12 @@ def _terms(row: dict) -> dict[str, Any]:
     levers = Levers(case.precision, case.checkpointing, case.strategy, micro_batch=case.batch // case.world,
                     compiled=row["predicted"]["compiled"])
     tokens, peak = levers.micro_batch * case.seq_len, device.peak_flops(compute_dtype(case.precision))
-    elementwise = elementwise_per_mflop(info, case.seq_len)
     return {"compiled": levers.compiled, "at_peak": tokens * flops / peak,
             "full_at_peak": tokens * info.flops_per_token(case.seq_len) / peak,
+            "attention_at_peak": tokens * info.args.attention_flops_per_token(case.seq_len) / peak,
             "comm_bw": comm_bytes(info, trainable, levers, case.world) / (device.link_gbs(case.world) * 1e9),
             "collectives": collectives(info, trainable, levers, case.world), "cores_share": device.cores_share,
-            "elementwise": elementwise,
+            "elementwise": elementwise_per_mflop(info),
             "share": len(checkpointed_blocks(info.args.n_layers, case.checkpointing)) / info.args.n_layers}
 
 

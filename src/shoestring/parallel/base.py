@@ -58,6 +58,30 @@ def adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], settings: Opt
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, fused=device.type in ("cpu", "cuda"))
 
 
+def with_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`optimizer` with its state allocated now, at build, instead of in the first step. Created
+    lazily, the state takes the place of the first step's freed activations, and the second step
+    grows the heap for its own once more (60,000-67,000 page faults, 1.6-1.8x a later step's time,
+    `small` bf16 on the CPU with freed memory kept); allocated first, every step's activations
+    reuse the blocks the first step's left. The peak is the same: the state is there from the
+    first step on either way. As torch's distributed checkpoint does for an empty optimizer: one
+    step at lr 0 on zero gradients (an exact no-op on the weights), its step counters then reset."""
+    groups = optimizer.param_groups
+    params = [p for g in groups for p in g["params"]]
+    lrs = [g["lr"] for g in groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr
+    for p in params:
+        p.grad = None
+        optimizer.state[p]["step"].zero_()
+    return optimizer
+
+
 def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 clip_grads: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """Unscale the gradients (a no-op without loss scaling), clip them (`clip_grads` returns the

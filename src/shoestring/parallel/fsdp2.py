@@ -42,7 +42,7 @@ from shoestring.levers.lora import dequantize_nf4, is_nf4
 from shoestring.levers.precision import PrecisionPolicy
 from shoestring.models.llama import Llama
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, require_file,
-                                      scaled_step)
+                                      scaled_step, with_state)
 from shoestring.parallel.cost import (STEP_COUNTER_BYTES, Collective, Cost, Workload, dim0_shard_total,
                                       gathered_block_buffers,
                                       shard_group_size, torch_reduce_scatter)
@@ -77,7 +77,7 @@ class FSDP2(Strategy):
                 block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + k])
                 block.set_modules_to_backward_prefetch(blocks[max(0, i - k) : i][::-1])
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_adamw(self.params, settings, device)
+        self.optimizer = with_state(make_adamw(self.params, settings, device))
         self.scaler = policy.make_scaler(device.type)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, last_micro_step: bool,

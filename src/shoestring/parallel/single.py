@@ -19,7 +19,7 @@ from shoestring.levers.precision import MasterWeights, PrecisionPolicy, cast_mod
 from shoestring.models.llama import Llama
 from shoestring.parallel.cost import Cost, Workload
 from shoestring.parallel.base import (OptimizerSettings, StepResult, Strategy, WithLoss, make_adamw, replicated_state,
-                                      replicated_state_bytes, require_file, scaled_step)
+                                      replicated_state_bytes, require_file, scaled_step, with_state)
 from shoestring import checkpoint as ckpt
 from shoestring.measure.memory import model_state_bytes
 
@@ -37,7 +37,7 @@ class SingleDevice(Strategy):
         params = [p for p in model.parameters() if p.requires_grad]
         self.master = MasterWeights(params) if policy.uses_master_weights else None
         self.opt_params = self.master.params() if self.master else params
-        self.optimizer = make_adamw(self.opt_params, settings, device)
+        self.optimizer = with_state(make_adamw(self.opt_params, settings, device))
         self.scaler = policy.make_scaler(device.type)
         self.step_grad_bytes = 0
 

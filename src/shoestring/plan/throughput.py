@@ -1,6 +1,7 @@
 """Step time of one candidate plan: compute, recompute, communication and offload.
 
-    compute   = tokens per device per step x FLOPs per token / (peak[dtype] x achievable MFU);
+    compute   = tokens per device per step x FLOPs per token / (peak[dtype] x achievable MFU),
+                attention's FLOPs at their own calibrated rate on the CPU (`attention_mfu`);
                 for LoRA the removed FLOPs save only their matmul time (`compute_seconds`); an
                 NF4 base adds its dequantisation, memory-bound, in forward and backward (and in
                 a checkpointed block's recompute): the lever's bytes / memory bandwidth
@@ -67,6 +68,20 @@ def achievable_mfu(device: Device, precision: str, compiled: bool = False) -> fl
         return device.mfu
     cal = device_calibration(device, compiled)
     return on_cores(cal, cal.get("mfu", {}).get(precision, device.mfu), device.cores_share)
+
+
+def attention_mfu(device: Device, precision: str, compiled: bool = False) -> float:
+    """The fraction of the peak attention's FLOPs reach (scores and values against the keys,
+    `ModelArgs.attention_flops_per_token`), per compute dtype on the CPU, where the attention
+    kernel ran at about half the rest of a step's rate (`benchmarks/attention_share.py`: the same
+    tokens a step took 1.36x as long at 2 x 1024 as at 8 x 256); where no calibration has it (GPUs), the
+    step's own MFU."""
+    mfu = achievable_mfu(device, precision, compiled)
+    if device.kind != "cpu":
+        return mfu
+    cal = device_calibration(device, compiled)
+    per = cal.get("attention_mfu", {})
+    return on_cores(cal, per[compute_dtype(precision)], device.cores_share) if compute_dtype(precision) in per else mfu
 
 
 def on_cores(cal: dict, mfu: float, cores_share: float) -> float:
@@ -141,21 +156,31 @@ def comm_bytes(info: ModelInfo, trainable: Trainable, levers: Levers, world: int
     return sum(c.sent_bytes(ring_of(c, world, levers.shard_group or world, world).ranks) for c in cost.collectives)
 
 
-def compute_seconds(at_peak: float, full_at_peak: float, mfu: float, rest_scale: float = 1.0) -> float:
-    """A step's compute: its matmul FLOPs at the peak (`at_peak`), plus the rest of the work,
-    which the MFU calibration measures as (1/MFU - 1) times the matmul time of the full model's
-    step (`full_at_peak`), times `rest_scale` for a model other than the one it was measured on
-    (`elementwise_scale`). A parameter-efficient lever (LoRA: no weight gradients for the frozen
-    base) removes matmul FLOPs but not the element-wise work between them; with every weight
-    training the two are the same and this is `at_peak / mfu`."""
-    return at_peak + full_at_peak * (1 / mfu - 1) * rest_scale
+def compute_seconds(at_peak: float, full_at_peak: float, attention_at_peak: float, mfu: float, attention: float,
+                    rest_scale: float = 1.0) -> float:
+    """A step's compute: attention's FLOPs at the peak (`attention_at_peak`) at their own rate
+    (`attention`: `attention_mfu`); the rest of its matmul FLOPs at the peak (`at_peak` less
+    attention's), plus the work between the matmuls, which the MFU calibration measures as
+    (1/MFU - 1) times the matmul time of the full model's step less attention
+    (`full_at_peak` less `attention_at_peak`), times `rest_scale` for a model other than the one
+    it was measured on (`elementwise_scale`). A parameter-efficient lever (LoRA: no weight
+    gradients for the frozen base) removes matmul FLOPs but not the element-wise work between
+    them, nor any of attention's (it has no weights); with every weight training and attention
+    at the step's rate this is `at_peak / mfu`."""
+    rest = full_at_peak - attention_at_peak
+    return at_peak - attention_at_peak + rest * (1 / mfu - 1) * rest_scale + attention_at_peak / attention
 
 
-def elementwise_per_mflop(info: ModelInfo, seq_len: int) -> float:
-    """Layers x width per MFLOP of a token's training step: the element-wise work (norms, rope,
-    activations, residual adds: each touches a token's `dim` values per layer) against the
-    matmul work (which grows with dim^2 per layer)."""
-    return info.args.n_layers * info.args.dim / info.flops_per_token(seq_len) * 1e6
+def elementwise_per_mflop(info: ModelInfo) -> float:
+    """Layers x width per MFLOP of a token's training step outside attention: the element-wise
+    work (norms, rope, activations, residual adds: each touches a token's `dim` values per layer)
+    against the matmul work (which grows with dim^2 per layer), at any sequence length."""
+    return info.args.n_layers * info.args.dim / weight_flops_per_token(info) * 1e6
+
+
+def weight_flops_per_token(info: ModelInfo) -> float:
+    """A token's training FLOPs in the matmuls with weights: all but attention's."""
+    return info.flops_per_token(1) - info.args.attention_flops_per_token(1)
 
 
 def elementwise_scale(cal: dict, per_mflop: float) -> float:
@@ -173,8 +198,10 @@ def step_time(info: ModelInfo, trainable: Trainable, levers: Levers, device: Dev
     peak = device.peak_flops(compute_dtype(levers.precision))
     cal = device_calibration(device, levers.compiled)
     compute = compute_seconds(tokens * flops_per_token / peak, tokens * info.flops_per_token(seq_len) / peak,
+                              tokens * info.args.attention_flops_per_token(seq_len) / peak,
                               achievable_mfu(device, levers.precision, levers.compiled),
-                              elementwise_scale(cal, elementwise_per_mflop(info, seq_len)))
+                              attention_mfu(device, levers.precision, levers.compiled),
+                              elementwise_scale(cal, elementwise_per_mflop(info)))
     recompute = compute * (recompute_multiplier(info, device, levers.checkpointing, seq_len, levers.compiled) - 1.0)
     if trainable.dequant_bytes is not None:  # a quantised base: one memory-bound pass per forward, backward, recompute
         dequant = levers.grad_accum * trainable.dequant_bytes(levers.compiled) / (device.mem_bw_gbs * 1e9)
