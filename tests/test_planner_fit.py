@@ -3,6 +3,7 @@ constant inside its physical bounds (no runs: the recorded measurements, altered
 
 import copy
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,17 @@ def test_a_constant_beyond_its_bound_by_less_than_its_rows_noise_is_taken_at_the
         pa.bounded("time_selective", 0.95, 1.0, [])
     with pytest.raises(pa.FitError, match=r"noise \(8\.0%\)"):
         pa.bounded("time_selective", 0.9, 1.0, noisy)
+
+
+def test_the_noise_includes_how_far_a_case_moves_between_its_processes():
+    case = pa.Case("small", "single", "bf16", "none", 8, 256)
+    first = {"case": asdict(case), "config": case.label, "runs": [{"step_s": 1.0, "steps_s": [1.0, 1.01]}]}
+    again = {"case": asdict(replace(case, again=True)), "config": case.label + ", again",
+             "runs": [{"step_s": 1.1, "steps_s": [1.1, 1.1]}]}
+    assert pa.noise([first]) == pa.NOISE and pa.noise([first, again]) == pytest.approx(0.1)
+    assert pa.bounded("compiled.time_selective", 0.92, 1.0, [], [first, again]) == 1.0
+    with pytest.raises(pa.FitError, match="time_selective = 0.92"):
+        pa.bounded("compiled.time_selective", 0.92, 1.0, [], [first])
 
 
 def test_a_kept_constant_out_of_bounds_stops_the_fit(monkeypatch):
@@ -345,4 +357,4 @@ def test_fit_and_check_cases_alternate_in_their_own_orders():
     fit_set, check_set = pa.SIZES["small"]["fit"], pa.SIZES["small"]["check"]
     order = pa._alternating(fit_set, check_set)
     assert [c for c, w in order if w == "fit"] == fit_set and [c for c, w in order if w == "check"] == check_set
-    assert [w for _, w in order[:6]] == ["fit", "check", "fit", "fit", "check", "fit"]
+    assert [w for _, w in order[:6]] == ["fit", "check", "fit", "fit", "fit", "check"]

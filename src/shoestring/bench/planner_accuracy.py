@@ -54,6 +54,12 @@ class Case:
     steps: int = 2  # timed (their median), after the harness's warm-up
     threads: int = 0  # 0: the cores split over the ranks, as a run gets them; else this many (one process)
     memory_only: bool = False  # a toy model: its step says nothing of a real one's speed (no MFU, no speed verdict)
+    again: bool = False  # a case measured once more, in processes of its own: how far a step moves between processes
+
+    @property
+    def first(self) -> "Case":
+        """The case this one measures again (itself when it is not `again`)."""
+        return replace(self, again=False)
 
     @property
     def world(self) -> int:
@@ -64,7 +70,7 @@ class Case:
         lora = f" r{self.lora_rank} base {self.lora_base_dtype}" if self.mode == "lora" else ""
         threads = f", {self.threads} thread(s)" if self.threads else ""
         return (f"{self.preset} {self.mode}{lora}, {self.strategy}{threads}, {self.precision}, ckpt {self.checkpointing}, "
-                f"{self.batch}x{self.seq_len}")
+                f"{self.batch}x{self.seq_len}{', again' if self.again else ''}")
 
     def in_fp32(self) -> "Case":
         """This case with every bf16 matmul in fp32: what it is on a CPU whose bf16 is slow."""
@@ -83,14 +89,16 @@ class Case:
         return tree
 
 
-# The fit set: `small` at 8 x 256, one row per constant it isolates (each precision's MFU without
-# checkpointing, attention's apart from it (the same tokens at 2 x 1024, where attention does
-# 0.23 of the FLOPs against 0.07), each checkpointing mode beside it in the same precision, a model too small to
-# matter (the process's own memory, beside the heap's share that grows with the tensors; its
-# step is no MFU row: it cannot keep the cores busy), what a rank on part of
-# the cores reaches (one process on one thread at a rank's share of the batch), each strategy's
-# collectives, LoRA's memory). 13 rows of 0.3-3 s steps: ~3 minutes on 2 idle cores with
-# inductor's on-disk cache warm; each compiled row whose graph is not cached adds 10-30 s.
+# The fit set: `small` at 8 x 256, one row per constant it isolates: each precision's MFU without
+# checkpointing; attention's apart from it (the same tokens at 2 x 1024, where attention does 0.23
+# of the FLOPs against 0.07); each checkpointing mode beside it in the same precision; a model too
+# small to matter (the process's own memory, beside the heap's share that grows with the tensors;
+# its step is no MFU row: it cannot keep the cores busy); what a rank on part of the cores reaches
+# (one process on one thread at a rank's share of the batch); each strategy's collectives; LoRA's
+# memory; and the bf16 row once more in processes of its own (`again`: the rows' noise then
+# includes how far a step moves between processes, `noise`). 14 rows of 0.3-3 s steps: ~4 minutes
+# on 2 idle cores with inductor's on-disk cache warm; each compiled row whose graph is not cached
+# adds 10-30 s.
 _FIT = [
     Case("small", "single", "fp32", "none", 8, 256),
     Case("small", "single", "fp32", "full", 8, 256),
@@ -101,10 +109,14 @@ _FIT = [
     Case("small", "single", "bf16", "selective", 8, 256),
     Case("small", "single", "bf16-pure", "none", 8, 256, mode="full-finetune"),
     Case("small", "single", "bf16", "none", 4, 256, threads=1),
-    Case("small", "ddp", "bf16", "none", 8, 256),
-    Case("small", "fsdp2", "bf16", "none", 8, 256),
-    Case("small", "yafsdp", "bf16", "none", 8, 256),
+    # 3 timed steps: a strategy's communication constants come from its one row, whose median must
+    # not be one slow step (fsdp2's first timed steps ran 1.4-1.9x its later ones, ranks keeping
+    # glibc's default allocator: levers/host_memory.py)
+    Case("small", "ddp", "bf16", "none", 8, 256, steps=3),
+    Case("small", "fsdp2", "bf16", "none", 8, 256, steps=3),
+    Case("small", "yafsdp", "bf16", "none", 8, 256, steps=3),
     Case("small", "single", "bf16", "none", 8, 256, mode="lora"),
+    Case("small", "single", "bf16", "none", 8, 256, again=True),
 ]
 # The check set: none of its rows shares preset, sequence length and micro-batch with a fit row,
 # and every one combines levers differently (`every:2`, selective in fp32, a sharded strategy
@@ -319,9 +331,15 @@ NOISE = 0.03  # the least noise a fitted value is allowed: a step's time moves b
 
 def noise(rows: list[dict]) -> float:
     """How far a value fitted from `rows` may be off from step-time noise alone: the widest
-    step-to-step spread (slowest over fastest timed step, less 1) of any of them, at least NOISE."""
-    steps = [[t for run in r.get("runs", []) for t in _step_times(run)] for r in rows]
-    return max([NOISE, *(max(s) / min(s) - 1 for s in steps if len(s) > 1)])
+    spread (slowest over fastest timed step, less 1) of any of their cases, at least NOISE; the
+    steps of a case measured again in other processes (`Case.again`) count together, so the
+    spread includes how far a step moves from one process to the next, which a process's own
+    steps do not show."""
+    steps: dict[str, list[float]] = {}
+    for r in rows:
+        key = Case(**r["case"]).first.label if "case" in r else r["config"]
+        steps.setdefault(key, []).extend(t for run in r.get("runs", []) for t in _step_times(run))
+    return max([NOISE, *(max(s) / min(s) - 1 for s in steps.values() if len(s) > 1)])
 
 
 def bounded(name: str, value: float, scale: float, rows: list[dict], beside: list[dict] = ()) -> float:
