@@ -8,15 +8,18 @@ The same rules everywhere, so that two sections' figures can be set side by side
   gets cores / ranks threads; rank 0 gathers every rank's result and prints it on a marked line.
 * **build**: `build(tree, vocab)` is the trainer's path: `resolve_auto` on this machine's probed
   facts, then `build_strategy` (levers applied in the fixed order, compile where `auto` says).
-* **warm-up and timer**: `timed_steps` runs `WARMUP` untimed steps then times each step with
-  `time.perf_counter` between barriers. One for our strategies: it compiles and lays out the
-  activations above the optimizer state, which they allocate at build (`parallel.base.with_state`),
-  so the next step reuses its blocks. A loop whose optimizer creates its state in the first step
-  (Hugging Face Trainer, a plain torch loop) needs `LAZY_STATE_WARMUP`: the state takes the place
-  of the first step's freed activations, and the second step grows the heap for its own again
-  (60,000-67,000 page faults, 1.6-1.8x a later step, `small` 8 x 256 bf16 on the Zen 5, with
-  freed host memory kept: levers/host_memory.py); from the third on a step faults almost nothing.
-  A foreign loop (Hugging Face Trainer's callbacks) calls the same `Turns` before and after each
+* **warm-up and timer**: `timed_steps` runs `warmup_steps()` untimed steps then times each step
+  with `time.perf_counter` between barriers. One for one of our processes alone (`WARMUP`): it
+  compiles and lays out the activations above the optimizer state, which our strategies allocate
+  at build (`parallel.base.with_state`), so the next step reuses its blocks. Two for a rank of
+  several (`RANK_WARMUP`): its second step still faulted 13,000-60,000 pages in and took
+  1.2-1.6x a later step (ddp and fsdp2, `small` 8 x 256 bf16, 2 ranks, Zen 5: the buffers their
+  collectives fill, laid out in the first step), and two for a loop whose optimizer creates its
+  state in its first step (`LAZY_STATE_WARMUP`: Hugging Face Trainer, a plain torch loop), where
+  the state takes the place of the first step's freed activations and the second step grows the
+  heap for its own again (60,000-67,000 page faults, 1.6-1.8x a later step, `small` 8 x 256 bf16
+  alone, freed host memory kept: levers/host_memory.py). From then on a step faults little. A
+  foreign loop (Hugging Face Trainer's callbacks) calls the same `Turns` before and after each
   step. A round's figure is its median step.
 * **rounds, taken in turns**: `interleaved` starts each configuration's processes once; each sets
   up and warms up (at most `SETUP_AT_ONCE` jobs at a time), then waits. Only when all are warm
@@ -55,8 +58,7 @@ import torch
 
 from shoestring.measure.memory import PeakRSS
 
-WARMUP = 1
-LAZY_STATE_WARMUP = 2
+WARMUP, RANK_WARMUP, LAZY_STATE_WARMUP = 1, 2, 2  # untimed steps (the module docstring says why)
 RESULT_MARK = "SHOESTRING-BENCH-RESULT "
 PROCESS_GROUP_TIMEOUT_S = 600
 # Taking turns: where a worker finds its control directory and how many rounds it times.
@@ -304,6 +306,14 @@ def spread(values: list[float]) -> float:
 
 # ---- inside a rank ------------------------------------------------------------------------
 
+def warmup_steps() -> int:
+    """Untimed steps before the first timed one of our strategy in this process: `WARMUP` alone,
+    `RANK_WARMUP` as one rank of several."""
+    from shoestring import dist
+
+    return WARMUP if dist.world_size() == 1 else RANK_WARMUP
+
+
 def steady(times: list[float]) -> list[float]:
     """The timed steps of a loop: all after the first `WARMUP` (the last one if there are no more)."""
     return times[WARMUP:] or times[-1:]
@@ -321,8 +331,9 @@ class Turns:
     says "ready" before it) and resets the peak; its last says "done" with every rank there;
     after the last round the process waits for its turn to finish. `result()`: the figures."""
 
-    def __init__(self, steps: int, warmup: int = WARMUP) -> None:
-        self.steps, self.warmup, self.rounds = steps, warmup, worker_rounds()
+    def __init__(self, steps: int, warmup: int | None = None) -> None:
+        self.steps, self.rounds = steps, worker_rounds()
+        self.warmup = warmup_steps() if warmup is None else warmup
         self.control = os.environ.get(TURNS_ENV)
         self.rss = PeakRSS()
         self.times: list[float] = []
@@ -380,8 +391,8 @@ class Turns:
             nap = min(POLL_MAX_S, nap * 1.5)
 
 
-def timed_steps(step: Callable[[int], Any], steps: int, warmup: int = WARMUP) -> dict[str, Any]:
-    """`warmup` untimed steps then `worker_rounds()` rounds of `steps` timed ones, each step between
+def timed_steps(step: Callable[[int], Any], steps: int, warmup: int | None = None) -> dict[str, Any]:
+    """`warmup` untimed steps (`warmup_steps()` unless given) then `worker_rounds()` rounds of `steps` timed ones, each step between
     barriers (the slowest rank sets the time); `step(i)` may return the step's loss. `Turns.result()`
     with `losses`: every step's, warm-up included."""
     from shoestring import dist

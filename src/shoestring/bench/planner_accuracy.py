@@ -110,8 +110,8 @@ _FIT = [
     Case("small", "single", "bf16-pure", "none", 8, 256, mode="full-finetune"),
     Case("small", "single", "bf16", "none", 4, 256, threads=1),
     # 3 timed steps: a strategy's communication constants come from its one row, whose median must
-    # not be one slow step (fsdp2's first timed steps ran 1.4-1.9x its later ones, ranks keeping
-    # glibc's default allocator: levers/host_memory.py)
+    # not be one slow step (ranks keep glibc's default allocator, levers/host_memory.py: fsdp2's
+    # steps spread up to 40%)
     Case("small", "ddp", "bf16", "none", 8, 256, steps=3),
     Case("small", "fsdp2", "bf16", "none", 8, 256, steps=3),
     Case("small", "yafsdp", "bf16", "none", 8, 256, steps=3),
