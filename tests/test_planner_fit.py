@@ -253,6 +253,22 @@ def test_attentions_rate_comes_back_out_of_two_sequence_lengths():
     assert fitted["compiled"]["mfu"]["bf16"] == pytest.approx(0.6, rel=1e-2)
 
 
+def test_a_case_measured_again_widens_the_noise_and_sets_no_rate():
+    compiled = {**catalogue.calibration("cpu")["compiled"], "mfu": {"bf16": 0.6, "bf16-pure": 0.6}, "attention_mfu": {"bf16": 0.3}}
+    raw = _with_long_row(_raw(), {"compiled": compiled})
+    again = copy.deepcopy(next(r for r in raw if pa.Case(**r["case"]).label == "small pretrain, single, bf16, ckpt none, 8x256"))
+    again["case"]["again"] = True
+    for run in again["runs"]:  # a slow phase of the host: 60% slower
+        run["step_s"] *= 1.6
+        run["steps_s"] = [run["step_s"]]
+    rows = pa.predict_rows([*raw, again])
+    fitted = pa.fit(rows)
+    assert fitted["compiled"]["attention_mfu"]["bf16"] == pytest.approx(0.3, rel=1e-2)
+    assert fitted["compiled"]["mfu"]["bf16"] == pytest.approx(0.6, rel=1e-2)
+    first = next(r for r in rows if r["config"] == "small pretrain, single, bf16, ckpt none, 8x256")
+    assert pa.noise([first]) < 0.1 and pa.noise([first, rows[-1]]) == pytest.approx(0.6)
+
+
 def test_the_fit_refuses_attention_faster_than_the_peak():
     compiled = {**catalogue.calibration("cpu")["compiled"], "mfu": {"bf16": 0.6, "bf16-pure": 0.6}, "attention_mfu": {"bf16": 1.5}}
     with pytest.raises(pa.FitError, match=r"^compiled\.attention_mfu\.bf16 = 1\.\d+ is beyond its upper bound 1\.0"):

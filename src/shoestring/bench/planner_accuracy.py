@@ -373,7 +373,8 @@ def fit(rows: list[dict]) -> dict[str, Any]:
       without checkpointing: a precision measured at two sequence lengths (the same tokens a
       step, so attention's share of the FLOPs differs) gives both, by least squares over its
       rows (`_rates`); one measured at one length gives its MFU, attention at its dtype's
-      calibrated rate (else at the step's: FLOPs at the peak / measured step);
+      calibrated rate (else at the step's: FLOPs at the peak / measured step). A case measured
+      `again` sets no rate: it only widens the noise its bounds allow (`noise`);
     * `time_full` / `time_selective`: the step-time multiplier of those modes, from the
       single-device rows with them, against the compute their own precision's fitted rates give
       (never another precision's: that would measure the precision, not the recompute);
@@ -399,9 +400,11 @@ def fit(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in cal.items() if k not in ("how", "compiled")}
     out["compiled"] = dict(cal.get("compiled", {}))
     terms = [_terms(r) for r in rows]
-    # the rows an MFU comes from: one process on every core, every weight training, a real model
+    # the rows an MFU comes from: one process on every core, every weight training, a real model,
+    # measured once (a case measured again says how far its step moves between processes: noise)
     mfu_rows = [(r, t) for r, t in zip(rows, terms) if r["case"]["strategy"] == "single" and r["case"]["mode"] != "lora"
-                and t["cores_share"] == 1 and not r["case"].get("memory_only")]
+                and t["cores_share"] == 1 and not r["case"].get("memory_only") and not r["case"].get("again")]
+    again = [(r, t) for r, t in zip(rows, terms) if r["case"].get("again")]
     if mfu_rows:  # the model the MFU is fitted on (the fit set runs one): what `elementwise_scale` is relative to
         out["elementwise_ref"] = round(statistics.median(t["elementwise"] for _, t in mfu_rows), 3)
     for group, compiled in ((out, False), (out["compiled"], True)):
@@ -414,7 +417,8 @@ def fit(rows: list[dict]) -> dict[str, Any]:
                             key=lambda p: -len({r["case"]["seq_len"] for r, _ in plain if r["case"]["precision"] == p}))
         for prec in by_lengths:  # those measured at two lengths first: they set their dtype's attention rate
             src = [(r, t) for r, t in plain if r["case"]["precision"] == prec and r["case"]["checkpointing"] == "none"]
-            fitted_from[prec] = [r for r, _ in src]
+            fitted_from[prec] = [r for r, _ in src] + [r for r, t in again
+                                                        if r["case"]["precision"] == prec and t["compiled"] == compiled]
             mfu, att = _rates(src, out, attention.get(compute_dtype(prec)))
             fitted[prec] = _sig(bounded(f"{where}mfu.{prec}", mfu, 1.0, fitted_from[prec]))
             if att is not None:
