@@ -8,9 +8,9 @@ blocks compiled unless --eager; freed host memory kept, as a one-process run kee
 attention's (scores and values, forward and backward) grow, doubling each time. The shapes take
 turns in one process (3 untimed steps each, then `--rounds` rounds). The step's growth over the
 attention FLOPs' growth at the probed matmul peak is the fraction of the peak attention reaches;
-beside it, the fraction the whole step reaches (what the planner's one MFU gives every FLOP).
-The planner prices attention at the step's MFU (docs/planner.md, "On record", says what that
-costs at 4 x 512).
+beside it, the fraction the whole step reaches. The planner prices attention at a rate of its own
+(`attention_mfu` in `[calibration.cpu]`, fitted from its 8 x 256 and 2 x 1024 rows; this script
+is why: docs/planner.md, "On record").
 """
 
 from __future__ import annotations
