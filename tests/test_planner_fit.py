@@ -275,6 +275,14 @@ def test_the_fit_refuses_attention_faster_than_the_peak():
         pa.fit(pa.predict_rows(_with_long_row(_raw(), {"compiled": compiled})))
 
 
+def test_the_fit_refuses_attention_that_takes_no_time():
+    compiled = {**catalogue.calibration("cpu")["compiled"], "mfu": {"bf16": 0.6, "bf16-pure": 0.6}, "attention_mfu": {"bf16": 0.3}}
+    raw = _with_long_row(_raw(), {"compiled": compiled})
+    _scale_step(raw, "small pretrain, single, bf16, ckpt none, 2x1024", 0.6)  # faster than the same tokens at 256
+    with pytest.raises(pa.FitError, match=r"^compiled\.attention_mfu\.bf16 = inf is beyond its upper bound"):
+        pa.fit(pa.predict_rows(raw))
+
+
 def test_attention_at_its_own_rate_makes_longer_sequences_slower_at_the_same_tokens():
     from shoestring.plan.catalogue import cpu_device
     from shoestring.plan.throughput import attention_mfu

@@ -29,6 +29,7 @@ or a fit later uses the machine as it was during the run.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from dataclasses import asdict, dataclass, replace
@@ -487,7 +488,7 @@ def _compute(t: dict, row: dict, cal: dict[str, Any]) -> float:
 
 def _rates(src: list[tuple[dict, dict]], cal: dict[str, Any], attention: float | None) -> tuple[float, float | None]:
     """(MFU, attention's MFU) of one precision from its plain rows (one process, no recompute):
-    each measured step = A / attention + (W + W (1/MFU - 1) s), with A and W attention's and the
+    each measured step = A / attention + W + W (1/MFU - 1) s, with A and W attention's and the
     rest's FLOPs at the peak and s the rows' `elementwise_scale`. Rows at two sequence lengths or
     more give both by least squares (their attention shares differ); at one length, attention
     takes `attention` when calibrated (its MFU then from the median row), else the step's own
@@ -498,9 +499,8 @@ def _rates(src: list[tuple[dict, dict]], cal: dict[str, Any], attention: float |
     for r, t in src:
         w, a, s = t["at_peak"] - t["attention_at_peak"], t["attention_at_peak"], elementwise_scale(cal, t["elementwise"])
         points.append((w * s, a, _measured_step(r) - w * (1 - s)))
-    if len({r["case"]["seq_len"] for r, _ in src}) > 1:
-        inv_mfu, inv_attention = _plane(points)
-        return 1 / inv_mfu, 1 / inv_attention
+    if len({r["case"]["seq_len"] for r, _ in src}) > 1:  # a time per FLOP of 0 or less: no rate (the bounds say so)
+        return tuple(1 / inv if inv > 0 else math.inf for inv in _plane(points))  # type: ignore[return-value]
     if attention is not None:
         return statistics.median(ws / (y - a / attention) for ws, a, y in points), None
     return statistics.median((ws + a) / y for ws, a, y in points), None

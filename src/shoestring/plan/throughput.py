@@ -74,8 +74,8 @@ def attention_mfu(device: Device, precision: str, compiled: bool = False) -> flo
     """The fraction of the peak attention's FLOPs reach (scores and values against the keys,
     `ModelArgs.attention_flops_per_token`), per compute dtype on the CPU, where the attention
     kernel ran at about half the rest of a step's rate (`benchmarks/attention_share.py`: the same
-    tokens a step took 1.36x as long at 2 x 1024 as at 8 x 256); where no calibration has it (GPUs), the
-    step's own MFU."""
+    tokens a step took 1.36x as long at 2 x 1024 as at 8 x 256); where no calibration has it
+    (GPUs), the step's own MFU."""
     mfu = achievable_mfu(device, precision, compiled)
     if device.kind != "cpu":
         return mfu
@@ -165,8 +165,8 @@ def compute_seconds(at_peak: float, full_at_peak: float, attention_at_peak: floa
     (`full_at_peak` less `attention_at_peak`), times `rest_scale` for a model other than the one
     it was measured on (`elementwise_scale`). A parameter-efficient lever (LoRA: no weight
     gradients for the frozen base) removes matmul FLOPs but not the element-wise work between
-    them, nor any of attention's (it has no weights); with every weight training and attention
-    at the step's rate this is `at_peak / mfu`."""
+    them, nor any of attention's (it has no weights); with every weight training, attention at
+    the step's rate and the model it was measured on, this is `at_peak / mfu`."""
     rest = full_at_peak - attention_at_peak
     return at_peak - attention_at_peak + rest * (1 / mfu - 1) * rest_scale + attention_at_peak / attention
 
