@@ -392,9 +392,9 @@ class Turns:
 
 
 def timed_steps(step: Callable[[int], Any], steps: int, warmup: int | None = None) -> dict[str, Any]:
-    """`warmup` untimed steps (`warmup_steps()` unless given) then `worker_rounds()` rounds of `steps` timed ones, each step between
-    barriers (the slowest rank sets the time); `step(i)` may return the step's loss. `Turns.result()`
-    with `losses`: every step's, warm-up included."""
+    """`warmup` untimed steps (`warmup_steps()` unless given) then `worker_rounds()` rounds of
+    `steps` timed ones, each step between barriers (the slowest rank sets the time); `step(i)` may
+    return the step's loss. `Turns.result()` with `losses`: every step's, warm-up included."""
     from shoestring import dist
 
     turns, losses = Turns(steps, warmup), []

@@ -35,6 +35,8 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
+import numpy as np
+
 from shoestring.bench import harness
 
 from shoestring.measure.memory import MiB
@@ -476,12 +478,12 @@ def _compute(t: dict, row: dict, cal: dict[str, Any]) -> float:
     """A row's compute as the prediction prices it (`throughput.compute_seconds`) under the
     calibration `cal` being fitted: its precision's rates, on the cores it ran on."""
     from shoestring.plan.catalogue import with_compiled
-    from shoestring.plan.throughput import compute_dtype, compute_seconds, elementwise_scale, on_cores
+    from shoestring.plan.throughput import attention_rate, compute_seconds, elementwise_scale, on_cores
 
     g = with_compiled(cal, t["compiled"])
     prec = row["case"]["precision"]
     mfu = g["mfu"][prec]
-    attention = g.get("attention_mfu", {}).get(compute_dtype(prec), mfu)
+    attention = attention_rate(g, prec, mfu)
     return compute_seconds(t["at_peak"], t["full_at_peak"], t["attention_at_peak"], on_cores(g, mfu, t["cores_share"]),
                            on_cores(g, attention, t["cores_share"]), elementwise_scale(cal, t["elementwise"]))
 
@@ -500,18 +502,11 @@ def _rates(src: list[tuple[dict, dict]], cal: dict[str, Any], attention: float |
         w, a, s = t["at_peak"] - t["attention_at_peak"], t["attention_at_peak"], elementwise_scale(cal, t["elementwise"])
         points.append((w * s, a, _measured_step(r) - w * (1 - s)))
     if len({r["case"]["seq_len"] for r, _ in src}) > 1:  # a time per FLOP of 0 or less: no rate (the bounds say so)
-        return tuple(1 / inv if inv > 0 else math.inf for inv in _plane(points))  # type: ignore[return-value]
+        inverse = np.linalg.lstsq(np.array([p[:2] for p in points]), np.array([p[2] for p in points]), rcond=None)[0]
+        return tuple(1 / float(inv) if inv > 0 else math.inf for inv in inverse)  # type: ignore[return-value]
     if attention is not None:
         return statistics.median(ws / (y - a / attention) for ws, a, y in points), None
     return statistics.median((ws + a) / y for ws, a, y in points), None
-
-
-def _plane(points: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(x, y) minimising the squared error of u x + v y = z over the (u, v, z) points."""
-    suu, svv, suv = (sum(p[i] * p[j] for p in points) for i, j in ((0, 0), (1, 1), (0, 1)))
-    suz, svz = (sum(p[i] * p[2] for p in points) for i in (0, 1))
-    det = suu * svv - suv * suv
-    return (suz * svv - svz * suv) / det, (svz * suu - suz * suv) / det
 
 
 def _memory_fit(rows: list[dict], terms: list[dict], cal: dict[str, Any]) -> dict[str, Any]:

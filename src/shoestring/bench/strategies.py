@@ -98,7 +98,8 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     vocab = PRESETS[sets["model.preset"]].vocab_size
     s = harness.build(_tree(sets), vocab)
     batch, seq = sets["train.batch_size"], sets["data.seq_len"]
-    data = harness.bigram_batches(vocab, harness.warmup_steps() + harness.worker_rounds() * spec["steps"] + 1, batch, seq, seed=0)
+    warmup = harness.warmup_steps()
+    data = harness.bigram_batches(vocab, warmup + harness.worker_rounds() * spec["steps"] + 1, batch, seq, seed=0)
     rss = PeakRSS()
     peaks: list[int] = []
 
@@ -109,8 +110,8 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         peaks.append(rss.peak_bytes())
         return loss
 
-    timing = harness.timed_steps(step, spec["steps"])
-    warm = peaks[harness.warmup_steps() - 1]  # the peak at the end of the warm-up
+    timing = harness.timed_steps(step, spec["steps"], warmup)
+    warm = peaks[warmup - 1]  # the peak at the end of the warm-up
     with CommMeter(dist.world_size()) as meter:
         step(len(data) - 1)
     mem = s.memory()

@@ -76,12 +76,15 @@ def attention_mfu(device: Device, precision: str, compiled: bool = False) -> flo
     kernel ran at about half the rest of a step's rate (`benchmarks/attention_share.py`: the same
     tokens a step took 1.36x as long at 2 x 1024 as at 8 x 256); where no calibration has it
     (GPUs), the step's own MFU."""
-    mfu = achievable_mfu(device, precision, compiled)
-    if device.kind != "cpu":
-        return mfu
-    cal = device_calibration(device, compiled)
-    per = cal.get("attention_mfu", {})
-    return on_cores(cal, per[compute_dtype(precision)], device.cores_share) if compute_dtype(precision) in per else mfu
+    cal = device_calibration(device, compiled) if device.kind == "cpu" else {}
+    rate = attention_rate(cal, precision, None)
+    return achievable_mfu(device, precision, compiled) if rate is None else on_cores(cal, rate, device.cores_share)
+
+
+def attention_rate(cal: dict, precision: str, otherwise: float | None) -> float | None:
+    """`attention_mfu` of `precision`'s compute dtype in calibration `cal` (a process on every
+    core), else `otherwise`."""
+    return cal.get("attention_mfu", {}).get(compute_dtype(precision), otherwise)
 
 
 def on_cores(cal: dict, mfu: float, cores_share: float) -> float:
